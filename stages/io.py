@@ -1,0 +1,106 @@
+"""Small I/O helpers every stage shares: atomic outputs, JSON/JSONL, stage entry points.
+
+Outputs are written to a temporary sibling and renamed into place, so a killed stage never
+leaves a file or directory that looks complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+
+class StageError(RuntimeError):
+    """A failure the user can act on: printed as one clear message, without a traceback."""
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path | str) -> Iterator[Path]:
+    """Yield an empty temporary directory that replaces `target` only if the block succeeds."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp.chmod(0o755)  # mkdtemp makes it private; outputs are meant to be shared
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    if target.exists():
+        target.rename(old)
+    tmp.rename(target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def atomic_write_text(path: Path | str, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; outputs are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: Path | str, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, default=str) + "\n")
+
+
+def read_json(path: Path | str) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise StageError(f"{path}: not found (has the stage that writes it run?)") from e
+    except json.JSONDecodeError as e:
+        raise StageError(f"{path}: not valid JSON at line {e.lineno}: {e.msg}") from e
+
+
+def write_jsonl(path: Path | str, rows: Iterable[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
+def read_jsonl(path: Path | str) -> list[dict]:
+    """Read JSON Lines; a broken line is reported by number, not as a traceback."""
+    path = Path(path)
+    rows = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise StageError(f"{path}: line {lineno} is not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise StageError(f"{path}: line {lineno} is not a JSON object")
+            rows.append(row)
+    return rows
+
+
+def run_stage(name: str, main: Callable[[], None]) -> None:
+    """Entry point of `python -m stages.<name>`: time it, turn known errors into messages."""
+    from stages.params import ParamsError  # local: params imports nothing from here
+
+    start = time.perf_counter()
+    print(f"[{name}] started", flush=True)
+    try:
+        main()
+    except (StageError, ParamsError) as e:
+        print(f"[{name}] FAILED: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    print(f"[{name}] done in {time.perf_counter() - start:.1f} s", flush=True)

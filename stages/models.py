@@ -1,0 +1,117 @@
+"""The one place models are loaded: the base in full precision, the base in 4 bits, and
+the 4-bit base with an adapter.
+
+Training (finetune), the quantization report (quantize) and the benchmark (evaluate) all
+load through here, so the benchmark measures exactly the model that was trained.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+from stages.params import QuantizeParams
+
+BASE_MODEL_DIR = Path("data/prepared/base_model")
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def compute_dtype(name: str = "auto") -> torch.dtype:
+    """The dtype matmuls run in. auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on
+    a CPU (CPUs without bf16 units run bf16 ~7x slower than fp32: FINDINGS)."""
+    if name != "auto":
+        return _DTYPES[name]
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def bnb_config(q: QuantizeParams, quant_type: str | None = None) -> BitsAndBytesConfig:
+    # BitsAndBytesConfig's own defaults are fp4 without double quant: spell out every field.
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type or q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype(q.compute_dtype),
+        bnb_4bit_quant_storage=torch.uint8,
+    )
+
+
+def load_tokenizer(
+    path: Path | str = BASE_MODEL_DIR, trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
+    tok = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        # Padding positions are masked out of the loss, so reusing EOS is safe.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_full(
+    path: Path | str = BASE_MODEL_DIR,
+    dtype_name: str = "auto",
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """The base in full precision: bf16 on a GPU, fp32 on a CPU (the 16-bit reference)."""
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path),
+        dtype=compute_dtype(dtype_name),
+        device_map=device(),
+        trust_remote_code=trust_remote_code,
+        use_safetensors=True,
+    )
+    model.eval()
+    return model
+
+
+def load_4bit(
+    q: QuantizeParams,
+    path: Path | str = BASE_MODEL_DIR,
+    trust_remote_code: bool = False,
+    quant_type: str | None = None,
+) -> PreTrainedModel:
+    """The base quantized on load to 4 bits (NF4 + double quantization by default)."""
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path),
+        quantization_config=bnb_config(q, quant_type),
+        dtype=compute_dtype(q.compute_dtype),
+        device_map=device(),
+        trust_remote_code=trust_remote_code,
+        use_safetensors=True,
+    )
+    model.eval()
+    return model
+
+
+def load_adapted(
+    q: QuantizeParams,
+    adapter_dir: Path | str,
+    path: Path | str = BASE_MODEL_DIR,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """The 4-bit base with a trained LoRA adapter on top, ready for inference."""
+    from peft import PeftModel
+
+    base = load_4bit(q, path, trust_remote_code)
+    model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+    model.eval()
+    return model
+
+
+def footprint_bytes(model: torch.nn.Module) -> int:
+    """Bytes held by parameters and buffers (4-bit weights count as their packed bytes)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
