@@ -20,7 +20,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from stages.io import StageError, atomic_dir, run_stage, write_json
-from stages.models import BASE_MODEL_DIR, _DTYPES
+from stages.models import BASE_MODEL_DIR, DTYPES
 from stages.params import BaseParams, load_params
 
 REPORT = Path("reports/base.json")
@@ -109,7 +109,7 @@ def main() -> None:
             f"base.source: {p.source!r} has no chat template; the dataset stage needs one "
             "to format prompts (use an instruct/chat model)"
         )
-    model = model.to(_DTYPES[p.save_dtype])
+    model = model.to(DTYPES[p.save_dtype])
     with atomic_dir(BASE_MODEL_DIR) as out:
         model.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)

@@ -75,8 +75,14 @@ def choice_rows(test: list[dict], n_candidates: int, seed: int) -> list[dict]:
             continue  # too few distinct answers in the test split for this row
         choices = distractors + [r["response"]]
         rng.shuffle(choices)
-        out.append({"id": r["id"], "prompt": r["prompt"], "choices": choices,
-                    "gold": choices.index(r["response"])})
+        out.append(
+            {
+                "id": r["id"],
+                "prompt": r["prompt"],
+                "choices": choices,
+                "gold": choices.index(r["response"]),
+            }
+        )
     return out
 
 
@@ -129,9 +135,7 @@ def prepare(p: DatasetParams, tokenizer) -> tuple[dict[str, list[dict]], dict]:
     if not rows:
         raise StageError(f"{p.source}: no row fits dataset.max_length={p.max_length} tokens")
     splits = split_by_group(rows, p)
-    capped = {
-        s: cap(splits[s], getattr(p.max_rows, s), p.seed + k) for k, s in enumerate(SPLITS)
-    }
+    capped = {s: cap(splits[s], getattr(p.max_rows, s), p.seed + k) for k, s in enumerate(SPLITS)}
     summary = {
         "source": p.source,
         "format": fmt,
@@ -163,12 +167,15 @@ def main() -> None:
         write_jsonl(out / "prose.jsonl", prose)
     summary["eval_rows"] = {"choice": len(choices), "prose": len(prose)}
     summary["groups_in_two_splits"] = sorted(
-        g for g, n in Counter(g for s in SPLITS for g in {r["group"] for r in splits[s]}).items()
+        g
+        for g, n in Counter(g for s in SPLITS for g in {r["group"] for r in splits[s]}).items()
         if n > 1
     )
     write_json(REPORT, summary)
-    print(f"splits {summary['rows']} from {summary['raw_rows']} {summary['format']} rows "
-          f"({summary['dropped_over_max_length']} over {p.max_length} tokens dropped)")
+    print(
+        f"splits {summary['rows']} from {summary['raw_rows']} {summary['format']} rows "
+        f"({summary['dropped_over_max_length']} over {p.max_length} tokens dropped)"
+    )
 
 
 if __name__ == "__main__":

@@ -42,14 +42,17 @@ def read_records(source: str, split: str = "train") -> list[dict]:
         import pandas as pd
 
         return pd.read_parquet(path).to_dict(orient="records")
-    raise StageError(f"{path}: unsupported file type {suffix!r} (use .jsonl, .json, .csv, .parquet)")
+    raise StageError(
+        f"{path}: unsupported file type {suffix!r} (use .jsonl, .json, .csv, .parquet)"
+    )
 
 
 def _read_json(path: Path) -> list[dict]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise StageError(f"{path}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}")
+        msg = f"{path}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}"
+        raise StageError(msg) from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
@@ -105,7 +108,10 @@ def to_messages(row: dict, fmt: str, system_prompt: str | None = None) -> list[d
     elif fmt == "alpaca":
         extra = row.get("input") or ""
         user = f"{row['instruction']}\n\n{extra}".strip() if extra else str(row["instruction"])
-        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": row["output"]}]
+        messages = [
+            {"role": "user", "content": user},
+            {"role": "assistant", "content": row["output"]},
+        ]
     else:
         messages = [
             {"role": "user", "content": row["prompt"]},

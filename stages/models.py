@@ -22,7 +22,7 @@ from stages.params import QuantizeParams
 
 BASE_MODEL_DIR = Path("data/prepared/base_model")
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def device() -> str:
@@ -33,7 +33,7 @@ def compute_dtype(name: str = "auto") -> torch.dtype:
     """The dtype matmuls run in. auto: bf16 on GPUs that have it, fp16 on older GPUs, fp32 on
     a CPU (CPUs without bf16 units run bf16 ~7x slower than fp32: FINDINGS)."""
     if name != "auto":
-        return _DTYPES[name]
+        return DTYPES[name]
     if torch.cuda.is_available():
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return torch.float32
