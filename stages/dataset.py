@@ -105,13 +105,18 @@ def prose_rows(n_documents: int, max_chars: int, seed: int) -> list[dict]:
 def prepare(p: DatasetParams, tokenizer) -> tuple[dict[str, list[dict]], dict]:
     raw = read_records(p.source)
     fmt = detect_format(raw, p.format, where=p.source)
-    rows, dropped_long = [], 0
+    rows, dropped_long, dropped_dup, seen = [], 0, 0, set()
     for i, rec in enumerate(raw, start=1):
         try:
             messages = to_messages(rec, fmt, p.system_prompt)
             prompt, completion = render(tokenizer, messages)
         except (KeyError, TypeError, ValueError) as e:
             raise StageError(f"{p.source}: row {i}: {e}") from None
+        # The same prompt twice (stdlib has copied functions) would leak across splits.
+        if prompt in seen:
+            dropped_dup += 1
+            continue
+        seen.add(prompt)
         ids = encode(tokenizer, prompt, completion, max_length=10**9)
         prompt_tokens = sum(1 for x in ids["labels"] if x < 0)
         completion_tokens = len(ids["input_ids"]) - prompt_tokens
@@ -141,6 +146,7 @@ def prepare(p: DatasetParams, tokenizer) -> tuple[dict[str, list[dict]], dict]:
         "format": fmt,
         "raw_rows": len(raw),
         "dropped_over_max_length": dropped_long,
+        "dropped_duplicate_prompts": dropped_dup,
         "max_length": p.max_length,
         "rows": {s: len(capped[s]) for s in SPLITS},
         "rows_before_cap": {s: len(splits[s]) for s in SPLITS},
