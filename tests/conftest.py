@@ -7,6 +7,7 @@ on text that ships with Python, the model is randomly initialised from a config.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,62 @@ def make_tiny_model_dir(path: Path, seed: int = 0) -> Path:
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny random Llama + BPE tokenizer with a chat template, saved once per session."""
     return make_tiny_model_dir(tmp_path_factory.mktemp("tiny_model"))
+
+
+def alpaca_rows(n: int = 40, groups: int = 8) -> list[dict]:
+    """Small but real-looking Alpaca records: functions and their docstring summaries."""
+    verbs = ["Return", "Compute", "Parse", "Format", "Check", "Build", "Read", "Write"]
+    nouns = ["path", "header", "token", "record", "message", "value", "buffer", "name"]
+    rows = []
+    for i in range(n):
+        verb, noun = verbs[i % len(verbs)], nouns[(i * 3) % len(nouns)]
+        rows.append(
+            {
+                "instruction": "Write the one-line docstring summary for this Python function.",
+                "input": f"def {verb.lower()}_{noun}_{i}(x):\n    return x + {i}\n",
+                "output": f"{verb} the {noun} number {i}.",
+                "module": f"mod{i % groups}",
+            }
+        )
+    return rows
+
+
+def tiny_params(model_dir: Path | None = None, source: str = "data/raw/train.jsonl") -> dict:
+    """params.yaml shrunk for tests: a few rows, a few steps, tiny eval."""
+    import yaml
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    if model_dir is not None:
+        params["base"]["source"] = str(model_dir)
+    params["dataset"].update(
+        source=source,
+        max_rows={"train": 24, "validation": 8, "test": 8},
+        max_length=256,
+        guard_documents=2,
+        guard_chars=300,
+        validation_fraction=0.2,
+        test_fraction=0.2,
+    )
+    params["validate"]["min_rows"] = {"train": 4, "validation": 2, "test": 2}
+    params["finetune"].update(max_steps=3, batch_size=4, eval_steps=2, logging_steps=1)
+    params["evaluate"].update(limit=8, examples=2, max_new_tokens=8, batch_size=4)
+    return params
+
+
+@pytest.fixture
+def workspace(tmp_path, tiny_model_dir, monkeypatch) -> Path:
+    """A repo-shaped folder (cwd) with tiny params, the tiny model as the base and prepared
+    splits made by the real dataset stage, so a stage's main() can run as in `dvc repro`."""
+    import yaml
+
+    from stages import dataset
+    from stages.io import write_jsonl
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params(tiny_model_dir)))
+    shutil.copytree(tiny_model_dir, tmp_path / "data/prepared/base_model")
+    if (REPO / "data/eval_tasks").is_dir():
+        shutil.copytree(REPO / "data/eval_tasks", tmp_path / "data/eval_tasks")
+    write_jsonl(tmp_path / "data/raw/train.jsonl", alpaca_rows())
+    dataset.main()
+    return tmp_path

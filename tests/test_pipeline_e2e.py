@@ -18,26 +18,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, tiny_params
 
 pytestmark = pytest.mark.slow
 
 STAGES = ["base", "extract", "dataset", "validate", "quantize", "finetune", "evaluate", "gate",
           "report"]
-
-
-def tiny_params(model_dir: Path) -> dict:
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["base"]["source"] = str(model_dir)
-    params["corpus"]["max_source_chars"] = 400
-    params["dataset"]["max_rows"] = {"train": 24, "validation": 8, "test": 8}
-    params["dataset"]["max_length"] = 256
-    params["dataset"]["guard_documents"] = 2
-    params["dataset"]["guard_chars"] = 300
-    params["validate"]["min_rows"] = {"train": 8, "validation": 2, "test": 2}
-    params["finetune"].update(max_steps=3, batch_size=4, eval_steps=2, logging_steps=1)
-    params["evaluate"].update(limit=8, examples=2, max_new_tokens=8, batch_size=4)
-    return params
 
 
 def git(cwd: Path, *args: str) -> None:
@@ -65,7 +51,10 @@ def pipeline_run(tmp_path_factory, tiny_model_dir) -> tuple[Path, subprocess.Com
             continue
         (work / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, work / rel)
-    (work / "params.yaml").write_text(yaml.safe_dump(tiny_params(tiny_model_dir)))
+    # The real stdlib corpus (extract stage) with the tiny model: every stage as in `make run`.
+    params = tiny_params(tiny_model_dir, source="data/raw/stdlib_functions.jsonl")
+    params["corpus"]["max_source_chars"] = 400
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
     git(work, "init", "-q")
     git(work, "add", "-A")
     git(work, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny")

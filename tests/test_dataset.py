@@ -1,0 +1,131 @@
+"""Dataset formats, chat rendering with masked prompts, group splits, atomic outputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import alpaca_rows
+from stages import dataset
+from stages.chat import IGNORE_INDEX, encode, render
+from stages.formats import detect_format, read_records, to_messages
+from stages.io import StageError, atomic_dir, read_jsonl, write_jsonl
+from stages.models import load_tokenizer
+from stages.params import DatasetParams
+
+CHAT = {
+    "messages": [
+        {"role": "user", "content": "Name a prime."},
+        {"role": "assistant", "content": "Seven."},
+    ]
+}
+
+
+@pytest.mark.parametrize(
+    ("row", "fmt", "user", "answer"),
+    [
+        ({"instruction": "Sum.", "input": "1 2", "output": "3"}, "alpaca", "Sum.\n\n1 2", "3"),
+        ({"instruction": "Say hi.", "output": "Hi"}, "alpaca", "Say hi.", "Hi"),
+        ({"prompt": "2+2?", "completion": "4"}, "prompt_completion", "2+2?", "4"),
+        (CHAT, "chat", "Name a prime.", "Seven."),
+    ],
+)
+def test_every_format_becomes_a_conversation(row, fmt, user, answer):
+    assert detect_format([row]) == fmt
+    messages = to_messages(row, fmt, system_prompt="Be brief.")
+    assert messages[0] == {"role": "system", "content": "Be brief."}
+    assert messages[1]["content"] == user and messages[-1]["content"] == answer
+
+
+def test_unknown_format_names_the_keys():
+    with pytest.raises(StageError, match=r"unknown record format.*\['question'\]"):
+        detect_format([{"question": "?"}])
+
+
+def test_files_of_each_type_are_read(tmp_path):
+    rows = [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}]
+    write_jsonl(tmp_path / "d.jsonl", rows)
+    (tmp_path / "d.json").write_text(json.dumps({"data": rows}))
+    (tmp_path / "d.csv").write_text("prompt,completion\na,b\nc,d\n")
+    import pandas as pd
+
+    pd.DataFrame(rows).to_parquet(tmp_path / "d.parquet")
+    for name in ("d.jsonl", "d.json", "d.csv", "d.parquet"):
+        assert read_records(str(tmp_path / name)) == rows, name
+
+
+def test_broken_files_name_the_line(tmp_path):
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": oops}\n')
+    with pytest.raises(StageError, match="line 2 is not valid JSON"):
+        read_records(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "bad.csv").write_text("prompt,completion\na,b,extra\n")
+    with pytest.raises(StageError, match="line 2 has more cells than the header"):
+        read_records(str(tmp_path / "bad.csv"))
+    with pytest.raises(StageError, match="no such file"):
+        read_records(str(tmp_path / "missing.jsonl"))
+
+
+def test_prompt_is_masked_and_completion_trained(tiny_model_dir):
+    tok = load_tokenizer(tiny_model_dir)
+    prompt, completion = render(tok, CHAT["messages"])
+    assert prompt.endswith("<|im_start|>assistant\n")
+    assert completion == "Seven.<|im_end|>\n"
+    ids = encode(tok, prompt, completion, max_length=512)
+    n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    assert ids["labels"][:n_prompt] == [IGNORE_INDEX] * n_prompt
+    assert ids["labels"][n_prompt:] == ids["input_ids"][n_prompt:]
+    assert tok.decode(ids["input_ids"][n_prompt:]) == completion
+    assert len(encode(tok, prompt, completion, max_length=5)["input_ids"]) == 5
+
+
+def test_groups_never_span_two_splits_and_splits_are_deterministic():
+    rows = alpaca_rows(60, groups=12)
+    p = DatasetParams(source="x", group_field="module", max_length=256, seed=3)
+    splits = dataset.split_by_group([{**r, "id": str(i)} for i, r in enumerate(rows)], p)
+    groups = [{r["group"] for r in splits[s]} for s in dataset.SPLITS]
+    assert all(not (a & b) for i, a in enumerate(groups) for b in groups[i + 1 :])
+    assert sum(len(v) for v in splits.values()) == 60
+    assert splits == dataset.split_by_group([{**r, "id": str(i)} for i, r in enumerate(rows)], p)
+
+
+def test_dataset_stage_writes_splits_eval_data_and_summary(workspace):
+    summary = json.loads((workspace / "reports/dataset.json").read_text())
+    assert summary["format"] == "alpaca" and summary["groups_in_two_splits"] == []
+    train = read_jsonl(workspace / "data/prepared/splits/train.jsonl")
+    assert len(train) == summary["rows"]["train"] > 0
+    assert {"prompt", "completion", "response", "prompt_tokens", "completion_tokens"} <= set(
+        train[0]
+    )
+    choice = read_jsonl(workspace / "data/prepared/eval/choice.jsonl")
+    assert all(c["choices"][c["gold"]] for c in choice) and len(choice[0]["choices"]) == 4
+    assert len(read_jsonl(workspace / "data/prepared/eval/prose.jsonl")) == 2
+
+
+def test_duplicate_prompts_are_dropped_once(tmp_path, tiny_model_dir):
+    tok = load_tokenizer(tiny_model_dir)
+    rows = alpaca_rows(20)
+    write_jsonl(tmp_path / "d.jsonl", rows + rows[:3])
+    p = DatasetParams(source=str(tmp_path / "d.jsonl"), group_field="module", max_length=256)
+    _, summary = dataset.prepare(p, tok)
+    assert summary["dropped_duplicate_prompts"] == 3
+
+
+def test_a_row_missing_its_answer_is_named(tmp_path, tiny_model_dir):
+    rows = alpaca_rows(5)
+    del rows[3]["output"]
+    write_jsonl(tmp_path / "d.jsonl", rows)
+    p = DatasetParams(source=str(tmp_path / "d.jsonl"), format="alpaca", max_length=256)
+    with pytest.raises(StageError, match=r"row 4: .*missing \['output'\]"):
+        dataset.prepare(p, load_tokenizer(tiny_model_dir))
+
+
+def test_atomic_dir_keeps_the_old_output_when_the_writer_fails(tmp_path):
+    target = tmp_path / "out"
+    with atomic_dir(target) as d:
+        (d / "good.txt").write_text("good")
+    with pytest.raises(RuntimeError), atomic_dir(target) as d:
+        (d / "half.txt").write_text("half")
+        raise RuntimeError("killed mid-write")
+    assert [p.name for p in target.iterdir()] == ["good.txt"]
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp left behind

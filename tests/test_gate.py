@@ -1,0 +1,76 @@
+"""Gate decisions: pass, fail on the primary metric, fail on a guard metric, bad config."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from stages.gate import decide, relative_gain
+from stages.io import StageError
+from stages.params import GateParams
+
+
+def metric(value, higher_is_better, stderr=0.01):
+    return {"value": value, "stderr": stderr, "higher_is_better": higher_is_better}
+
+
+def results(adapter_bpb=0.80, adapter_guard=2.00, adapter_acc=0.60) -> dict:
+    def variant(bpb, guard, acc):
+        return {
+            "metrics": {
+                "docstring_loss": {"bits_per_byte": metric(bpb, False)},
+                "docstring_choice": {"acc": metric(acc, True)},
+                "prose_guard": {"bits_per_byte": metric(guard, False)},
+            }
+        }
+
+    return {
+        "variants": {
+            "base_full": variant(0.98, 1.98, 0.52),
+            "base_nf4": variant(1.00, 2.00, 0.50),
+            "adapter_nf4": variant(adapter_bpb, adapter_guard, adapter_acc),
+        }
+    }
+
+
+RULES = GateParams.model_validate(
+    {"primary": {"task": "docstring_loss", "metric": "bits_per_byte"}, "min_gain": 0.05,
+     "max_regression": 0.10}
+)
+
+
+def test_relative_gain_respects_direction():
+    assert relative_gain(1.0, 0.8, higher_is_better=False) == pytest.approx(0.2)
+    assert relative_gain(0.5, 0.6, higher_is_better=True) == pytest.approx(0.2)
+    assert relative_gain(0.5, 0.4, higher_is_better=True) == pytest.approx(-0.2)
+
+
+def test_clear_improvement_is_promoted():
+    d = decide(results(), RULES)
+    assert d["decision"] == "promoted" and d["passed"]
+    assert d["primary"]["relative_change"] == pytest.approx(0.2)
+    assert all(c["passed"] for c in d["checks"]) and len(d["checks"]) == 3
+
+
+def test_too_small_a_gain_on_the_primary_metric_is_rejected():
+    d = decide(results(adapter_bpb=0.97), RULES)  # 3% < the required 5%
+    assert d["decision"] == "rejected"
+    assert len(d["reasons"]) == 1
+    assert d["reasons"][0].startswith("FAIL: docstring_loss/bits_per_byte")
+    assert "+3.0%" in d["reasons"][0] and "5.0%" in d["reasons"][0]
+
+
+def test_forgetting_on_the_guard_task_is_rejected_even_with_a_primary_gain():
+    d = decide(results(adapter_guard=2.5), RULES)  # prose got 25% worse
+    assert d["decision"] == "rejected"
+    assert [r.split(" ")[1] for r in d["reasons"]] == ["prose_guard/bits_per_byte"]
+
+
+def test_a_primary_metric_that_was_not_evaluated_is_a_config_error():
+    rules = copy.deepcopy(RULES)
+    rules.primary.metric = "rouge"
+    with pytest.raises(StageError, match=r"docstring_loss/rouge is not in .*available"):
+        decide(results(), rules)
+    with pytest.raises(StageError, match="adapter_nf4"):
+        decide({"variants": {"base_nf4": {}}}, RULES)

@@ -1,0 +1,53 @@
+"""params.yaml is checked once, by one schema, and a bad value names its key."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from conftest import REPO
+from stages.params import ParamsError, load_params
+
+
+def test_shipped_params_file_is_valid():
+    params = load_params(REPO / "params.yaml")
+    assert params.quantize.quant_type == "nf4" and params.quantize.double_quant
+    assert params.finetune.learning_rate == pytest.approx(2e-4)
+    assert params.gate.primary.task in params.evaluate.tasks
+
+
+def write(tmp_path, mutate) -> str:
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    mutate(raw)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    ("mutate", "expected"),
+    [
+        (lambda p: p["finetune"]["lora"].update(r=0), "finetune.lora.r = 0"),
+        (lambda p: p["finetune"].update(learning_rate="fast"), "finetune.learning_rate = 'fast'"),
+        (lambda p: p["finetune"].update(lr=1e-4), "finetune.lr"),
+        (lambda p: p["quantize"].update(quant_type="int3"), "quantize.quant_type = 'int3'"),
+        (lambda p: p["dataset"].update(test_fraction=0.9), "dataset.test_fraction = 0.9"),
+        (lambda p: p["finetune"]["lora"].update(target_modules=[]), "target_modules"),
+        (lambda p: p["gate"]["primary"].update(task="nope"), "gate.primary.task: 'nope'"),
+        (lambda p: p.pop("base"), "base"),
+    ],
+    ids=["range", "type", "unknown-key", "choice", "fraction", "empty-targets", "gate-task",
+         "missing-section"],
+)
+def test_bad_value_is_rejected_naming_the_key(tmp_path, mutate, expected):
+    with pytest.raises(ParamsError) as err:
+        load_params(write(tmp_path, mutate))
+    assert expected in str(err.value)
+
+
+def test_missing_and_broken_files_are_named(tmp_path):
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("base: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(tmp_path / "params.yaml")

@@ -1,0 +1,85 @@
+"""The 4-bit report's arithmetic, and a real (tiny) QLoRA training run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from stages import finetune
+from stages.io import StageError
+from stages.params import QuantizeParams
+from stages.quantize import measure
+
+
+def expected_bits_per_linear_weight(shapes: list[tuple[int, int]]) -> float:
+    """NF4 with double quant: 4 bits a weight, one 8-bit absmax per 64-weight block, one fp32
+    scale per 256 absmax values and a 256-entry fp32 code book per layer."""
+    total_bits = total_weights = 0
+    for out_f, in_f in shapes:
+        n = out_f * in_f
+        blocks = math.ceil(n / 64)
+        total_bits += 4 * n + 8 * blocks + 32 * math.ceil(blocks / 256) + 32 * 256
+        total_weights += n
+    return total_bits / total_weights
+
+
+def test_quantize_report_on_a_tiny_llama(tiny_model_dir):
+    report = measure(QuantizeParams(), tiny_model_dir)
+    # Tiny Llama: hidden 64, 2 key/value heads of 16, MLP 128, 2 layers.
+    layer = [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128)]
+    assert report["bits_per_parameter"]["nf4_linear_layers"] == pytest.approx(
+        expected_bits_per_linear_weight(layer * 2)
+    )
+    assert report["bytes"]["nf4"] < report["bytes"]["full"]
+    assert report["bits_per_parameter"]["full"] == pytest.approx(16, rel=1e-3)
+    # NF4's levels are placed for normally distributed weights: less error than FP4.
+    nf4, fp4 = report["quant_error"]["nf4"], report["quant_error"]["fp4"]
+    assert 0 < nf4["mean_relative_error"] < fp4["mean_relative_error"] < 0.5
+    assert nf4["layers"] == 14
+
+
+def test_finetune_trains_an_adapter_in_standard_peft_format(workspace):
+    finetune.main()
+    adapter = workspace / "data/prepared/adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["r"] == 16 and config["peft_type"] == "LORA"
+    weights = load_file(adapter / "adapter_model.safetensors")
+    lora_b = [t for name, t in weights.items() if "lora_B" in name]
+    # LoRA initialises B to zero: a non-zero B proves the optimizer stepped.
+    assert lora_b and any(t.abs().sum() > 0 for t in lora_b)
+    metrics = json.loads((workspace / "reports/train/metrics.json").read_text())
+    assert metrics["steps"] == 3 and metrics["tokens_per_s"] > 0
+    assert metrics["optimizer"] == "adamw_torch" and metrics["compute_dtype"] == "float32"
+    evals = json.loads((workspace / "reports/train/eval_loss.json").read_text())
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == 3
+    assert all(math.isfinite(e["loss"]) for e in evals)
+    train = json.loads((workspace / "reports/train/train_loss.json").read_text())
+    assert [e["step"] for e in train] == [1, 2, 3]
+
+
+def test_a_target_module_that_matches_no_layer_is_named(workspace, monkeypatch):
+    from stages.params import load_params
+
+    params = load_params()
+    params.finetune.lora.target_modules = ["attention_qkv"]
+    with pytest.raises(StageError, match=r"target_modules=\['attention_qkv'\]"):
+        finetune.lora_model(params, trust_remote_code=False)
+
+
+def test_a_nan_loss_stops_training_with_a_clear_error():
+    class State:
+        global_step = 7
+
+    with pytest.raises(StageError, match="diverged: loss = nan at step 7"):
+        finetune.DivergenceGuard().on_log(None, State(), None, logs={"loss": float("nan")})
+    finetune.DivergenceGuard().on_log(None, State(), None, logs={"loss": 1.5})
+
+
+def test_optimizer_is_paged_only_on_cuda():
+    expected = "paged_adamw_32bit" if torch.cuda.is_available() else "adamw_torch"
+    assert finetune.optimizer_name("auto") == expected
+    assert finetune.optimizer_name("adamw_torch") == "adamw_torch"
