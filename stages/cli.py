@@ -1,8 +1,8 @@
 """`qlora`: the project's one command-line program.
 
-    qlora run                 run the pipeline (`dvc repro`) and print each stage's time
-    qlora validate PATH       check a dataset file before training on it
-    qlora flow run [--set k=v]  run the pipeline as a Prefect flow
+qlora run                 run the pipeline (`dvc repro`) and print each stage's time
+qlora validate PATH       check a dataset file before training on it
+qlora flow run [--set k=v]  run the pipeline as a Prefect flow
 """
 
 from __future__ import annotations

@@ -169,8 +169,10 @@ def main() -> None:
         model.save_pretrained(out, safe_serialization=True)
         if BASE_REPORT.exists():  # the identity of the base this adapter was trained on
             base = read_json(BASE_REPORT)
-            write_json(out / "base_identity.json", {k: base.get(k) for k in
-                       ("source", "revision", "weights_sha256")})
+            write_json(
+                out / "base_identity.json",
+                {k: base.get(k) for k in ("source", "revision", "weights_sha256")},
+            )
     tokens = int(trainer.state.num_input_tokens_seen)
     write_json(TRAIN_DIR / "train_loss.json", train_curve)
     write_json(TRAIN_DIR / "eval_loss.json", eval_curve)

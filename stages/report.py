@@ -301,7 +301,10 @@ def overfitting(train_loss: list[dict], eval_loss: list[dict]) -> dict | None:
         return None
     # Mean of a few logged points smooths per-batch noise in the training loss.
     losses = [(t["step"], num(t.get("loss"))) for t in train_loss if num(t.get("loss")) is not None]
-    before = [loss for step, loss in losses if step <= best_step][-3:]
+    # Best at step 0 (the untrained model, logged before training) compares with the start.
+    before = [loss for step, loss in losses if step <= best_step][-3:] or [
+        loss for _, loss in losses
+    ][:3]
     after = [loss for _, loss in losses][-3:]
     if not before or not after or sum(after) / len(after) >= sum(before) / len(before):
         return None

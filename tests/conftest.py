@@ -32,6 +32,7 @@ SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 def make_tokenizer(vocab_size: int = 600):
     """A byte-level BPE tokenizer trained on stdlib docstrings: real merges, any text encodes."""
     import pydoc_data.topics
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

@@ -35,8 +35,11 @@ def results(adapter_bpb=0.80, adapter_guard=2.00, adapter_acc=0.60) -> dict:
 
 
 RULES = GateParams.model_validate(
-    {"primary": {"task": "docstring_loss", "metric": "bits_per_byte"}, "min_gain": 0.05,
-     "max_regression": 0.10}
+    {
+        "primary": {"task": "docstring_loss", "metric": "bits_per_byte"},
+        "min_gain": 0.05,
+        "max_regression": 0.10,
+    }
 )
 
 

@@ -36,8 +36,16 @@ def write(tmp_path, mutate) -> str:
         (lambda p: p["gate"]["primary"].update(task="nope"), "gate.primary.task: 'nope'"),
         (lambda p: p.pop("base"), "base"),
     ],
-    ids=["range", "type", "unknown-key", "choice", "fraction", "empty-targets", "gate-task",
-         "missing-section"],
+    ids=[
+        "range",
+        "type",
+        "unknown-key",
+        "choice",
+        "fraction",
+        "empty-targets",
+        "gate-task",
+        "missing-section",
+    ],
 )
 def test_bad_value_is_rejected_naming_the_key(tmp_path, mutate, expected):
     with pytest.raises(ParamsError) as err:

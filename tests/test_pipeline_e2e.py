@@ -22,8 +22,17 @@ from conftest import REPO, tiny_params
 
 pytestmark = pytest.mark.slow
 
-STAGES = ["base", "extract", "dataset", "validate", "quantize", "finetune", "evaluate", "gate",
-          "report"]
+STAGES = [
+    "base",
+    "extract",
+    "dataset",
+    "validate",
+    "quantize",
+    "finetune",
+    "evaluate",
+    "gate",
+    "report",
+]
 
 
 def git(cwd: Path, *args: str) -> None:
@@ -42,7 +51,10 @@ def pipeline_run(tmp_path_factory, tiny_model_dir) -> tuple[Path, subprocess.Com
     work = tmp_path_factory.mktemp("e2e") / "repo"
     files = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-        cwd=REPO, check=True, capture_output=True, text=True,
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout.split("\0")
     for rel in filter(None, files):
         src = REPO / rel
