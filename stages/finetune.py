@@ -11,8 +11,10 @@ reports/train/metrics.json, reports/train/{train,eval}_loss.json (DVC plots).
 
 from __future__ import annotations
 
+import hashlib
 import math
 import resource
+import shutil
 import time
 from pathlib import Path
 
@@ -34,8 +36,9 @@ from stages.params import Params, load_params
 SPLITS_DIR = Path("data/prepared/splits")
 ADAPTER_DIR = Path("data/prepared/adapter")
 TRAIN_DIR = Path("reports/train")
-WORK_DIR = Path(".cache/finetune")  # Trainer scratch space, not a pipeline output
+WORK_DIR = Path(".cache/finetune")  # checkpoints: scratch space, not a pipeline output
 BASE_REPORT = Path("reports/base.json")
+COMPLETE = "CHECKPOINT_COMPLETE"  # written after every file of a checkpoint is on disk
 
 
 class DivergenceGuard(TrainerCallback):
@@ -49,6 +52,40 @@ class DivergenceGuard(TrainerCallback):
                     f"training diverged: {key} = {value} at step {state.global_step}; lower "
                     "finetune.learning_rate or raise finetune.max_grad_norm clipping"
                 )
+
+
+class CheckpointSealer(TrainerCallback):
+    """Mark a checkpoint complete once the Trainer has written all of it (on_save runs after
+    the weights, optimizer, RNG and trainer state are saved). A checkpoint without the mark
+    was cut off mid-save and is never resumed from."""
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            (folder / COMPLETE).write_text(str(state.global_step))
+
+
+def run_fingerprint(params: Params, files: list[Path]) -> str:
+    """Checkpoints are reused only by a run with the same params and the same data."""
+    h = hashlib.sha256()
+    for section in (params.finetune, params.quantize):
+        h.update(section.model_dump_json().encode())
+    h.update(str(params.dataset.max_length).encode())
+    for f in files:
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def last_complete_checkpoint(run_dir: Path) -> Path | None:
+    """The newest sealed checkpoint; unsealed ones (killed while saving) are deleted."""
+    found = []
+    for ckpt in run_dir.glob("checkpoint-*"):
+        if (ckpt / COMPLETE).exists():
+            found.append((int(ckpt.name.split("-")[-1]), ckpt))
+        else:
+            print(f"skipping incomplete checkpoint {ckpt} (cut off while saving)")
+            shutil.rmtree(ckpt, ignore_errors=True)
+    return max(found)[1] if found else None
 
 
 def encode_split(tokenizer, rows: list[dict], max_length: int) -> list[dict]:
@@ -84,11 +121,11 @@ def lora_model(params: Params, trust_remote_code: bool):
         raise StageError(f"finetune.lora.target_modules={p.lora.target_modules!r}: {e}") from None
 
 
-def training_args(params: Params, n_train: int) -> TrainingArguments:
+def training_args(params: Params, run_dir: Path) -> TrainingArguments:
     p = params.finetune
     dtype = compute_dtype(params.quantize.compute_dtype)
     return TrainingArguments(
-        output_dir=str(WORK_DIR),
+        output_dir=str(run_dir),
         per_device_train_batch_size=p.batch_size,
         per_device_eval_batch_size=p.batch_size,
         gradient_accumulation_steps=p.gradient_accumulation_steps,
@@ -109,7 +146,9 @@ def training_args(params: Params, n_train: int) -> TrainingArguments:
         eval_steps=p.eval_steps,
         logging_steps=p.logging_steps,
         logging_first_step=True,
-        save_strategy="no",
+        save_strategy="steps",
+        save_steps=p.checkpoint_steps,
+        save_total_limit=2,
         # Batches of similar length waste little compute on padding (rows of the default
         # corpus range from 60 to 314 tokens).
         train_sampling_strategy="group_by_length",
@@ -147,17 +186,23 @@ def main() -> None:
     valid = encode_split(tokenizer, read_jsonl(SPLITS_DIR / "validation.jsonl"), max_length)
     model = lora_model(params, trust)
     trainable, total = model.get_nb_trainable_parameters()
+    run_dir = WORK_DIR / run_fingerprint(
+        params, [SPLITS_DIR / "train.jsonl", SPLITS_DIR / "validation.jsonl"]
+    )
+    resume = last_complete_checkpoint(run_dir)
+    if resume:
+        print(f"resuming from {resume}")
     trainer = Trainer(
         model=model,
-        args=training_args(params, len(train)),
+        args=training_args(params, run_dir),
         train_dataset=train,
         eval_dataset=valid,
         data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-        callbacks=[DivergenceGuard()],
+        callbacks=[DivergenceGuard(), CheckpointSealer()],
     )
     initial_eval = trainer.evaluate()["eval_loss"]  # the curve's starting point, step 0
     start = time.perf_counter()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     runtime = time.perf_counter() - start
     final_eval = trainer.evaluate()["eval_loss"]
     train_curve, eval_curve = loss_curves(trainer.state.log_history)
@@ -200,6 +245,7 @@ def main() -> None:
             "validation_rows": len(valid),
         },
     )
+    shutil.rmtree(run_dir, ignore_errors=True)  # the adapter is safe: checkpoints are spent
     print(
         f"trained {trainer.state.global_step} steps in {runtime:.0f} s "
         f"({tokens / runtime:.0f} tokens/s); validation loss {eval_curve[0]['loss']:.3f} -> "

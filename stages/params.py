@@ -101,6 +101,7 @@ class FinetuneParams(_Section):
     max_grad_norm: float = Field(0.3, gt=0)
     eval_steps: int = Field(20, ge=1)
     logging_steps: int = Field(5, ge=1)
+    checkpoint_steps: int = Field(20, ge=1)
     seed: int = 42
 
 
