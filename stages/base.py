@@ -10,7 +10,6 @@ reports/base.json (identity: source, parameter count, sha256 of the weights).
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import sys
 import zipfile
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from stages.io import StageError, atomic_dir, run_stage, write_json
+from stages.io import StageError, atomic_dir, run_stage, weights_identity, write_json
 from stages.models import BASE_MODEL_DIR, DTYPES
 from stages.params import BaseParams, load_params
 
@@ -93,14 +92,6 @@ def load_source(p: BaseParams):
     return model, tokenizer
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def main() -> None:
     p = load_params().base
     model, tokenizer = load_source(p)
@@ -113,7 +104,6 @@ def main() -> None:
     with atomic_dir(BASE_MODEL_DIR) as out:
         model.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
-    weights = sorted(BASE_MODEL_DIR.glob("*.safetensors"))
     write_json(
         REPORT,
         {
@@ -122,7 +112,7 @@ def main() -> None:
             "architecture": model.config.architectures,
             "parameters": sum(t.numel() for t in model.parameters()),
             "save_dtype": p.save_dtype,
-            "weights_sha256": {w.name: sha256_of(w) for w in weights},
+            "weights_sha256": weights_identity(BASE_MODEL_DIR),
             "trust_remote_code": p.trust_remote_code,
         },
     )

@@ -29,15 +29,28 @@ from transformers import (
 )
 
 from stages.chat import encode
-from stages.io import StageError, atomic_dir, read_json, read_jsonl, run_stage, write_json
-from stages.models import BASE_MODEL_DIR, compute_dtype, device, load_4bit, load_tokenizer
+from stages.io import (
+    StageError,
+    atomic_dir,
+    read_jsonl,
+    run_stage,
+    weights_identity,
+    write_json,
+)
+from stages.models import (
+    BASE_IDENTITY,
+    BASE_MODEL_DIR,
+    compute_dtype,
+    device,
+    load_4bit,
+    load_tokenizer,
+)
 from stages.params import Params, load_params
 
 SPLITS_DIR = Path("data/prepared/splits")
 ADAPTER_DIR = Path("data/prepared/adapter")
 TRAIN_DIR = Path("reports/train")
 WORK_DIR = Path(".cache/finetune")  # checkpoints: scratch space, not a pipeline output
-BASE_REPORT = Path("reports/base.json")
 COMPLETE = "CHECKPOINT_COMPLETE"  # written after every file of a checkpoint is on disk
 
 
@@ -212,12 +225,8 @@ def main() -> None:
 
     with atomic_dir(ADAPTER_DIR) as out:
         model.save_pretrained(out, safe_serialization=True)
-        if BASE_REPORT.exists():  # the identity of the base this adapter was trained on
-            base = read_json(BASE_REPORT)
-            write_json(
-                out / "base_identity.json",
-                {k: base.get(k) for k in ("source", "revision", "weights_sha256")},
-            )
+        # The identity of the base this adapter was trained on: load_adapted checks it.
+        write_json(out / BASE_IDENTITY, {"weights_sha256": weights_identity(BASE_MODEL_DIR)})
     tokens = int(trainer.state.num_input_tokens_seen)
     write_json(TRAIN_DIR / "train_loss.json", train_curve)
     write_json(TRAIN_DIR / "eval_loss.json", eval_curve)

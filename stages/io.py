@@ -7,6 +7,7 @@ leaves a file or directory that looks complete.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -90,6 +91,19 @@ def read_jsonl(path: Path | str) -> list[dict]:
                 raise StageError(f"{path}: line {lineno} is not a JSON object")
             rows.append(row)
     return rows
+
+
+def sha256_of(path: Path | str) -> str:
+    h = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_identity(model_dir: Path | str) -> dict[str, str]:
+    """sha256 of every safetensors file of a model directory: what makes a base this base."""
+    return {w.name: sha256_of(w) for w in sorted(Path(model_dir).glob("*.safetensors"))}
 
 
 def run_stage(name: str, main: Callable[[], None]) -> None:

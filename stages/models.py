@@ -18,9 +18,12 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from stages.io import StageError, read_json, weights_identity
 from stages.params import QuantizeParams
 
 BASE_MODEL_DIR = Path("data/prepared/base_model")
+# Written next to an adapter by finetune: the sha256 of the base weights it was trained on.
+BASE_IDENTITY = "base_identity.json"
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -105,10 +108,26 @@ def load_adapted(
     """The 4-bit base with a trained LoRA adapter on top, ready for inference."""
     from peft import PeftModel
 
+    check_adapter_base(adapter_dir, path)
     base = load_4bit(q, path, trust_remote_code)
     model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
     model.eval()
     return model
+
+
+def check_adapter_base(adapter_dir: Path | str, base_dir: Path | str) -> None:
+    """Refuse an adapter trained on other base weights: LoRA deltas are meaningless on a
+    different base, and peft would load them silently."""
+    identity_file = Path(adapter_dir) / BASE_IDENTITY
+    if not identity_file.exists():
+        return  # an adapter made elsewhere: nothing recorded to check against
+    expected = read_json(identity_file).get("weights_sha256")
+    actual = weights_identity(base_dir)
+    if expected != actual:
+        raise StageError(
+            f"adapter {adapter_dir} was trained on a base with weights {expected}, but "
+            f"{base_dir} has {actual}: load it onto the base it was trained on"
+        )
 
 
 def footprint_bytes(model: torch.nn.Module) -> int:

@@ -83,3 +83,18 @@ def test_optimizer_is_paged_only_on_cuda():
     expected = "paged_adamw_32bit" if torch.cuda.is_available() else "adamw_torch"
     assert finetune.optimizer_name("auto") == expected
     assert finetune.optimizer_name("adamw_torch") == "adamw_torch"
+
+
+def test_an_adapter_is_refused_on_a_different_base(workspace, tmp_path_factory):
+    from conftest import make_tiny_model_dir
+    from stages.models import check_adapter_base, load_adapted
+    from stages.params import load_params
+
+    finetune.main()
+    adapter = workspace / "data/prepared/adapter"
+    check_adapter_base(adapter, workspace / "data/prepared/base_model")  # its own base: fine
+    other = make_tiny_model_dir(tmp_path_factory.mktemp("other"), seed=1)
+    with pytest.raises(StageError, match="was trained on a base with weights"):
+        check_adapter_base(adapter, other)
+    with pytest.raises(StageError, match="load it onto the base it was trained on"):
+        load_adapted(load_params().quantize, adapter, other)
