@@ -118,7 +118,9 @@ def lora_model(params: Params, trust_remote_code: bool):
     model = load_4bit(params.quantize, BASE_MODEL_DIR, trust_remote_code)
     # Casts norms to fp32 and makes inputs require grads, as QLoRA needs for checkpointing.
     model = prepare_model_for_kbit_training(
-        model, use_gradient_checkpointing=p.gradient_checkpointing
+        model,
+        use_gradient_checkpointing=p.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
     )
     config = LoraConfig(
         r=p.lora.r,
