@@ -50,6 +50,8 @@ def read_records(source: str, split: str = "train") -> list[dict]:
 def _read_json(path: Path) -> list[dict]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise StageError(f"{path}: not valid UTF-8 at byte {e.start} ({e.reason})") from None
     except json.JSONDecodeError as e:
         msg = f"{path}: not valid JSON at line {e.lineno}, column {e.colno}: {e.msg}"
         raise StageError(msg) from None
@@ -64,10 +66,15 @@ def _read_csv(path: Path) -> list[dict]:
     with path.open(encoding="utf-8", newline="") as f:
         reader = csv.DictReader(f)
         rows = []
-        for row in reader:
-            if None in row:  # more cells than header columns
-                raise StageError(f"{path}: line {reader.line_num} has more cells than the header")
-            rows.append(row)
+        try:
+            for row in reader:
+                if None in row:  # more cells than header columns
+                    msg = f"{path}: line {reader.line_num} has more cells than the header"
+                    raise StageError(msg)
+                rows.append(row)
+        except UnicodeDecodeError as e:
+            msg = f"{path}: not valid UTF-8 after line {reader.line_num} ({e.reason})"
+            raise StageError(msg) from None
     return rows
 
 

@@ -79,8 +79,12 @@ def read_jsonl(path: Path | str) -> list[dict]:
     """Read JSON Lines; a broken line is reported by number, not as a traceback."""
     path = Path(path)
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise StageError(f"{path}: line {lineno} is not valid UTF-8 ({e.reason})") from None
             if not line.strip():
                 continue
             try:

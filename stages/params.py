@@ -60,8 +60,43 @@ class MinRows(_Section):
     test: int = Field(1, ge=1)
 
 
+Severity = Literal["error", "warning", "off"]
+
+
+class CheckSeverities(_Section):
+    """What each data check does when it fails: error stops the pipeline, warning is
+    reported, off skips it. The field order is the order of the report."""
+
+    # "schema" would shadow a pydantic attribute, hence the alias.
+    schema_: Severity = Field("error", alias="schema")
+    missing_values: Severity = "error"
+    empty_prompt: Severity = "error"
+    empty_response: Severity = "error"
+    exact_duplicates: Severity = "error"
+    near_duplicates: Severity = "warning"
+    leakage: Severity = "error"
+    over_max_length: Severity = "warning"
+    no_trained_tokens: Severity = "error"
+    chat_roles: Severity = "error"
+    chat_order: Severity = "error"
+    chat_last_turn: Severity = "error"
+    encoding: Severity = "error"
+    min_rows: Severity = "error"
+    length_outliers: Severity = "warning"
+    pii: Severity = "warning"
+
+
+class NgramOverlap(_Section):
+    n: int = Field(8, ge=2, le=64)
+    max_fraction: float = Field(0.5, gt=0, le=1)
+    common_fraction: float = Field(0.1, gt=0, le=1)
+
+
 class ValidateParams(_Section):
     min_rows: MinRows = MinRows()
+    checks: CheckSeverities = CheckSeverities()
+    ngram_overlap: NgramOverlap = NgramOverlap()
+    length_outlier_zscore: float = Field(4.0, gt=0)
 
 
 DtypeName = Literal["auto", "float32", "bfloat16", "float16"]

@@ -129,3 +129,13 @@ def test_atomic_dir_keeps_the_old_output_when_the_writer_fails(tmp_path):
         raise RuntimeError("killed mid-write")
     assert [p.name for p in target.iterdir()] == ["good.txt"]
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no temp left behind
+
+
+def test_invalid_utf8_is_named_not_a_traceback(tmp_path):
+    good = b'{"prompt": "a", "completion": "b"}\n'
+    (tmp_path / "bad.jsonl").write_bytes(good + b'{"prompt": "\xff"}\n')
+    with pytest.raises(StageError, match="line 2 is not valid UTF-8"):
+        read_records(str(tmp_path / "bad.jsonl"))
+    (tmp_path / "bad.json").write_bytes(b'[{"prompt": "\xff"}]')
+    with pytest.raises(StageError, match="not valid UTF-8"):
+        read_records(str(tmp_path / "bad.json"))
