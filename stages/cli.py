@@ -83,6 +83,17 @@ def validate(
     raise typer.Exit(cli_validate(path, fmt, tokenizer, max_length))
 
 
+@app.command()
+def report(
+    compare: str = typer.Option(None, "--compare", help="git revision to compare against"),
+) -> None:
+    """Render reports/report.html and report.md again, optionally beside an older revision."""
+    from stages.io import run_stage
+    from stages.report import main as report_main
+
+    run_stage("report", lambda: report_main(compare_rev=compare))
+
+
 @flow_app.command("run")
 def flow_run(
     set_: list[str] = typer.Option(None, "--set", "-S", help="override a param: key=value"),

@@ -44,13 +44,16 @@ def nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
 
 
 def _label(value: float) -> str:
-    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.4g}".replace("e-0", "e-")  # learning rates: "5e-5", not "5e-05"
 
 
 def _frame(width: int, height: int, title: str, body: list[str]) -> str:
     return (
         f'<svg class="chart" xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" '
-        f'width="{width}" height="{height}" role="img" aria-label="{escape(title)}">'
+        f'width="{width}" height="{height}" style="max-width: {width}px" role="img" '
+        f'aria-label="{escape(title)}">'
         f"<title>{escape(title)}</title>" + "".join(body) + "</svg>"
     )
 
@@ -68,20 +71,31 @@ def _axes(
     out = []
     for y in y_ticks:
         py = sy(y)
-        out.append(f'<line class="grid" x1="{LEFT}" x2="{width - RIGHT}" y1="{py:.1f}" '
-                   f'y2="{py:.1f}"/>')
-        out.append(f'<text class="tick" x="{LEFT - 6}" y="{py + 4:.1f}" '
-                   f'text-anchor="end">{_label(y)}</text>')
+        out.append(
+            f'<line class="grid" x1="{LEFT}" x2="{width - RIGHT}" y1="{py:.1f}" y2="{py:.1f}"/>'
+        )
+        out.append(
+            f'<text class="tick" x="{LEFT - 6}" y="{py + 4:.1f}" '
+            f'text-anchor="end">{_label(y)}</text>'
+        )
     for x in x_ticks:
         px = sx(x)
-        out.append(f'<text class="tick" x="{px:.1f}" y="{height - BOTTOM + 16}" '
-                   f'text-anchor="middle">{_label(x)}</text>')
-    out.append(f'<line class="axis" x1="{LEFT}" x2="{width - RIGHT}" y1="{height - BOTTOM}" '
-               f'y2="{height - BOTTOM}"/>')
-    out.append(f'<text class="axis-label" x="{(LEFT + width - RIGHT) / 2:.1f}" '
-               f'y="{height - 6}" text-anchor="middle">{escape(x_label)}</text>')
-    out.append(f'<text class="axis-label" x="{LEFT}" y="{TOP - 12}" '
-               f'text-anchor="start">{escape(y_label)}</text>')
+        out.append(
+            f'<text class="tick" x="{px:.1f}" y="{height - BOTTOM + 16}" '
+            f'text-anchor="middle">{_label(x)}</text>'
+        )
+    out.append(
+        f'<line class="axis" x1="{LEFT}" x2="{width - RIGHT}" y1="{height - BOTTOM}" '
+        f'y2="{height - BOTTOM}"/>'
+    )
+    out.append(
+        f'<text class="axis-label" x="{(LEFT + width - RIGHT) / 2:.1f}" '
+        f'y="{height - 6}" text-anchor="middle">{escape(x_label)}</text>'
+    )
+    out.append(
+        f'<text class="axis-label" x="{LEFT}" y="{TOP - 12}" '
+        f'text-anchor="start">{escape(y_label)}</text>'
+    )
     return out
 
 
@@ -102,10 +116,15 @@ def line_chart(
     """One SVG with every series on shared axes and a legend in the top-right corner."""
     points = [p for s in series for p in s.points]
     if not points:
-        return _frame(width, height, title, [
-            f'<text class="empty" x="{width / 2}" y="{height / 2}" text-anchor="middle">'
-            "no data logged</text>"
-        ])
+        return _frame(
+            width,
+            height,
+            title,
+            [
+                f'<text class="empty" x="{width / 2}" y="{height / 2}" text-anchor="middle">'
+                "no data logged</text>"
+            ],
+        )
     xs, ys = [p[0] for p in points], [p[1] for p in points]
     x_ticks = nice_ticks(min(xs), max(xs))
     y_ticks = nice_ticks(min(ys), max(ys), count=4)
@@ -121,10 +140,14 @@ def line_chart(
                 f'<circle class="dot {s.css_class}" cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3.5"/>'
                 for x, y in s.points
             )
+        if len(series) == 1:
+            continue  # the y-axis label already names a lone series
         # Legend entries right-aligned, one per series, above the plot area.
         lx = width - RIGHT - 130 * (len(series) - i)
-        body.append(f'<line class="line {s.css_class}" x1="{lx}" x2="{lx + 18}" '
-                    f'y1="{TOP - 16}" y2="{TOP - 16}"/>')
+        body.append(
+            f'<line class="line {s.css_class}" x1="{lx}" x2="{lx + 18}" '
+            f'y1="{TOP - 16}" y2="{TOP - 16}"/>'
+        )
         body.append(f'<text class="legend" x="{lx + 24}" y="{TOP - 12}">{escape(s.name)}</text>')
     return _frame(width, height, title, body)
 
@@ -142,13 +165,17 @@ def histogram(
 ) -> str:
     """Counts of `values` in equal bins from 0 to `upper` (drawn as a dashed limit line)."""
     if not values:
-        return _frame(width, height, title, [
-            f'<text class="empty" x="{width / 2}" y="{height / 2}" text-anchor="middle">'
-            "no rows</text>"
-        ])
-    hi = float(upper if upper is not None else max(values))
-    x_ticks = nice_ticks(0, hi, count=4)
-    edge = max(x_ticks[-1], hi)
+        return _frame(
+            width,
+            height,
+            title,
+            [
+                f'<text class="empty" x="{width / 2}" y="{height / 2}" text-anchor="middle">'
+                "no rows</text>"
+            ],
+        )
+    edge = float(upper if upper is not None else max(values))
+    x_ticks = [t for t in nice_ticks(0, edge, count=4) if t <= edge]
     size = edge / bins
     counts = [0] * bins
     for v in values:
@@ -160,12 +187,17 @@ def histogram(
     for i, n in enumerate(counts):
         if n:
             x0, x1 = sx(i * size) + 0.5, sx((i + 1) * size) - 0.5
-            body.append(f'<rect class="bar {css_class}" x="{x0:.1f}" y="{sy(n):.1f}" '
-                        f'width="{x1 - x0:.1f}" height="{sy(0) - sy(n):.1f}"/>')
+            body.append(
+                f'<rect class="bar {css_class}" x="{x0:.1f}" y="{sy(n):.1f}" '
+                f'width="{x1 - x0:.1f}" height="{sy(0) - sy(n):.1f}"/>'
+            )
     if upper is not None:
         px = sx(upper)
-        body.append(f'<line class="limit" x1="{px:.1f}" x2="{px:.1f}" y1="{TOP}" '
-                    f'y2="{height - BOTTOM}"/>')
-        body.append(f'<text class="legend" x="{px - 4:.1f}" y="{TOP - 12}" '
-                    f'text-anchor="end">max_length {_label(upper)}</text>')
+        body.append(
+            f'<line class="limit" x1="{px:.1f}" x2="{px:.1f}" y1="{TOP}" y2="{height - BOTTOM}"/>'
+        )
+        body.append(
+            f'<text class="legend" x="{px - 4:.1f}" y="{TOP - 12}" '
+            f'text-anchor="end">max_length {_label(upper)}</text>'
+        )
     return _frame(width, height, title, body)

@@ -1,0 +1,450 @@
+"""The report stage, rendered from fixture JSON (tests/fixtures/report/) into tmp_path.
+
+The fixtures follow the schemas the other stages write; base, dataset and quantize are real
+outputs of the embedded SmolLM2 model, the rest realistic values of a CPU run. One test opens
+the HTML in headless Chromium, checks that the headline, the table and the charts render,
+and saves the screenshot under tests/artifacts/ for a human to look at.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from html import escape as html_escape
+from pathlib import Path
+
+import pytest
+
+from stages.io import StageError
+from stages.report import fmt, fmt_bytes, fmt_duration, fmt_pct, load_compare, render_report
+from stages.report_plots import nice_ticks
+
+FIXTURES = Path(__file__).parent / "fixtures" / "report"
+ARTIFACTS = Path(__file__).parent / "artifacts"
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    """A project root as the stage sees it: reports/, dvc.lock, params.yaml (no git)."""
+    shutil.copytree(FIXTURES / "reports", tmp_path / "reports")
+    shutil.copy(FIXTURES / "dvc_lock.yaml", tmp_path / "dvc.lock")
+    shutil.copy(FIXTURES / "params.yaml", tmp_path / "params.yaml")
+    return tmp_path
+
+
+def render(root: Path, **kwargs) -> tuple[str, str]:
+    html, md = root / "reports" / "report.html", root / "reports" / "report.md"
+    render_report(root / "reports", html, md, **kwargs)
+    return html.read_text(encoding="utf-8"), md.read_text(encoding="utf-8")
+
+
+def edit_json(path: Path, change) -> None:
+    data = json.loads(path.read_text())
+    path.write_text(json.dumps(change(data) or data))
+
+
+def load(root: Path, rel: str):
+    return json.loads((root / "reports" / rel).read_text())
+
+
+def metric_table_rows(html: str) -> dict[tuple[str, str], list[str]]:
+    """(task, metric) -> the value cells (with their class) of the benchmark table."""
+    table = re.search(r'<table id="metric-table">(.*?)</table>', html, re.S).group(1)
+    rows = {}
+    for tr in re.findall(r"<tr>(.*?)</tr>", table, re.S):
+        tds = re.findall(r'<td class="([^"]*)">(.*?)</td>', tr, re.S)
+        names = re.findall(r"<td>([^<]*)</td>", tr)
+        if len(names) >= 2:
+            rows[(names[0], names[1])] = tds[1:]  # first classed cell is the arrow
+    return rows
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def test_number_formatting():
+    assert fmt(134515008) == "134,515,008"
+    assert fmt(0.123456) == "0.1235"
+    assert fmt(-0.2469) == "\u22120.2469"
+    assert fmt(None) == "n/a"
+    assert fmt("N/A") == "N/A"
+    assert fmt_bytes(111677744) == "111.7 MB"
+    assert fmt_bytes(2318204928) == "2.318 GB"
+    assert fmt_duration(412.7) == "6 min 53 s"
+    assert fmt_duration(4000) == "1 h 06 min"
+    assert fmt_pct(0.97003) == "97.0%"
+    assert fmt_pct(float("nan")) == "n/a"
+    assert nice_ticks(0, 320, count=4) == [0, 100, 200, 300, 400]
+    assert nice_ticks(1.28, 2.21, count=4) == [1.25, 1.5, 1.75, 2.0, 2.25]
+
+
+# ---------------------------------------------------------------- content
+
+
+def test_headline_shows_decision_and_primary_metric(root: Path):
+    html, md = render(root)
+    gate = load(root, "gate.json")
+    p = gate["primary"]
+    headline = re.search(
+        r'<section class="verdict (\w+)" id="headline">(.*?)</section>', html, re.S
+    )
+    assert headline.group(1) == "promoted"
+    text = headline.group(2)
+    assert "PROMOTED" in text
+    assert f"{fmt(p['base'])} &rarr; {fmt(p['adapter'])}" in text
+    gain = (p["base"] - p["adapter"]) / p["base"]  # bits_per_byte: lower is better
+    assert f"{fmt(p['change'])} &middot; {fmt_pct(gain)} better" in text
+    # bits_per_byte has no stderr in lm-eval: the interval is n/a, not invented.
+    assert "95% CI of the change: n/a" in text
+    assert "## Decision: **PROMOTED**" in md
+    # The headline comes before every section.
+    assert (
+        html.index('id="headline"') < html.index('id="quantization"') < html.index('id="lineage"')
+    )
+
+
+def test_rejected_decision_is_red(root: Path):
+    def reject(gate):
+        gate.update(decision="rejected", passed=False)
+
+    edit_json(root / "reports" / "gate.json", reject)
+    html, _ = render(root)
+    assert '<section class="verdict rejected" id="headline">' in html
+    assert "REJECTED" in html
+
+
+@pytest.mark.parametrize(("se", "expected"), [(0.03, "excludes 0"), (0.2, "includes 0")])
+def test_confidence_interval_from_stderr(root: Path, se: float, expected: str):
+    def with_stderr(m):
+        for v in ("base_nf4", "adapter_nf4"):
+            m["variants"][v]["metrics"]["docstring_loss"]["bits_per_byte"]["stderr"] = se
+
+    edit_json(root / "reports" / "eval" / "metrics.json", with_stderr)
+    html, md = render(root)
+    change = load(root, "gate.json")["primary"]["change"]
+    half = 1.96 * math.sqrt(2 * se**2)
+    interval = f"[{fmt(change - half)}, {fmt(change + half)}]"
+    assert f"95% CI of the change: {interval}, {expected}" in html
+    assert interval in md
+
+
+def test_metric_table_has_every_value_and_marks_the_best(root: Path):
+    html, md = render(root)
+    variants = load(root, "eval/metrics.json")["variants"]
+    rows = metric_table_rows(html)
+    names = ("base_full", "base_nf4", "adapter_nf4")
+    expected_keys = {(t, m) for t, ms in variants["base_full"]["metrics"].items() for m in ms}
+    assert set(rows) == expected_keys
+    for (task, metric), cells in rows.items():
+        entries = [variants[n]["metrics"][task][metric] for n in names]
+        values = [e["value"] for e in entries]
+        pick = max if entries[0]["higher_is_better"] else min
+        for (css, text), entry, value in zip(cells, entries, values, strict=True):
+            assert text.startswith(fmt(value)), (task, metric, text)
+            assert ("best" in css) == (value == pick(values)), (task, metric, css)
+            if entry["stderr"] is not None:
+                assert f"&plusmn; {fmt(entry['stderr'], 2)}" in text
+    adapter_bpb = variants["adapter_nf4"]["metrics"]["docstring_loss"]["bits_per_byte"]["value"]
+    assert f"**{fmt(adapter_bpb)}**" in md
+
+
+def test_quantization_keeps_share_is_direction_aware(root: Path):
+    html, _ = render(root)
+    full = load(root, "eval/metrics.json")["variants"]["base_full"]["metrics"]
+    nf4 = load(root, "eval/metrics.json")["variants"]["base_nf4"]["metrics"]
+    quant = html[html.index('id="quantization"') : html.index('id="training"')]
+    loss_kept = (
+        full["docstring_loss"]["bits_per_byte"]["value"]
+        / nf4["docstring_loss"]["bits_per_byte"]["value"]
+    )  # lower is better: full / nf4
+    acc_kept = nf4["docstring_choice"]["acc"]["value"] / full["docstring_choice"]["acc"]["value"]
+    assert loss_kept < 1 and acc_kept < 1
+    assert f">{fmt_pct(loss_kept)}</td>" in quant
+    assert f">{fmt_pct(acc_kept)}</td>" in quant
+    q = load(root, "quantize.json")
+    assert fmt_bytes(q["bytes"]["nf4"]) in quant and fmt_bytes(q["bytes"]["full"]) in quant
+    for kind in ("nf4", "fp4"):
+        assert fmt(q["quant_error"][kind]["mean_relative_error"]) in quant
+
+
+def test_loss_chart_is_inline_svg_with_every_point(root: Path):
+    html, _ = render(root)
+    train, evals = load(root, "train/train_loss.json"), load(root, "train/eval_loss.json")
+    chart = re.search(
+        r'<svg class="chart"[^>]*aria-label="Training and validation loss.*?</svg>', html, re.S
+    ).group(0)
+    train_line = re.search(r'<polyline class="line s-train" points="([^"]*)"', chart).group(1)
+    assert len(train_line.split()) == len(train)
+    assert chart.count('<circle class="dot s-eval"') == len(evals)
+    assert html.count('<svg class="chart"') == 5  # loss, learning rate, 3 token histograms
+
+
+def test_report_is_self_contained(root: Path):
+    html, _ = render(root)
+    lowered = html.lower()
+    for external in ("<script", "<link", "<img", "<iframe", "src=", "@import", "url("):
+        assert external not in lowered, external
+    hrefs = re.findall(r'href="([^"]+)"', html)
+    assert hrefs and all(h.startswith("#") or not re.match(r"[a-z]+:", h) for h in hrefs), hrefs
+
+
+def test_no_overfitting_warning_when_validation_loss_keeps_falling(root: Path):
+    html, md = render(root)
+    assert 'id="overfit-warning"' not in html
+    assert "overfitting" not in md.lower()
+
+
+def test_overfitting_warning_when_validation_rises_and_train_falls(root: Path):
+    rising = [[0, 2.21], [20, 1.74], [40, 1.62], [60, 1.69], [80, 1.81]]
+    (root / "reports" / "train" / "eval_loss.json").write_text(
+        json.dumps([{"step": s, "loss": v} for s, v in rising])
+    )
+    html, md = render(root)
+    warning = re.search(r'<div class="callout warn" id="overfit-warning">(.*?)</div>', html, re.S)
+    assert warning, "overfitting warning missing"
+    assert "1.62 (step 40)" in warning.group(1) and "1.81 (step 80" in warning.group(1)
+    assert "Warning: overfitting" in md
+
+
+def test_no_overfitting_warning_when_train_loss_rises_too(root: Path):
+    (root / "reports" / "train" / "eval_loss.json").write_text(
+        json.dumps([{"step": 0, "loss": 2.0}, {"step": 40, "loss": 1.6}, {"step": 80, "loss": 1.9}])
+    )
+    (root / "reports" / "train" / "train_loss.json").write_text(
+        json.dumps(
+            [{"step": s, "loss": 1.3 + s / 100, "learning_rate": 1e-4} for s in range(5, 85, 5)]
+        )
+    )
+    html, _ = render(root)
+    assert 'id="overfit-warning"' not in html  # diverging, not overfitting
+
+
+def test_model_output_is_escaped(root: Path):
+    html, md = render(root)
+    outputs = [o for ex in load(root, "eval/examples.json") for o in ex["outputs"].values()]
+    assert any("<script>alert(1)</script>" in o for o in outputs)  # the fixture carries it
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    assert "<script" not in html.lower()  # the report has no scripts of its own either
+    # Markdown: outputs sit in fenced blocks, one longer than any backtick run inside.
+    assert "````text\n```python\ndef escape(s):\n```\n````" in md
+    for output in outputs:
+        if "<script>" in output:
+            assert f"```text\n{output}\n```" in md
+
+
+def test_gate_checks_and_validation_tables(root: Path):
+    html, _ = render(root)
+    gate = load(root, "gate.json")
+    section = html[html.index('id="gate"') : html.index('id="examples"')]
+    for check in gate["checks"]:
+        assert html_escape(check["reason"]) in section
+    assert section.count('<span class="badge good">pass</span>') == len(gate["checks"])
+    data = html[html.index('id="data"') : html.index('id="lineage"')]
+    assert 'href="validation/data_docs/index.html"' in data
+    assert "row 41: Return the number of bytes." in data
+    assert '<span class="badge warn">fail</span>' in data  # a failed warning, not an error
+
+
+def test_lineage_from_dvc_lock_without_git(root: Path):
+    (root / "dvc.yaml").write_text("stages:\n  base: {cmd: x}\n  gate: {cmd: y}\n  report: {}\n")
+    html, md = render(root)
+    lineage = html[html.index('id="lineage"') :]
+    assert "0f3a9c2e71b84d5f96a1c3e8d7b20f41.dir" in lineage  # model directory hash
+    assert "7a8b9c0d1e2f3a4b5c6d7e8f9a0b1c2d" in lineage  # raw data hash
+    assert "not inside a git repository" in lineage
+    assert "dvc.lock has no entry for gate" in lineage  # report itself is never expected
+    # Dotted params ("base.trust_remote_code") are nested back under their section.
+    assert "From dvc.lock" in lineage and "  max_length: 320" in lineage
+    assert re.search(r"<th>torch</th><td class=\"mono\">\d", lineage)
+    assert '<span class="badge good">off</span>' in lineage  # trust_remote_code
+    assert "| finetune | `data/prepared/adapter` |" in md
+
+
+def test_lineage_degrades_without_dvc_lock(root: Path):
+    (root / "dvc.lock").unlink()
+    html, _ = render(root)
+    assert "dvc.lock not found" in html
+    assert "From params.yaml (no dvc.lock" in html
+    assert "group_field: module" in html  # the full params.yaml
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git not installed")
+def test_git_revision_dirty_state_and_compare_column(root: Path):
+    def git(*args: str) -> str:
+        return subprocess.run(
+            ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+            cwd=root,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "previous run")
+    head = git("rev-parse", "HEAD")
+    metrics = root / "reports" / "eval" / "metrics.json"
+    previous = load(root, "eval/metrics.json")["variants"]["adapter_nf4"]["metrics"]
+    edit_json(
+        metrics,
+        lambda m: m["variants"]["adapter_nf4"]["metrics"]["docstring_choice"]["acc"].update(
+            value=0.6042
+        ),
+    )
+    html, _ = render(root, compare=load_compare("HEAD", root))
+    assert head in html
+    assert "dirty: 1 uncommitted change(s)" in html
+    assert '<th class="n v">adapter @ HEAD</th>' in html
+    row = metric_table_rows(html)[("docstring_choice", "acc")]
+    assert len(row) == 4 and row[3][1].startswith(fmt(previous["docstring_choice"]["acc"]["value"]))
+    assert row[2][1].startswith(fmt(0.6042))
+    with pytest.raises(StageError, match="no-such-rev"):
+        load_compare("no-such-rev", root)
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def test_missing_input_names_the_file_and_writes_nothing(root: Path):
+    (root / "reports" / "gate.json").unlink()
+    with pytest.raises(StageError, match=r"gate\.json"):
+        render(root)
+    assert not (root / "reports" / "report.html").exists()
+    assert not (root / "reports" / "report.md").exists()
+
+
+def test_missing_key_names_file_and_key(root: Path):
+    edit_json(root / "reports" / "train" / "metrics.json", lambda m: m.pop("tokens_per_s") and None)
+    with pytest.raises(
+        StageError, match=r"train/metrics\.json: missing key\(s\) \['tokens_per_s'\]"
+    ):
+        render(root)
+
+
+def test_stage_entry_point(root: Path):
+    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
+    done = subprocess.run(
+        [sys.executable, "-m", "stages.report"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (root / "reports" / "report.html").stat().st_size > 10_000
+    (root / "reports" / "quantize.json").unlink()
+    done = subprocess.run(
+        [sys.executable, "-m", "stages.report"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 1
+    assert "reports/quantize.json" in done.stderr and "Traceback" not in done.stderr
+
+
+# ---------------------------------------------------------------- a real browser
+
+
+def read_png(path: Path) -> tuple[int, int, list[bytes]]:
+    """Decode an 8-bit RGB(A) non-interlaced PNG (what Chromium writes) into pixel rows."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    pos, idat = 8, b""
+    while pos < len(data):
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        body = data[pos + 8 : pos + 8 + length]
+        pos += 12 + length
+        if kind == b"IHDR":
+            width, height, depth, color, _, _, interlace = struct.unpack(">IIBBBBB", body)
+        elif kind == b"IDAT":
+            idat += body
+    assert depth == 8 and color in (2, 6) and interlace == 0, "unexpected PNG format"
+    bpp = 3 if color == 2 else 4
+    raw, stride, prev, rows = zlib.decompress(idat), width * bpp, bytearray(width * bpp), []
+    for y in range(height):
+        start = y * (stride + 1)
+        kind, line = raw[start], bytearray(raw[start + 1 : start + 1 + stride])
+        for x in range(stride):
+            a = line[x - bpp] if x >= bpp else 0
+            b, c = prev[x], prev[x - bpp] if x >= bpp else 0
+            if kind == 1:
+                line[x] = (line[x] + a) & 255
+            elif kind == 2:
+                line[x] = (line[x] + b) & 255
+            elif kind == 3:
+                line[x] = (line[x] + (a + b) // 2) & 255
+            elif kind == 4:
+                p = a + b - c
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                line[x] = (line[x] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 255
+        rows.append(bytes(line) if bpp == 3 else bytes(line[i] for i in range(stride) if i % 4 < 3))
+        prev = line
+    return width, height, rows
+
+
+def count_near(
+    rows: list[bytes], rgb: tuple[int, int, int], y0: int, y1: int, tol: int = 40
+) -> int:
+    count = 0
+    for row in rows[y0:y1]:
+        for i in range(0, len(row), 3):
+            if all(abs(row[i + k] - rgb[k]) <= tol for k in range(3)):
+                count += 1
+    return count
+
+
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+]
+
+
+def test_report_renders_in_headless_chromium(root: Path, tmp_path: Path):
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium not installed: apt-get install chromium")
+    render(root)
+    url = (root / "reports" / "report.html").resolve().as_uri()
+    base = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=60)
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert "PROMOTED" in dom.stdout and 'id="metric-table"' in dom.stdout
+    assert dom.stdout.count("<svg") == 5 and "<polyline" in dom.stdout
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    png = ARTIFACTS / "report.png"
+    png.unlink(missing_ok=True)
+    shot = subprocess.run(
+        [*base, f"--screenshot={png}", "--window-size=1280,2400", url],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert shot.returncode == 0 and png.exists(), shot.stderr[-2000:]
+    width, height, rows = read_png(png)
+    assert (width, height) == (1280, 2400)
+    # Not blank: many distinct row contents, and the page's colors where they belong.
+    assert len(set(rows)) > 500
+    green_headline = count_near(rows, (0x13, 0x7A, 0x3F), 0, 500)  # "PROMOTED", --good
+    train_line = count_near(rows, (0x2F, 0x5B, 0xD3), 900, 1700)  # loss chart, --train
+    eval_line = count_near(rows, (0xD9, 0x48, 0x0F), 900, 1700)  # loss chart, --eval
+    assert green_headline > 2000, green_headline
+    assert train_line > 300 and eval_line > 300, (train_line, eval_line)
