@@ -7,7 +7,6 @@ qlora flow run [--set k=v]  run the pipeline as a Prefect flow
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -15,22 +14,13 @@ import time
 
 import typer
 
+from stages.io import pipeline_env
+
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
 flow_app = typer.Typer(help="Prefect flows that drive the DVC pipeline.", no_args_is_help=True)
 app.add_typer(flow_app, name="flow")
 
-# No telemetry from any library, in any stage DVC starts.
-QUIET_ENV = {
-    "GX_ANALYTICS_ENABLED": "false",
-    "HF_HUB_DISABLE_TELEMETRY": "1",
-    "DO_NOT_TRACK": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}
 _DONE = re.compile(r"^\[(?P<stage>[\w-]+)\] done in (?P<seconds>[\d.]+) s$")
-
-
-def pipeline_env() -> dict[str, str]:
-    return {**os.environ, **{k: v for k, v in QUIET_ENV.items() if k not in os.environ}}
 
 
 def repro(args: list[str]) -> tuple[int, dict[str, float]]:

@@ -20,6 +20,8 @@ from __future__ import annotations
 import gc
 import importlib.metadata
 import math
+import random
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +46,7 @@ TEST_SPLIT = Path("data/prepared/splits/test.jsonl")
 ADAPTER_DIR = Path("data/prepared/adapter")
 OUT_DIR = Path("reports/eval")
 VARIANTS = ("base_full", "base_nf4", "adapter_nf4")
+BOOTSTRAP_ITERS = 1000  # resamples for a standard error lm-eval does not compute
 
 
 def task_manager(names: list[str], tasks_dir: Path = TASKS_DIR):
@@ -115,6 +118,26 @@ def task_metrics(results: dict, variant: str) -> dict[str, dict[str, dict]]:
     return out
 
 
+def bootstrap_stderr(aggregate: Callable[[list], float], items: list, seed: int = 0) -> float:
+    """Standard error of an aggregate over examples by resampling them: lm-eval has none for
+    its weighted scores (bits_per_byte, perplexities), and the gate's primary metric is one."""
+    rng = random.Random(seed)  # seeded: the same inputs give the same metrics file
+    n = len(items)
+    stats = [aggregate([items[rng.randrange(n)] for _ in range(n)]) for _ in range(BOOTSTRAP_ITERS)]
+    return statistics.stdev(stats)
+
+
+def fill_missing_stderr(metrics: dict, samples: dict, aggregations: dict) -> None:
+    """Give every metric without lm-eval's stderr a bootstrap one from the per-example values."""
+    for task, task_metrics_ in metrics.items():
+        for name, entry in task_metrics_.items():
+            aggregate = aggregations.get(task, {}).get(name)
+            items = [s[name] for s in samples.get(task, []) if name in s]
+            if entry["stderr"] is None and aggregate is not None and len(items) > 1:
+                entry["stderr"] = bootstrap_stderr(aggregate, items)
+                entry["stderr_method"] = f"bootstrap ({BOOTSTRAP_ITERS} resamples)"
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[str]:
     """Greedy answers, only the new tokens, special tokens dropped."""
@@ -145,6 +168,7 @@ def evaluate_variant(
     manager,
     p: EvaluateParams,
     prompts: list[str],
+    aggregations: dict | None = None,
 ) -> tuple[dict, list[str]]:
     """Load one variant, run lm-eval and the example generations on it, free it."""
     import lm_eval
@@ -167,7 +191,7 @@ def evaluate_variant(
         num_fewshot=p.num_fewshot,
         limit=p.limit,
         batch_size=p.batch_size,
-        log_samples=False,
+        log_samples=True,  # per-example values, for the bootstrap standard errors
     )
     evaluated = time.perf_counter()
     outputs = generate(model, tokenizer, prompts, p.max_new_tokens)
@@ -184,6 +208,7 @@ def evaluate_variant(
         "generate_seconds": done - evaluated,
         "metrics": task_metrics(results, name),
     }
+    fill_missing_stderr(entry["metrics"], results.get("samples") or {}, aggregations or {})
     del lm, model, results
     gc.collect()  # the next variant must not load while this one is still in memory
     if torch.cuda.is_available():
@@ -211,6 +236,7 @@ def main() -> None:
             raise StageError(f"{TEST_SPLIT}: row {i + 1} has no string 'prompt'")
     prompts = [r["prompt"] for r in rows]
     tasks = build_tasks(manager, p.tasks)
+    aggregations = {t.config.task: t.aggregation() for t in tasks if hasattr(t, "aggregation")}
     tokenizer = load_tokenizer(BASE_MODEL_DIR, trust)
 
     quant = quantization_name(params)
@@ -235,7 +261,9 @@ def main() -> None:
     variants, outputs = {}, {}
     for name in VARIANTS:
         label, quantization, load = plan[name]
-        entry, outputs[name] = evaluate_variant(name, load, tokenizer, tasks, manager, p, prompts)
+        entry, outputs[name] = evaluate_variant(
+            name, load, tokenizer, tasks, manager, p, prompts, aggregations
+        )
         variants[name] = {"label": label, "quantization": quantization, **entry}
 
     settings = {

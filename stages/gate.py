@@ -16,6 +16,7 @@ from stages.io import StageError, read_json, run_stage, write_json
 from stages.params import GateParams, load_params
 
 METRICS = Path("reports/eval/metrics.json")
+Z95 = 1.96  # two-sided 95% normal quantile
 REPORT = Path("reports/gate.json")
 BASELINE, CANDIDATE = "base_nf4", "adapter_nf4"
 
@@ -25,6 +26,14 @@ def relative_gain(base: float, new: float, higher_is_better: bool) -> float:
     absolute change when the base is exactly 0, where a fraction has no meaning)."""
     change = (new - base) if higher_is_better else (base - new)
     return change / abs(base) if base else change
+
+
+def ci_half_width(b: dict, c: dict) -> float | None:
+    """Half width of the 95% interval of (adapter - base) from the two standard errors.
+    Treats the two as independent: conservative, since both score the same examples."""
+    if b.get("stderr") is None or c.get("stderr") is None:
+        return None
+    return Z95 * (b["stderr"] ** 2 + c["stderr"] ** 2) ** 0.5
 
 
 def _metric_checks(metrics: dict, p: GateParams) -> list[dict]:
@@ -43,22 +52,28 @@ def _metric_checks(metrics: dict, p: GateParams) -> list[dict]:
                 continue
             hib = bool(b.get("higher_is_better", True))
             gain = relative_gain(b["value"], c["value"], hib)
-            arrow = "higher" if hib else "lower"
+            half = ci_half_width(b, c)
+            # Beyond noise: the 95% interval of the change excludes 0 (unknown without stderr).
+            beyond_noise = None if half is None else abs(c["value"] - b["value"]) > half
+            noise = "" if half is None else f" (95% interval of the change ±{half:.3g})"
+            head = (
+                f"{task}/{name} ({'higher' if hib else 'lower'} is better) went from "
+                f"{b['value']:.4g} to {c['value']:.4g}: {gain:+.1%}{noise}"
+            )
             if (task, name) == key:
-                passed = gain >= p.min_gain
-                reason = (
-                    f"{task}/{name} ({arrow} is better) went from {b['value']:.4g} to "
-                    f"{c['value']:.4g}: {gain:+.1%} vs the required gain of at least "
-                    f"{p.min_gain:.1%}"
-                )
                 kind, threshold = "primary", p.min_gain
+                passed = gain >= p.min_gain
+                reason = f"{head}; required gain at least {p.min_gain:.1%}"
+                if passed and p.significance and beyond_noise is False:
+                    passed = False
+                    reason += ", and the gain is within the noise"
             else:
-                passed = gain >= -p.max_regression
-                reason = (
-                    f"{task}/{name} ({arrow} is better) went from {b['value']:.4g} to "
-                    f"{c['value']:.4g}: {gain:+.1%}, allowed regression {p.max_regression:.1%}"
-                )
                 kind, threshold = "guard", -p.max_regression
+                passed = gain >= -p.max_regression
+                reason = f"{head}; allowed regression {p.max_regression:.1%}"
+                if not passed and p.significance and beyond_noise is False:
+                    passed = True  # a larger drop that is still within the noise
+                    reason += ", exceeded but within the noise"
             checks.append(
                 {
                     "task": task,
@@ -72,6 +87,8 @@ def _metric_checks(metrics: dict, p: GateParams) -> list[dict]:
                     "change": c["value"] - b["value"],
                     "relative_change": gain,
                     "threshold": threshold,
+                    "ci95_half_width": half,
+                    "beyond_noise": beyond_noise,
                     "passed": passed,
                     "reason": ("PASS: " if passed else "FAIL: ") + reason,
                 }

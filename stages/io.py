@@ -110,6 +110,24 @@ def weights_identity(model_dir: Path | str) -> dict[str, str]:
     return {w.name: sha256_of(w) for w in sorted(Path(model_dir).glob("*.safetensors"))}
 
 
+# No telemetry from any library, in any stage DVC starts.
+QUIET_ENV = {
+    "GX_ANALYTICS_ENABLED": "false",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "DO_NOT_TRACK": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def pipeline_env() -> dict[str, str]:
+    """Environment for `dvc` and the stages it starts: this interpreter's bin directory first
+    on PATH (dvc.yaml says `python -m stages.x`, which must be the project's venv Python even
+    when the venv is not activated), telemetry off unless the user chose otherwise."""
+    env = {**os.environ, **{k: v for k, v in QUIET_ENV.items() if k not in os.environ}}
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
 def run_stage(name: str, main: Callable[[], None]) -> None:
     """Entry point of `python -m stages.<name>`: time it, turn known errors into messages."""
     from stages.params import ParamsError  # local: params imports nothing from here

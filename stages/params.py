@@ -158,6 +158,7 @@ class GateParams(_Section):
     primary: PrimaryMetric
     min_gain: float = Field(0.0, ge=0)
     max_regression: float = Field(0.05, ge=0)
+    significance: bool = True
 
 
 class Params(_Section):

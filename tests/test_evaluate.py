@@ -112,6 +112,8 @@ def test_three_variants_benchmarked_with_the_same_settings(evaluated):
                 assert entry["stderr"] is None or math.isfinite(entry["stderr"])
         assert 0 <= v["metrics"]["docstring_choice"]["acc"]["value"] <= 1
         assert v["metrics"]["docstring_choice"]["acc"]["stderr"] is not None
+        primary = v["metrics"]["docstring_loss"]["bits_per_byte"]
+        assert primary["stderr"] > 0 and primary["stderr_method"].startswith("bootstrap")
 
 
 def test_docstring_loss_matches_a_hand_computed_value(evaluated):
@@ -192,3 +194,15 @@ def test_metrics_keep_filters_and_turn_missing_stderr_into_null():
     results["results"]["prose_guard"]["bits_per_byte,none"] = float("nan")
     with pytest.raises(StageError, match="v: prose_guard/bits_per_byte,none"):
         evaluate.task_metrics(results, "v")
+
+
+def test_bootstrap_stderr_matches_the_textbook_value_for_a_mean():
+    from stages.evaluate import bootstrap_stderr
+
+    def mean(xs):
+        return sum(xs) / len(xs)
+
+    coin = [0, 1] * 50  # stderr of the mean: sqrt(0.25 / 100) = 0.05
+    assert bootstrap_stderr(mean, coin) == pytest.approx(0.05, rel=0.15)
+    assert bootstrap_stderr(mean, [3.0] * 10) == 0
+    assert bootstrap_stderr(mean, coin) == bootstrap_stderr(mean, coin)  # seeded

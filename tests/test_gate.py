@@ -77,3 +77,32 @@ def test_a_primary_metric_that_was_not_evaluated_is_a_config_error():
         decide(results(), rules)
     with pytest.raises(StageError, match="adapter_nf4"):
         decide({"variants": {"base_nf4": {}}}, RULES)
+
+
+def noisy(metrics: dict, stderr: float) -> dict:
+    for variant in metrics["variants"].values():
+        for task in variant["metrics"].values():
+            for m in task.values():
+                m["stderr"] = stderr
+    return metrics
+
+
+def test_a_primary_gain_within_the_noise_is_rejected_unless_significance_is_off():
+    d = decide(noisy(results(adapter_bpb=0.90), stderr=0.08), RULES)  # 10% gain, CI ±0.22
+    assert d["decision"] == "rejected"
+    assert "within the noise" in d["reasons"][0]
+    loose = RULES.model_copy(update={"significance": False})
+    assert decide(noisy(results(adapter_bpb=0.90), stderr=0.08), loose)["passed"]
+
+
+def test_a_guard_drop_within_the_noise_does_not_reject():
+    # accuracy 0.50 -> 0.44 is a 12% drop, but with stderr 0.07 it is one or two questions
+    d = decide(
+        noisy(results(adapter_acc=0.44), stderr=0.07),
+        RULES.model_copy(update={"min_gain": 0.0, "significance": True}),
+    )
+    guard = next(c for c in d["checks"] if c["metric"] == "acc")
+    assert guard["passed"] and guard["beyond_noise"] is False
+    assert "exceeded but within the noise" in guard["reason"]
+    strict = RULES.model_copy(update={"significance": False})
+    assert not decide(noisy(results(adapter_acc=0.44), stderr=0.07), strict)["passed"]

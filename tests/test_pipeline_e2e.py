@@ -9,7 +9,6 @@ for real through DVC. Then: outputs are checked, the adapter loads with plain pe
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import pytest
 import yaml
 
 from conftest import REPO, tiny_params
+from stages.io import pipeline_env
 
 pytestmark = pytest.mark.slow
 
@@ -40,9 +40,12 @@ def git(cwd: Path, *args: str) -> None:
 
 
 def dvc(cwd: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "GX_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "dvc", *args], cwd=cwd, env=env, capture_output=True, text=True
+        [sys.executable, "-m", "dvc", *args],
+        cwd=cwd,
+        env=pipeline_env(),
+        capture_output=True,
+        text=True,
     )
 
 
