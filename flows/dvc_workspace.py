@@ -1,0 +1,522 @@
+"""One DVC workspace, driven from outside: its stages in DAG order, one DVC command at a
+time, failures sorted into transient (worth a retry) and real (stop and say why), and the
+repair a crashed run needs before the next one starts.
+
+DVC stays the judge of what is stale: each stage runs as `dvc repro --single-item <stage>`
+in the order `dvc repro` itself uses, so an unchanged stage is a no-op and `dvc.lock` records
+exactly what ran. Nothing here knows the stage names: they come from dvc.yaml.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+from filelock import FileLock, Timeout
+
+from stages.io import pipeline_env
+
+# Every process a flow run starts carries this variable (inherited by the stage commands DVC
+# starts), so the next run can find and stop what a crashed run left behind.
+WORKSPACE_ENV = "QLORA_FLOW_WORKSPACE"
+LOCK_FILE = "qlora-flow.lock"
+OWNER_FILE = "qlora-flow.owner.json"
+
+# A stage exits with 75 (EX_TEMPFAIL in sysexits.h) to say "temporary failure, try again";
+# DVC reports it as "... exited with 75".
+EX_TEMPFAIL = 75
+
+# No telemetry, no progress-bar redraws in the logs, output as it happens.
+# A progress bar redraws its line with "\r"; one redraw per interval reaches the log.
+PROGRESS_LOG_INTERVAL_S = 30.0
+# Seconds a stopped command gets to clean up (DVC releases its locks on SIGINT).
+STOP_GRACE_S = 10.0
+TAIL_LINES = 40
+
+_STAGE_FAILED = re.compile(r"^\[(?P<stage>[^\]]+)\] FAILED: (?P<message>.*)$")
+_EXIT_STATUS = re.compile(r"failed to run: .*, exited with (?P<code>-?\d+)")
+# The last line of a Python traceback: "package.SomeError: message" (or the bare type).
+_EXCEPTION_LINE = re.compile(
+    r"^(?P<type>[A-Za-z_][\w.]*(?:Error|Exception|Timeout|timeout|Disconnected|IncompleteRead"
+    r"|gaierror))(?::\s*(?P<message>.*))?$"
+)
+TRANSIENT_EXCEPTIONS = frozenset(
+    {
+        "ConnectionError",
+        "ConnectionResetError",
+        "ConnectionRefusedError",
+        "ConnectionAbortedError",
+        "BrokenPipeError",
+        "TimeoutError",
+        "timeout",
+        "gaierror",
+        "ReadTimeout",
+        "ConnectTimeout",
+        "ReadTimeoutError",
+        "ConnectTimeoutError",
+        "MaxRetryError",
+        "NewConnectionError",
+        "ProtocolError",
+        "RemoteDisconnected",
+        "IncompleteRead",
+        "ChunkedEncodingError",
+        "ServerDisconnectedError",
+        "ClientConnectorError",
+        "ClientOSError",
+        "ServiceUnavailable",
+        "TooManyRequests",
+    }
+)
+# Network and lock trouble in the text of an exception or of a DVC "ERROR:" line. Only those
+# lines are read: a stage's own output may quote data that happens to contain these words.
+_TRANSIENT_TEXT = re.compile(
+    r"connection (?:reset|refused|aborted|timed out|error)|cannot connect|"
+    r"temporary failure in name resolution|name or service not known|network is unreachable|"
+    r"timed out|\b(?:429|500|502|503|504)\b[^\n]*error|too many requests|service unavailable|"
+    r"bad gateway|gateway time-?out|unable to acquire lock|is busy, it is being blocked by",
+    re.IGNORECASE,
+)
+
+
+class DvcCommandFailed(RuntimeError):
+    """A DVC command failed for a reason a retry will not fix (bad data, a diverged run, a
+    bug): the message names the stage's own complaint, the tail shows the context."""
+
+    def __init__(self, command: Sequence[str], returncode: int, reason: str, tail: str):
+        self.command = list(command)
+        self.returncode = returncode
+        self.reason = reason
+        self.tail = tail
+        shown = " ".join(["dvc", *command])
+        super().__init__(f"`{shown}` failed (exit {returncode}): {reason}\n{tail}")
+
+
+class TransientDvcFailure(DvcCommandFailed):
+    """A DVC command failed for a reason that may pass (network, a busy lock): retry it."""
+
+
+class WorkspaceBusy(RuntimeError):
+    """Another pipeline run holds this workspace."""
+
+
+@dataclass
+class CommandResult:
+    returncode: int
+    lines: list[str] = field(default_factory=list)
+
+
+def find_repo_root(path: Path | str | None) -> Path:
+    """The DVC repository at `path`; by default the one around the working directory (as
+    `dvc` finds it), else the checkout this package lives in."""
+    if path is None:
+        here = Path.cwd().resolve()
+        around = (p for p in (here, *here.parents) if (p / ".dvc").is_dir())
+        path = next(around, Path(__file__).resolve().parents[1])
+    root = Path(path).expanduser().resolve()
+    if not (root / ".dvc").is_dir():
+        raise ValueError(f"{root} is not a DVC repository (no .dvc/ directory): run `dvc init`")
+    if not (root / "dvc.yaml").is_file():
+        raise ValueError(f"{root}/dvc.yaml not found: there is no pipeline to run")
+    return root
+
+
+def pipeline_stages(repo_dir: Path) -> list[str]:
+    """Stage names of dvc.yaml in the order `dvc repro` runs them (upstream first).
+
+    Uses DVC's own graph and planner, so there is no second copy of the DAG: dvc.yaml
+    (including foreach/matrix stages, nested dvc.yaml files, frozen stages) is read by DVC.
+    """
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+    from dvc.repo.reproduce import get_active_graph, plan_repro
+    from dvc.stage import PipelineStage
+
+    try:
+        with Repo(os.fspath(repo_dir)) as repo:
+            planned = plan_repro(get_active_graph(repo.index.graph))
+            root = repo.root_dir
+            names = []
+            for stage in planned:
+                # Stages of `.dvc` files track data, they run no command.
+                if not isinstance(stage, PipelineStage):
+                    continue
+                dvcfile = os.path.relpath(stage.path, root)
+                names.append(stage.name if dvcfile == "dvc.yaml" else f"{dvcfile}:{stage.name}")
+    except DvcException as e:
+        raise ValueError(f"{repo_dir}: DVC cannot read the pipeline: {e}") from e
+    return names
+
+
+def classify_failure(lines: Sequence[str]) -> tuple[bool, str]:
+    """(transient?, reason) for the output of a failed DVC command.
+
+    A stage that reports "[stage] FAILED: ..." (a StageError) has judged its own failure:
+    bad data or a bad run, not retried, unless it exited with EX_TEMPFAIL. An uncaught network
+    exception, or a DVC error about the network or a busy lock, is transient. Anything else is
+    treated as real: retrying a crash that was not recognised as passing only delays the
+    report.
+    """
+    stripped = [line.strip() for line in lines if line.strip()]
+    stage_failed = next((m for m in map(_STAGE_FAILED.match, reversed(stripped)) if m), None)
+    exit_codes = [int(m["code"]) for m in map(_EXIT_STATUS.search, stripped) if m]
+    if exit_codes and exit_codes[-1] == EX_TEMPFAIL:
+        reason = stage_failed.group(0) if stage_failed else "the stage reported a temporary error"
+        return True, reason
+    if stage_failed:
+        return False, stage_failed.group(0)
+    errors = [line for line in stripped if line.startswith("ERROR:") or _EXCEPTION_LINE.match(line)]
+    for line in reversed(errors):
+        m = _EXCEPTION_LINE.match(line)
+        if m and m["type"].rsplit(".", 1)[-1] in TRANSIENT_EXCEPTIONS:
+            return True, line
+        if _TRANSIENT_TEXT.search(line):
+            return True, line
+    if errors:
+        return False, errors[-1]
+    return False, stripped[-1] if stripped else "no output"
+
+
+def child_env(repo_dir: Path) -> dict[str, str]:
+    env = pipeline_env()
+    env[WORKSPACE_ENV] = str(repo_dir)
+    return env
+
+
+def run_dvc(
+    repo_dir: Path,
+    args: Sequence[str],
+    logger: logging.Logger | logging.LoggerAdapter,
+    *,
+    check: bool = True,
+    stream: bool = True,
+) -> CommandResult:
+    """Run `dvc <args>` in the workspace, log its output line by line, raise on failure.
+
+    stdout and stderr are merged so the log reads in order; with `stream=False` the output
+    is collected without logging (for JSON). If this thread is interrupted (Ctrl-C, Prefect
+    cancelling the run), the command and everything it started are stopped before the
+    exception goes on, so no stage keeps writing into the workspace behind the next run.
+    """
+    cmd = [sys.executable, "-m", "dvc", *args]
+    result = CommandResult(returncode=-1)
+    last_progress = 0.0
+    proc = subprocess.Popen(
+        cmd,
+        cwd=repo_dir,
+        env=child_env(repo_dir),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT if stream else subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        if not stream:
+            out, err = proc.communicate()
+            result.lines = (out + err).decode("utf-8", "replace").splitlines()
+        else:
+            # newline="" keeps "\r", so a progress bar's redraws can be told from lines.
+            reader = io.TextIOWrapper(proc.stdout, encoding="utf-8", errors="replace", newline="")
+            for raw in reader:
+                line = raw.rstrip("\r\n")
+                if raw.endswith("\r") and not raw.endswith("\r\n"):
+                    now = time.monotonic()
+                    if now - last_progress < PROGRESS_LOG_INTERVAL_S:
+                        continue
+                    last_progress = now
+                if line.strip():
+                    logger.info(line)
+                    result.lines.append(line)
+            proc.wait()
+    except BaseException:
+        stop_process_tree([proc.pid], logger, reason="the flow run was interrupted")
+        raise
+    finally:
+        if proc.stdout:
+            proc.stdout.close()
+        if proc.stderr:
+            proc.stderr.close()
+    result.returncode = proc.returncode
+    if check and result.returncode != 0:
+        transient, reason = classify_failure(result.lines)
+        tail = "\n".join(result.lines[-TAIL_LINES:])
+        error = TransientDvcFailure if transient else DvcCommandFailed
+        raise error(list(args), result.returncode, reason, tail)
+    return result
+
+
+def dvc_status(repo_dir: Path, logger: logging.Logger | logging.LoggerAdapter) -> dict:
+    """`dvc status --json`: {} when every stage is up to date, else what changed per stage."""
+    done = run_dvc(repo_dir, ["status", "--json"], logger, stream=False)
+    text = "\n".join(done.lines)
+    # Warnings may precede the JSON object on the merged output.
+    start = text.find("{")
+    try:
+        return json.loads(text[start:]) if start >= 0 else {}
+    except json.JSONDecodeError as e:
+        raise DvcCommandFailed(["status", "--json"], 0, f"output is not JSON ({e})", text) from e
+
+
+# What `dvc status` says of data that is merely absent here (a fresh clone), not changed.
+_ABSENT = frozenset({"deleted", "not in cache"})
+
+
+def ignore_absent_data(status: dict) -> dict:
+    """`dvc status` without entries that only say an output (or the dependency it feeds) is
+    not in this workspace: with a DVC remote, `dvc repro --pull` fetches such data rather
+    than rebuilding it, so a fresh clone is not a change. Edited params, code or data stay."""
+    kept: dict = {}
+    for stage, changes in status.items():
+        real = []
+        for change in changes:
+            if not isinstance(change, dict):
+                real.append(change)
+                continue
+            entry = {}
+            for kind, what in change.items():
+                if kind in ("changed outs", "changed deps") and isinstance(what, dict):
+                    what = {
+                        path: how
+                        for path, how in what.items()
+                        if not (isinstance(how, str) and how in _ABSENT)
+                    }
+                    if not what:
+                        continue
+                entry[kind] = what
+            if entry:
+                real.append(entry)
+        if real:
+            kept[stage] = real
+    return kept
+
+
+def describe_status(status: dict) -> list[str]:
+    """One readable line per stale stage, e.g. "train: changed params.yaml (train.r)"."""
+    out = []
+    for stage, changes in status.items():
+        parts = []
+        for change in changes:
+            if isinstance(change, str):
+                parts.append(change)
+                continue
+            for kind, what in change.items():
+                if isinstance(what, dict):
+                    files = []
+                    for path, detail in what.items():
+                        keys = ", ".join(detail) if isinstance(detail, dict) else detail
+                        files.append(f"{path} ({keys})")
+                    parts.append(f"{kind}: {'; '.join(files)}")
+                else:
+                    parts.append(f"{kind}: {what}")
+        out.append(f"{stage}: {' | '.join(parts) or 'changed'}")
+    return out
+
+
+def apply_param_overrides(repo_dir: Path, overrides: Sequence[str]) -> dict[str, list[str]]:
+    """Apply `[file:]key=value` overrides with DVC's own code for `dvc exp run -S`.
+
+    Same grammar and checks as `-S` (Hydra override syntax; a key that is not in the file
+    is rejected, `+key=value` adds one). Returns the overrides grouped by params file.
+    """
+    from dvc.exceptions import DvcException
+    from dvc.utils.cli_parse import to_path_overrides
+    from dvc.utils.hydra import apply_overrides
+
+    grouped = to_path_overrides(list(overrides))
+    for rel, items in grouped.items():
+        path = (repo_dir / rel).resolve()
+        if not path.is_relative_to(repo_dir):
+            raise ValueError(f"override file {rel!r} is outside the repository {repo_dir}")
+        if not path.is_file():
+            raise ValueError(f"override file {rel!r} does not exist in {repo_dir}")
+        try:
+            apply_overrides(path, items)
+        except DvcException as e:
+            cause = f": {e.__cause__}" if e.__cause__ else ""
+            raise ValueError(f"{rel}: cannot apply {items}: {e}{cause}") from e
+    return grouped
+
+
+def stage_result(stage: str, lines: Sequence[str]) -> str:
+    """What DVC did with one stage, from its own log lines."""
+    text = "\n".join(lines)
+    if f"Running stage '{stage}'" in text:
+        return "ran"
+    if f"Stage '{stage}' is cached" in text:
+        return "restored from run cache"
+    if f"Pulling data for stage: '{stage}'" in text:
+        return "pulled from remote"
+    return "up to date"
+
+
+# ---- one flow run per workspace, and the repair after a crashed one --------------------
+
+
+@contextlib.contextmanager
+def workspace_lock(
+    repo_dir: Path,
+    wait_seconds: float,
+    logger: logging.Logger | logging.LoggerAdapter,
+    owner: str = "",
+) -> Iterator[None]:
+    """Hold the workspace for one flow run; wait up to `wait_seconds` for another to end.
+
+    An OS file lock (released by the kernel when its process dies, however it dies), so a
+    crashed run never leaves it behind.
+    """
+    tmp = repo_dir / ".dvc" / "tmp"
+    tmp.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(tmp / LOCK_FILE)
+    owner_file = tmp / OWNER_FILE
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        holder = _read_owner(owner_file)
+        logger.info("waiting up to %.0f s for the workspace, held by %s", wait_seconds, holder)
+        try:
+            lock.acquire(timeout=wait_seconds, poll_interval=1.0)
+        except Timeout:
+            raise WorkspaceBusy(
+                f"{repo_dir}: another pipeline run still holds the workspace after "
+                f"{wait_seconds:.0f} s ({holder}); runs of one workspace never overlap"
+            ) from None
+    try:
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "owner": owner,
+        }
+        owner_file.write_text(json.dumps(info))
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            owner_file.unlink()
+        lock.release()
+
+
+def _read_owner(path: Path) -> str:
+    try:
+        info = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return "an unknown process"
+    return (
+        f"pid {info.get('pid')} on {info.get('host')} since {info.get('since')} {info.get('owner')}"
+    )
+
+
+def stop_process_tree(
+    pids: Sequence[int],
+    logger: logging.Logger | logging.LoggerAdapter,
+    reason: str,
+    grace: float = STOP_GRACE_S,
+) -> list[int]:
+    """SIGINT the processes and their descendants (DVC cleans up on it), SIGKILL stragglers."""
+    procs: list[psutil.Process] = []
+    for pid in pids:
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(pid)
+            procs += [proc, *proc.children(recursive=True)]
+    if not procs:
+        return []
+    logger.warning("stopping %d process(es): %s", len(procs), reason)
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.send_signal(2)  # SIGINT, as Ctrl-C would
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for proc in alive:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    psutil.wait_procs(alive, timeout=grace)
+    return [p.pid for p in procs]
+
+
+def _leftover_processes(repo_dir: Path) -> list[psutil.Process]:
+    """Processes started by an earlier run of this workspace that are still alive."""
+    me = psutil.Process()
+    mine = {me.pid, *(p.pid for p in me.parents())}
+    found = []
+    for proc in psutil.process_iter():
+        if proc.pid in mine:
+            continue
+        try:
+            if proc.environ().get(WORKSPACE_ENV) == str(repo_dir):
+                found.append(proc)
+        except (psutil.Error, OSError):
+            continue  # gone, a zombie, or not ours to read
+    return found
+
+
+def _dvc_processes_in(repo_dir: Path) -> list[str]:
+    """Live DVC commands (anyone's) whose working directory is this workspace."""
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if proc.pid == os.getpid():
+            continue
+        cmdline = proc.info.get("cmdline") or []
+        if not any(Path(arg).name == "dvc" for arg in cmdline):
+            continue
+        try:
+            cwd = Path(proc.cwd()).resolve()
+        except (psutil.Error, OSError):
+            found.append(f"pid {proc.pid} (working directory unreadable)")
+            continue
+        if cwd == repo_dir or cwd.is_relative_to(repo_dir):
+            found.append(f"pid {proc.pid}: {' '.join(cmdline)}")
+    return found
+
+
+def _hardlink_lock_enabled(repo_dir: Path) -> bool:
+    from dvc.config import Config
+
+    return bool(Config(dvc_dir=os.fspath(repo_dir / ".dvc"))["core"].get("hardlink_lock", False))
+
+
+def repair_workspace(repo_dir: Path, logger: logging.Logger | logging.LoggerAdapter) -> list[str]:
+    """Make the workspace usable after a crashed or cancelled run. Call with the lock held.
+
+    - Commands a dead run started (found by WORKSPACE_ENV) are stopped: they would otherwise
+      write stage outputs while the new run rebuilds the same ones.
+    - DVC's default locks need nothing: they are OS file locks (gone with their process) and
+      DVC drops rwlock entries of dead PIDs itself. With `core.hardlink_lock` (network file
+      systems) a killed DVC leaves `.dvc/tmp/lock` behind for good; it is removed here, but
+      only when no DVC process is running in this workspace.
+    - Half-run stages need nothing: DVC writes dvc.lock only after a stage succeeds, so the
+      next `dvc repro` reruns exactly the stage that was cut off and what depends on it.
+    """
+    notes = []
+    leftovers = _leftover_processes(repo_dir)
+    if leftovers:
+        stopped = stop_process_tree(
+            [p.pid for p in leftovers], logger, reason="left running by a crashed earlier run"
+        )
+        notes.append(f"stopped {len(stopped)} process(es) left by an earlier run")
+    if _hardlink_lock_enabled(repo_dir):
+        tmp = repo_dir / ".dvc" / "tmp"
+        stale = [tmp / "lock", tmp / "rwlock.lock"]
+        # flufl claim files: an md5 hex name, hard-linked to the lock while it is held.
+        stale += [p for p in tmp.glob("*.lock") if re.fullmatch(r"[0-9a-f]{32}\.lock", p.name)]
+        stale = [p for p in stale if p.exists()]
+        if stale:
+            busy = _dvc_processes_in(repo_dir)
+            if busy:
+                logger.info("DVC lock files are held by a running DVC command: %s", busy)
+            else:
+                for path in stale:
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+                notes.append(f"removed stale DVC lock files: {[p.name for p in stale]}")
+    for note in notes:
+        logger.warning(note)
+    return notes

@@ -1,0 +1,300 @@
+"""The QLoRA pipeline as a Prefect flow: Prefect drives, DVC decides.
+
+    python -m flows.pipeline                              # run what is stale
+    python -m flows.pipeline --set finetune.lora.r=32     # a recorded DVC experiment
+    python -m flows.pipeline --only-if-changed            # what the nightly deployment does
+
+A run takes the workspace (one run at a time), stops anything a crashed run left behind,
+reads the stage order from dvc.yaml through DVC's own graph, then runs each stage as one
+Prefect task, `dvc repro --single-item <stage>`, strictly one after another. DVC decides
+whether a stage is stale and writes dvc.lock; Prefect adds the schedule, retries of
+transient failures (network, a busy lock) with exponential backoff, the run history and
+the artifacts: stage table, base vs adapter metrics, the gate decision, the report.
+
+Overrides (`--set key=value`) are a DVC experiment: DVC's own `exp run -S` code sets the
+params, the stages run as above, and `dvc exp save` records the result under the flow run's
+name (see `dvc exp show`). Prefect's task cache is off everywhere: DVC is the only cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed
+from prefect.tasks import exponential_backoff
+
+from flows import dvc_workspace as ws
+from flows import report_artifacts
+
+NOTHING_TO_DO = "nothing to do: no data, code or params changed since the last run"
+
+
+def retry_if_transient(_task, _task_run, state) -> bool:
+    """Retry network hiccups and busy locks; never bad data or a diverged run."""
+    try:
+        state.result()
+    except ws.TransientDvcFailure:
+        return True
+    except BaseException:
+        return False
+    return False
+
+
+@task(name="prepare-workspace", cache_policy=NO_CACHE)
+def prepare_workspace(repo_dir: Path) -> list[str]:
+    """Stop what a crashed run left running, clear a stale DVC lock; DVC reruns the rest."""
+    return ws.repair_workspace(repo_dir, get_run_logger())
+
+
+@task(name="read-dag", cache_policy=NO_CACHE)
+def read_dag(repo_dir: Path) -> list[str]:
+    stages = ws.pipeline_stages(repo_dir)
+    if not stages:
+        raise ValueError(f"{repo_dir}/dvc.yaml defines no stages")
+    get_run_logger().info("stages in DAG order: %s", ", ".join(stages))
+    return stages
+
+
+@task(name="dvc-status", cache_policy=NO_CACHE)
+def find_changes(repo_dir: Path, pull: bool) -> list[str]:
+    """What `dvc status` finds stale, one line per stage; empty when nothing changed. With
+    `pull`, data that is only absent (a fresh clone) does not count: the remote has it."""
+    status = ws.dvc_status(repo_dir, get_run_logger())
+    changes = ws.describe_status(ws.ignore_absent_data(status) if pull else status)
+    for line in changes:
+        get_run_logger().info("stale: %s", line)
+    return changes
+
+
+@task(name="set-params", cache_policy=NO_CACHE)
+def set_params(repo_dir: Path, overrides: list[str]) -> dict[str, list[str]]:
+    grouped = ws.apply_param_overrides(repo_dir, overrides)
+    get_run_logger().info("params overridden for this experiment: %s", grouped)
+    return grouped
+
+
+@task(cache_policy=NO_CACHE, retry_condition_fn=retry_if_transient, retry_jitter_factor=0.5)
+def run_stage(repo_dir: Path, stage: str, pull: bool = False) -> dict[str, Any]:
+    """One DVC stage: `dvc repro --single-item`, so DVC checks only this stage's own inputs
+    (its upstream stages ran just before, in DAG order)."""
+    from prefect.runtime import task_run
+
+    start = time.perf_counter()
+    args = ["repro", "--single-item", *(["--pull"] if pull else []), stage]
+    done = ws.run_dvc(repo_dir, args, get_run_logger())
+    return {
+        "stage": stage,
+        "result": ws.stage_result(stage, done.lines),
+        "seconds": time.perf_counter() - start,
+        "attempts": task_run.run_count,
+    }
+
+
+@task(name="save-experiment", cache_policy=NO_CACHE)
+def save_experiment(repo_dir: Path, name: str, overrides: list[str]) -> str:
+    message = f"qlora flow run {name}: " + " ".join(overrides)
+    ws.run_dvc(repo_dir, ["exp", "save", "--name", name, "--message", message], get_run_logger())
+    return name
+
+
+@task(
+    name="dvc-push",
+    cache_policy=NO_CACHE,
+    retry_condition_fn=retry_if_transient,
+    retry_jitter_factor=0.5,
+)
+def push_outputs(repo_dir: Path) -> None:
+    ws.run_dvc(repo_dir, ["push"], get_run_logger())
+
+
+def experiment_name() -> str:
+    """The flow run's name and id, so a DVC experiment points back at its Prefect run."""
+    from prefect.runtime import flow_run
+
+    name = re.sub(r"[^A-Za-z0-9-]+", "-", str(flow_run.name or "run")).strip("-") or "run"
+    return f"{name}-{str(flow_run.id or '')[:8]}".rstrip("-")
+
+
+def _run_stages(
+    repo_dir: Path, stages: list[str], pull: bool, retries: int, backoff: float
+) -> list[dict]:
+    outcomes: list[dict] = []
+    for i, stage in enumerate(stages):
+        stage_task = run_stage.with_options(
+            name=stage,
+            task_run_name=stage,
+            retries=retries,
+            retry_delay_seconds=exponential_backoff(backoff_factor=backoff),
+        )
+        try:
+            outcomes.append(stage_task(repo_dir, stage, pull))
+        except Exception:
+            outcomes.append({"stage": stage, "result": "FAILED"})
+            outcomes += [{"stage": s, "result": "not run"} for s in stages[i + 1 :]]
+            try:
+                report_artifacts.publish_stage_table(outcomes, f"failed at stage {stage}")
+            except Exception as e:  # the stage's own error is the one to report
+                get_run_logger().warning("could not publish the stage table: %s", e)
+            raise
+    return outcomes
+
+
+@flow(name="qlora-pipeline")
+def qlora_pipeline(
+    overrides: list[str] | None = None,
+    only_if_changed: bool = False,
+    repo_dir: str | None = None,
+    pull: bool = False,
+    push: bool = False,
+    retries: int = 2,
+    retry_backoff_seconds: float = 30.0,
+    wait_for_workspace_seconds: float = 600.0,
+    report_base_url: str | None = None,
+) -> Any:
+    """Run the DVC pipeline of dvc.yaml, one Prefect task per stage, in DAG order.
+
+    Args:
+        overrides: `[file:]key=value` param overrides (as `dvc exp run -S`); the run is
+            recorded as a DVC experiment named after this flow run.
+        only_if_changed: end at once, "nothing to do", when `dvc status` finds nothing stale
+            (the scheduled deployment); ignored with overrides.
+        repo_dir: the DVC repository (default: the one around the working directory).
+        pull: `dvc repro --pull`: fetch missing data from the DVC remote instead of
+            rebuilding it (a fresh clone in a container).
+        push: `dvc push` the results to the DVC remote at the end.
+        retries: retries of a transient failure per stage (never of a real failure).
+        retry_backoff_seconds: first retry delay; doubles for each further retry.
+        wait_for_workspace_seconds: how long to wait for another run of this workspace.
+        report_base_url: where reports/ is published, for the report link (default:
+            a file:// link on the worker).
+    """
+    logger = get_run_logger()
+    repo = ws.find_repo_root(repo_dir)
+    overrides = list(overrides or [])
+    owner = f"flow run {experiment_name()}"
+    with ws.workspace_lock(repo, wait_for_workspace_seconds, logger, owner=owner):
+        prepare_workspace(repo)
+        stages = read_dag(repo)
+        if only_if_changed and not overrides:
+            if not find_changes(repo, pull):
+                logger.info(NOTHING_TO_DO)
+                return Completed(
+                    message=NOTHING_TO_DO,
+                    data={"status": "nothing to do", "repo": str(repo), "stages": []},
+                )
+        if overrides:
+            if only_if_changed:
+                logger.info("overrides given: running the experiment whatever `dvc status` says")
+            set_params(repo, overrides)
+        try:
+            outcomes = _run_stages(repo, stages, pull, retries, retry_backoff_seconds)
+        except Exception:
+            if overrides:
+                logger.warning(
+                    "params.yaml keeps the overrides %s (as `dvc exp run` leaves them): run "
+                    "again to resume the experiment, or `git checkout params.yaml` to drop it",
+                    overrides,
+                )
+            raise
+        ran = [o["stage"] for o in outcomes if o["result"] == "ran"]
+        experiment = save_experiment(repo, experiment_name(), overrides) if overrides else None
+        if push:
+            push_outputs.with_options(
+                retries=retries,
+                retry_delay_seconds=exponential_backoff(backoff_factor=retry_backoff_seconds),
+            )(repo)
+        description = f"ran: {', '.join(ran) or 'nothing (all up to date)'}"
+        if experiment:
+            description += f"; DVC experiment {experiment}"
+        report_artifacts.publish_stage_table(outcomes, description)
+        artifacts = report_artifacts.publish_results(repo, logger, report_base_url)
+    logger.info("done: %s", description)
+    return {
+        "status": "completed",
+        "repo": str(repo),
+        "stages": outcomes,
+        "experiment": experiment,
+        "artifacts": ["qlora-stages", *artifacts],
+    }
+
+
+def run_pipeline_flow(
+    overrides: list[str] | None = None,
+    only_if_changed: bool = False,
+    repo_dir: str | Path | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Run the flow in this process (for `qlora flow run`); returns its summary.
+
+    Without PREFECT_API_URL, Prefect starts a temporary local server for the run; with it,
+    the run is recorded on that server. Raises the failing stage's error.
+    """
+    # No telemetry from the temporary server either (its heartbeat also races the fresh
+    # SQLite database at start-up and logs a spurious "database is locked").
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    return qlora_pipeline(
+        overrides=list(overrides or []),
+        only_if_changed=only_if_changed,
+        repo_dir=str(repo_dir) if repo_dir is not None else None,
+        **options,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m flows.pipeline`: the exit status is 1, with the stage's message, on failure."""
+    parser = argparse.ArgumentParser(
+        prog="python -m flows.pipeline", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument(
+        "--set",
+        "-S",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a param, as `dvc exp run -S` (repeatable); runs as a DVC experiment",
+    )
+    parser.add_argument(
+        "--only-if-changed",
+        action="store_true",
+        help="end at once when `dvc status` finds nothing stale",
+    )
+    parser.add_argument("--repo", default=None, help="DVC repository (default: this one)")
+    parser.add_argument("--pull", action="store_true", help="dvc repro --pull")
+    parser.add_argument("--push", action="store_true", help="dvc push at the end")
+    parser.add_argument("--retries", type=int, default=2, help="retries of transient failures")
+    args = parser.parse_args(argv)
+    try:
+        summary = run_pipeline_flow(
+            overrides=args.overrides,
+            only_if_changed=args.only_if_changed,
+            repo_dir=args.repo,
+            pull=args.pull,
+            push=args.push,
+            retries=args.retries,
+        )
+    except (ws.DvcCommandFailed, ws.WorkspaceBusy, ValueError) as e:
+        print(f"pipeline failed: {e}", file=sys.stderr)
+        return 1
+    if summary["status"] == "nothing to do":
+        print(NOTHING_TO_DO)
+        return 0
+    for outcome in summary["stages"]:
+        print(f"  {outcome['stage']:<12} {outcome['result']:<24} {outcome['seconds']:7.1f} s")
+    if summary["experiment"]:
+        print(f"DVC experiment: {summary['experiment']} (dvc exp show)")
+    print(f"artifacts: {', '.join(summary['artifacts'])} (prefect artifact ls)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,230 @@
+"""What a flow run shows in Prefect's UI, built from the files the stages wrote.
+
+- `qlora-stages`: every stage of the run, what DVC did with it, its time and attempts;
+- `qlora-eval-metrics`: base (16-bit), base (NF4) and NF4 + adapter side by side;
+- `qlora-gate`: the promotion decision with every check and reason;
+- `qlora-report`: reports/report.md, and `qlora-report-html`: a link to reports/report.html.
+
+The functions that turn files into tables and Markdown are pure (tested on fixture files);
+`publish_results` is the only one that talks to Prefect. A missing or unreadable file gives
+a visible note instead of an artifact, never a failed run: the stages already succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+EVAL_METRICS = Path("reports/eval/metrics.json")
+GATE = Path("reports/gate.json")
+REPORT_MD = Path("reports/report.md")
+REPORT_HTML = Path("reports/report.html")
+BASELINE, CANDIDATE = "base_nf4", "adapter_nf4"
+# Prefect stores artifacts in its database; a report larger than this is cut, with a link.
+MAX_MARKDOWN_CHARS = 60_000
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return "" if value is None else str(value)
+    if math.isnan(value):
+        return "nan"
+    return f"{value:.4g}"
+
+
+def _with_stderr(entry: dict) -> str:
+    value, stderr = entry.get("value"), entry.get("stderr")
+    if isinstance(stderr, int | float) and not math.isnan(stderr) and stderr > 0:
+        return f"{_fmt(value)} ± {_fmt(stderr)}"
+    return _fmt(value)
+
+
+def metrics_table(metrics: dict) -> list[dict[str, str]]:
+    """One row per task/metric, one column per evaluated variant, plus the adapter's change
+    relative to the NF4 base (signed so that positive is better, as the gate counts it;
+    two decimals, as a tiny model's changes are often below 0.1%)."""
+    variants = metrics.get("variants")
+    if not isinstance(variants, dict) or not variants:
+        raise ValueError("no 'variants' in the evaluation metrics")
+    keys: list[tuple[str, str]] = []
+    for variant in variants.values():
+        for task, task_metrics in (variant.get("metrics") or {}).items():
+            for name in task_metrics:
+                if (task, name) not in keys:
+                    keys.append((task, name))
+    rows = []
+    for task, name in keys:
+        entries = {v: (variants[v].get("metrics") or {}).get(task, {}).get(name) for v in variants}
+        known = next((e for e in entries.values() if e), {})
+        higher = bool(known.get("higher_is_better", True))
+        row = {"task": task, "metric": name, "better": "higher" if higher else "lower"}
+        for variant, entry in entries.items():
+            row[variants[variant].get("label", variant)] = _with_stderr(entry) if entry else ""
+        base, cand = entries.get(BASELINE), entries.get(CANDIDATE)
+        change = ""
+        if base and cand and _number(base.get("value")) and _number(cand.get("value")):
+            b, c = base["value"], cand["value"]
+            gain = (c - b) if higher else (b - c)
+            change = f"{gain / abs(b):+.2%}" if b else f"{gain:+.4g}"
+        row["adapter vs NF4 base"] = change
+        rows.append(row)
+    return rows
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and not math.isnan(x)
+
+
+def gate_markdown(gate: dict) -> str:
+    decision = str(gate.get("decision", "unknown")).upper()
+    mark = "✅" if gate.get("passed") else "❌"
+    lines = [f"# Gate: {decision} {mark}", ""]
+    if gate.get("summary"):
+        lines += [str(gate["summary"]), ""]
+    primary = gate.get("primary") or {}
+    if primary:
+        lines.append(
+            f"**Primary metric** `{primary.get('task')}/{primary.get('metric')}`: "
+            f"base {_fmt(primary.get('base'))} → adapter {_fmt(primary.get('adapter'))}"
+            + (
+                f" ({primary['relative_change']:+.2%})"
+                if _number(primary.get("relative_change"))
+                else ""
+            )
+        )
+        lines.append("")
+    checks = gate.get("checks") or []
+    if checks:
+        lines += [
+            "| task | metric | base | adapter | change | threshold | passed |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for c in checks:
+            change = c.get("relative_change")
+            threshold = c.get("threshold")
+            lines.append(
+                f"| {c.get('task')} | {c.get('metric')} | {_fmt(c.get('base'))} | "
+                f"{_fmt(c.get('adapter'))} | "
+                f"{f'{change:+.2%}' if _number(change) else ''} | "
+                f"{f'{threshold:+.1%}' if _number(threshold) else ''} | "
+                f"{'✅' if c.get('passed') else '❌'} |"
+            )
+        lines.append("")
+    reasons = gate.get("reasons") or []
+    if reasons:
+        lines += ["**Reasons**", ""] + [f"- {r}" for r in reasons]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def report_markdown(report_md: str | None, html_link: str | None) -> str:
+    parts = []
+    if html_link:
+        parts.append(f"Full report (HTML): [{html_link}]({html_link})\n")
+    if report_md is None:
+        parts.append(f"_{REPORT_MD} was not written by this run._")
+    elif len(report_md) > MAX_MARKDOWN_CHARS:
+        parts.append(report_md[:MAX_MARKDOWN_CHARS] + "\n\n_… cut here: see the HTML report._")
+    else:
+        parts.append(report_md)
+    return "\n".join(parts)
+
+
+def stage_rows(outcomes: list[dict]) -> list[dict[str, Any]]:
+    return [
+        {
+            "stage": o["stage"],
+            "result": o["result"],
+            "seconds": round(o["seconds"], 1) if _number(o.get("seconds")) else "",
+            "attempts": o.get("attempts", ""),
+        }
+        for o in outcomes
+    ]
+
+
+def report_link(repo_dir: Path, report_base_url: str | None) -> str:
+    """Where reports/report.html can be opened: under `report_base_url` when the reports
+    folder is published somewhere, else a file:// link valid on the worker's machine."""
+    if report_base_url:
+        return report_base_url.rstrip("/") + "/" + REPORT_HTML.name
+    return (repo_dir / REPORT_HTML).resolve().as_uri()
+
+
+def _read_json(path: Path, notes: list[str]) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        notes.append(f"{path.name}: not found, no artifact")
+        return None
+    except (OSError, json.JSONDecodeError) as e:
+        notes.append(f"{path.name}: unreadable ({e}), no artifact")
+        return None
+    if not isinstance(data, dict):
+        notes.append(f"{path.name}: not a JSON object, no artifact")
+        return None
+    return data
+
+
+def publish_stage_table(outcomes: list[dict], description: str) -> None:
+    from prefect.artifacts import create_table_artifact
+
+    create_table_artifact(stage_rows(outcomes), key="qlora-stages", description=description)
+
+
+def publish_results(
+    repo_dir: Path,
+    logger: logging.Logger | logging.LoggerAdapter,
+    report_base_url: str | None = None,
+) -> dict[str, str]:
+    """Create the metrics, gate and report artifacts; returns {key: what it shows}."""
+    from prefect.artifacts import (
+        create_link_artifact,
+        create_markdown_artifact,
+        create_table_artifact,
+    )
+
+    made: dict[str, str] = {}
+    notes: list[str] = []
+    metrics = _read_json(repo_dir / EVAL_METRICS, notes)
+    if metrics is not None:
+        try:
+            table = metrics_table(metrics)
+        except (ValueError, TypeError, AttributeError, KeyError) as e:
+            notes.append(f"{EVAL_METRICS}: unexpected shape ({e}), no artifact")
+        else:
+            create_table_artifact(
+                table,
+                key="qlora-eval-metrics",
+                description="lm-eval: base (16-bit), base (NF4), NF4 base + adapter",
+            )
+            made["qlora-eval-metrics"] = f"{len(table)} metric(s)"
+    gate = _read_json(repo_dir / GATE, notes)
+    if gate is not None:
+        create_markdown_artifact(
+            gate_markdown(gate), key="qlora-gate", description="promotion gate decision"
+        )
+        made["qlora-gate"] = str(gate.get("decision"))
+    html = repo_dir / REPORT_HTML
+    link = report_link(repo_dir, report_base_url) if html.is_file() else None
+    if link:
+        create_link_artifact(
+            link, link_text="QLoRA report (HTML)", key="qlora-report-html", description=link
+        )
+        made["qlora-report-html"] = link
+    else:
+        notes.append(f"{REPORT_HTML}: not found, no link")
+    try:
+        md = (repo_dir / REPORT_MD).read_text(encoding="utf-8")
+    except OSError:
+        md = None
+        notes.append(f"{REPORT_MD}: not found")
+    if md is not None or link:
+        create_markdown_artifact(
+            report_markdown(md, link), key="qlora-report", description="pipeline report"
+        )
+        made["qlora-report"] = "report.md" if md is not None else "link only"
+    for note in notes:
+        logger.warning("artifacts: %s", note)
+    return made
