@@ -101,6 +101,16 @@ def last_complete_checkpoint(run_dir: Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+def out_of_memory_advice(params: Params, error: BaseException) -> str:
+    p = params.finetune
+    return (
+        f"out of memory while training ({type(error).__name__}). Lower, in params.yaml: "
+        f"finetune.batch_size (now {p.batch_size}; raise gradient_accumulation_steps to keep "
+        f"the effective batch), dataset.max_length (now {params.dataset.max_length}), or turn "
+        f"on finetune.gradient_checkpointing (now {p.gradient_checkpointing})"
+    )
+
+
 def encode_split(tokenizer, rows: list[dict], max_length: int) -> list[dict]:
     return [encode(tokenizer, r["prompt"], r["completion"], max_length) for r in rows]
 
@@ -217,7 +227,10 @@ def main() -> None:
     )
     initial_eval = trainer.evaluate()["eval_loss"]  # the curve's starting point, step 0
     start = time.perf_counter()
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        raise StageError(out_of_memory_advice(params, e)) from None
     runtime = time.perf_counter() - start
     final_eval = trainer.evaluate()["eval_loss"]
     train_curve, eval_curve = loss_curves(trainer.state.log_history)

@@ -41,11 +41,15 @@ def git(cwd: Path, *args: str) -> None:
     subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True)
 
 
+# A token planted in the environment must not reach any output, log or report.
+SECRET = "hf_PlantedTokenThatMustNeverLeak0123"
+
+
 def dvc(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "dvc", *args],
         cwd=cwd,
-        env=pipeline_env(),
+        env={**pipeline_env(), "HF_TOKEN": SECRET, "HUGGING_FACE_HUB_TOKEN": SECRET},
         capture_output=True,
         text=True,
     )
@@ -124,3 +128,13 @@ def test_second_repro_runs_nothing_and_a_param_change_reruns_only_downstream(pip
     # `dvc status` names the first stage that reads the changed param.
     assert "finetune" in stale
     assert stale.isdisjoint({"base", "extract", "dataset", "validate", "quantize"})
+
+
+def test_a_token_in_the_environment_reaches_no_output(pipeline_run):
+    work, done = pipeline_run
+    assert SECRET not in done.stdout + done.stderr
+    for folder in ("reports", "data/prepared"):
+        for path in (work / folder).rglob("*"):
+            if path.is_file():
+                assert SECRET.encode() not in path.read_bytes(), path
+    assert SECRET not in (work / "dvc.lock").read_text()

@@ -98,3 +98,20 @@ def test_an_adapter_is_refused_on_a_different_base(workspace, tmp_path_factory):
         check_adapter_base(adapter, other)
     with pytest.raises(StageError, match="load it onto the base it was trained on"):
         load_adapted(load_params().quantize, adapter, other)
+
+
+def test_out_of_memory_names_the_parameters_to_lower(workspace, monkeypatch):
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(finetune.Trainer, "train", no_memory)
+    with pytest.raises(StageError) as err:
+        finetune.main()
+    message = str(err.value)
+    for key in (
+        "finetune.batch_size (now 4",
+        "dataset.max_length (now 256",
+        "gradient_checkpointing",
+    ):
+        assert key in message
+    assert not (workspace / "data/prepared/adapter").exists()
