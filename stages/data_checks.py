@@ -22,7 +22,7 @@ import pandas as pd
 
 from stages.chat import encode, render
 from stages.formats import REQUIRED, to_messages
-from stages.io import StageError
+from stages.io import read_jsonl_numbered
 
 ROLES = ("system", "user", "assistant")
 # Fields of a prepared split row (stages/dataset.py) and the types training relies on.
@@ -60,33 +60,10 @@ COLUMNS = [
 
 
 def read_jsonl_lenient(path: Path) -> tuple[dict[int, dict], list[int]]:
-    """Rows of a JSONL file keyed by line number, and the lines that were not valid UTF-8.
-
-    Bad bytes become U+FFFD (then the `encoding` check names the row) instead of a
-    UnicodeDecodeError traceback; a line that is not JSON is a StageError naming the line.
-    """
-    rows: dict[int, dict] = {}
-    bad_utf8: list[int] = []
-    try:
-        lines = path.read_bytes().splitlines()
-    except FileNotFoundError:
-        raise StageError(f"{path}: not found") from None
-    for lineno, raw in enumerate(lines, start=1):
-        try:
-            line = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            bad_utf8.append(lineno)
-            line = raw.decode("utf-8", errors="replace")
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise StageError(f"{path}: line {lineno} is not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise StageError(f"{path}: line {lineno} is not a JSON object")
-        rows[lineno] = row
-    return rows, bad_utf8
+    """Rows keyed by line number, and the lines that were not valid UTF-8 (their bad bytes
+    become U+FFFD, so the `encoding` check names the row instead of a traceback)."""
+    rows, bad_utf8 = read_jsonl_numbered(path, lenient_utf8=True)
+    return dict(rows), bad_utf8
 
 
 # ------------------------------------------------------------------ schema

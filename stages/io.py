@@ -83,26 +83,43 @@ def write_jsonl(path: Path | str, rows: Iterable[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def read_jsonl(path: Path | str) -> list[dict]:
-    """Read JSON Lines; a broken line is reported by number, not as a traceback."""
+def read_jsonl_numbered(
+    path: Path | str, lenient_utf8: bool = False
+) -> tuple[list[tuple[int, dict]], list[int]]:
+    """(line number, row) pairs of a JSON Lines file, and the lines that were not UTF-8.
+
+    A broken line is a StageError naming it, never a traceback. With `lenient_utf8` bad bytes
+    become U+FFFD and the line is reported instead (validation names such rows as a check).
+    """
     path = Path(path)
-    rows = []
-    with path.open("rb") as f:
-        for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
+    try:
+        lines = path.read_bytes().splitlines()
+    except FileNotFoundError:
+        raise StageError(f"{path}: not found") from None
+    rows, bad_utf8 = [], []
+    for lineno, raw in enumerate(lines, start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            if not lenient_utf8:
                 raise StageError(f"{path}: line {lineno} is not valid UTF-8 ({e.reason})") from None
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise StageError(f"{path}: line {lineno} is not valid JSON ({e.msg})") from None
-            if not isinstance(row, dict):
-                raise StageError(f"{path}: line {lineno} is not a JSON object")
-            rows.append(row)
-    return rows
+            bad_utf8.append(lineno)
+            line = raw.decode("utf-8", errors="replace")
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise StageError(f"{path}: line {lineno} is not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise StageError(f"{path}: line {lineno} is not a JSON object")
+        rows.append((lineno, row))
+    return rows, bad_utf8
+
+
+def read_jsonl(path: Path | str) -> list[dict]:
+    """Rows of a JSON Lines file (strict UTF-8)."""
+    return [row for _, row in read_jsonl_numbered(path)[0]]
 
 
 def sha256_of(path: Path | str) -> str:

@@ -63,21 +63,26 @@ def load_tokenizer(
     return tok
 
 
+def _load(path: Path | str, dtype: torch.dtype, trust_remote_code: bool, **extra):
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path),
+        dtype=dtype,
+        device_map=device(),
+        trust_remote_code=trust_remote_code,
+        use_safetensors=True,  # never a pickle: loading one can run arbitrary code
+        **extra,
+    )
+    model.eval()
+    return model
+
+
 def load_full(
     path: Path | str = BASE_MODEL_DIR,
     dtype_name: str = "auto",
     trust_remote_code: bool = False,
 ) -> PreTrainedModel:
     """The base in full precision: bf16 on a GPU, fp32 on a CPU (the 16-bit reference)."""
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path),
-        dtype=compute_dtype(dtype_name),
-        device_map=device(),
-        trust_remote_code=trust_remote_code,
-        use_safetensors=True,
-    )
-    model.eval()
-    return model
+    return _load(path, compute_dtype(dtype_name), trust_remote_code)
 
 
 def load_4bit(
@@ -87,16 +92,12 @@ def load_4bit(
     quant_type: str | None = None,
 ) -> PreTrainedModel:
     """The base quantized on load to 4 bits (NF4 + double quantization by default)."""
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path),
+    return _load(
+        path,
+        compute_dtype(q.compute_dtype),
+        trust_remote_code,
         quantization_config=bnb_config(q, quant_type),
-        dtype=compute_dtype(q.compute_dtype),
-        device_map=device(),
-        trust_remote_code=trust_remote_code,
-        use_safetensors=True,
     )
-    model.eval()
-    return model
 
 
 def load_adapted(
