@@ -21,7 +21,7 @@ from pathlib import Path
 
 from stages.chat import encode, render
 from stages.formats import detect_format, read_records, to_messages
-from stages.io import StageError, atomic_dir, run_stage, write_json, write_jsonl
+from stages.io import StageError, atomic_dir, read_json, run_stage, write_json, write_jsonl
 from stages.models import BASE_MODEL_DIR, load_tokenizer
 from stages.params import DatasetParams, load_params
 
@@ -29,6 +29,17 @@ SPLITS_DIR = Path("data/prepared/splits")
 EVAL_DIR = Path("data/prepared/eval")
 REPORT = Path("reports/dataset.json")
 SPLITS = ("train", "validation", "test")
+
+
+def check_context(max_length: int, model_dir: Path) -> None:
+    """A max_length beyond the model's context would train on positions it never learned."""
+    config = read_json(model_dir / "config.json")
+    context = config.get("max_position_embeddings") or config.get("n_positions")
+    if context and max_length > context:
+        raise StageError(
+            f"dataset.max_length = {max_length} exceeds the base model's context of {context} "
+            f"tokens ({model_dir}/config.json); use at most {context}"
+        )
 
 
 def split_by_group(rows: list[dict], p: DatasetParams) -> dict[str, list[dict]]:
@@ -161,6 +172,7 @@ def prepare(p: DatasetParams, tokenizer) -> tuple[dict[str, list[dict]], dict]:
 def main() -> None:
     params = load_params()
     p = params.dataset
+    check_context(p.max_length, BASE_MODEL_DIR)
     tokenizer = load_tokenizer(BASE_MODEL_DIR, params.base.trust_remote_code)
     splits, summary = prepare(p, tokenizer)
     with atomic_dir(SPLITS_DIR) as out:

@@ -179,6 +179,7 @@ def training_args(params: Params, run_dir: Path) -> TrainingArguments:
         train_sampling_strategy="group_by_length",
         seed=p.seed,
         data_seed=p.seed,
+        full_determinism=p.deterministic,
         include_num_input_tokens_seen="non_padding",
         report_to="none",
         dataloader_num_workers=0,

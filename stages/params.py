@@ -137,6 +137,7 @@ class FinetuneParams(_Section):
     eval_steps: int = Field(20, ge=1)
     logging_steps: int = Field(5, ge=1)
     checkpoint_steps: int = Field(20, ge=1)
+    deterministic: bool = False
     seed: int = 42
 
 

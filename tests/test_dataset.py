@@ -139,3 +139,9 @@ def test_invalid_utf8_is_named_not_a_traceback(tmp_path):
     (tmp_path / "bad.json").write_bytes(b'[{"prompt": "\xff"}]')
     with pytest.raises(StageError, match="not valid UTF-8"):
         read_records(str(tmp_path / "bad.json"))
+
+
+def test_max_length_beyond_the_model_context_is_refused(tiny_model_dir):
+    dataset.check_context(512, tiny_model_dir)  # the tiny model's context is 512
+    with pytest.raises(StageError, match="dataset.max_length = 4096 exceeds .* context of 512"):
+        dataset.check_context(4096, tiny_model_dir)
