@@ -20,7 +20,8 @@ app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
 flow_app = typer.Typer(help="Prefect flows that drive the DVC pipeline.", no_args_is_help=True)
 app.add_typer(flow_app, name="flow")
 
-_DONE = re.compile(r"^\[(?P<stage>[\w-]+)\] done in (?P<seconds>[\d.]+) s$")
+# Searched, not matched: a progress bar that ends without a newline can precede it.
+_DONE = re.compile(r"\[(?P<stage>[\w-]+)\] done in (?P<seconds>[\d.]+) s\s*$")
 
 
 def repro(args: list[str]) -> tuple[int, dict[str, float]]:
@@ -34,7 +35,7 @@ def repro(args: list[str]) -> tuple[int, dict[str, float]]:
         for line in proc.stdout:
             sys.stdout.write(line)
             sys.stdout.flush()
-            if m := _DONE.match(line.strip()):
+            if m := _DONE.search(line):
                 timings[m["stage"]] = float(m["seconds"])
     return proc.returncode, timings
 
