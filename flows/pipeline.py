@@ -3,6 +3,7 @@
     python -m flows.pipeline                              # run what is stale
     python -m flows.pipeline --set finetune.lora.r=32     # a recorded DVC experiment
     python -m flows.pipeline --only-if-changed            # what the nightly deployment does
+    python -m flows.pipeline --promote                    # and register a passing adapter
 
 A run takes the workspace (one run at a time), stops anything a crashed run left behind,
 reads the stage order from dvc.yaml through DVC's own graph, then runs each stage as one
@@ -14,6 +15,10 @@ the artifacts: stage table, base vs adapter metrics, the gate decision, the repo
 Overrides (`--set key=value`) are a DVC experiment: DVC's own `exp run -S` code sets the
 params, the stages run as above, and `dvc exp save` records the result under the flow run's
 name (see `dvc exp show`). Prefect's task cache is off everywhere: DVC is the only cache.
+
+With `promote`, an adapter that passed the gate is registered last, still holding the
+workspace (stages/registry.py: lineage from dvc.lock, the champion/challenger check, the
+"champion" alias); a rejected one is only reported.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from prefect.tasks import exponential_backoff
 
 from flows import dvc_workspace as ws
 from flows import report_artifacts
+from stages.io import StageError
 
 NOTHING_TO_DO = "nothing to do: no data, code or params changed since the last run"
 
@@ -115,6 +121,26 @@ def push_outputs(repo_dir: Path) -> None:
     ws.run_dvc(repo_dir, ["push"], get_run_logger())
 
 
+@task(name="promote", cache_policy=NO_CACHE)
+def promote_adapter(repo_dir: Path, registry_dir: str | None) -> dict[str, Any]:
+    """After a passing gate: register the adapter; it becomes champion only if it also holds
+    up against the current champion (the registry decides, under its own lock)."""
+    from stages.io import read_json
+    from stages.registry import GATE, Registry, default_dir, promote
+
+    logger = get_run_logger()
+    gate = read_json(repo_dir / GATE)
+    if not gate.get("passed"):
+        logger.info("not promoted, the gate rejected the adapter: %s", gate.get("summary"))
+        return {"version": None, "champion": False, "summary": gate.get("summary")}
+    registry = Registry(Path(registry_dir) if registry_dir else repo_dir / default_dir())
+    event = promote(repo_dir, registry)
+    logger.info("%s (registry %s)", event["summary"], registry.root)
+    for reason in event["reasons"]:
+        logger.info("  %s", reason)
+    return {k: event[k] for k in ("version", "champion", "summary")}
+
+
 def experiment_name() -> str:
     """The flow run's name and id, so a DVC experiment points back at its Prefect run."""
     from prefect.runtime import flow_run
@@ -158,6 +184,8 @@ def qlora_pipeline(
     retry_backoff_seconds: float = 30.0,
     wait_for_workspace_seconds: float = 600.0,
     report_base_url: str | None = None,
+    promote: bool = False,
+    registry_dir: str | None = None,
 ) -> Any:
     """Run the DVC pipeline of dvc.yaml, one Prefect task per stage, in DAG order.
 
@@ -175,6 +203,9 @@ def qlora_pipeline(
         wait_for_workspace_seconds: how long to wait for another run of this workspace.
         report_base_url: where reports/ is published, for the report link (default:
             a file:// link on the worker).
+        promote: register the adapter after a passing gate (`qlora promote`).
+        registry_dir: the adapter registry (default: $QLORA_REGISTRY, else registry/ in
+            the repository).
     """
     logger = get_run_logger()
     repo = ws.find_repo_root(repo_dir)
@@ -216,6 +247,7 @@ def qlora_pipeline(
             description += f"; DVC experiment {experiment}"
         report_artifacts.publish_stage_table(outcomes, description)
         artifacts = report_artifacts.publish_results(repo, logger, report_base_url)
+        promotion = promote_adapter(repo, registry_dir) if promote else None
     logger.info("done: %s", description)
     return {
         "status": "completed",
@@ -223,6 +255,7 @@ def qlora_pipeline(
         "stages": outcomes,
         "experiment": experiment,
         "artifacts": ["qlora-stages", *artifacts],
+        "promotion": promotion,
     }
 
 
@@ -272,6 +305,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pull", action="store_true", help="dvc repro --pull")
     parser.add_argument("--push", action="store_true", help="dvc push at the end")
     parser.add_argument("--retries", type=int, default=2, help="retries of transient failures")
+    parser.add_argument(
+        "--promote", action="store_true", help="register the adapter after a passing gate"
+    )
+    parser.add_argument("--registry", default=None, help="adapter registry folder")
     args = parser.parse_args(argv)
     try:
         summary = run_pipeline_flow(
@@ -281,8 +318,10 @@ def main(argv: list[str] | None = None) -> int:
             pull=args.pull,
             push=args.push,
             retries=args.retries,
+            promote=args.promote,
+            registry_dir=args.registry,
         )
-    except (ws.DvcCommandFailed, ws.WorkspaceBusy, ValueError) as e:
+    except (ws.DvcCommandFailed, ws.WorkspaceBusy, StageError, ValueError) as e:
         print(f"pipeline failed: {e}", file=sys.stderr)
         return 1
     if summary["status"] == "nothing to do":
@@ -293,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
     if summary["experiment"]:
         print(f"DVC experiment: {summary['experiment']} (dvc exp show)")
     print(f"artifacts: {', '.join(summary['artifacts'])} (prefect artifact ls)")
+    if summary.get("promotion"):
+        print(f"promotion: {summary['promotion']['summary']}")
     return 0
 
 

@@ -3,14 +3,19 @@
 qlora run                 run the pipeline (`dvc repro`) and print each stage's time
 qlora validate PATH       check a dataset file before training on it
 qlora flow run [--set k=v]  run the pipeline as a Prefect flow
+qlora promote             register the adapter; make it champion if it passes its gates
+qlora registry list|show VERSION|rollback [VERSION]|verify
+qlora export VERSION --merged DIR   a merged 16-bit model that plain transformers loads
 """
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import typer
 
@@ -19,6 +24,16 @@ from stages.io import pipeline_env
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
 flow_app = typer.Typer(help="Prefect flows that drive the DVC pipeline.", no_args_is_help=True)
 app.add_typer(flow_app, name="flow")
+registry_app = typer.Typer(
+    help="The adapter registry: versions, their decisions, the champion.", no_args_is_help=True
+)
+app.add_typer(registry_app, name="registry")
+
+# Exit status of `qlora promote` when the adapter was registered but did not become champion.
+EXIT_REJECTED = 3
+REGISTRY_OPTION = typer.Option(
+    None, "--registry", help="registry folder (default: $QLORA_REGISTRY, else registry/)"
+)
 
 # Searched, not matched: a progress bar that ends without a newline can precede it.
 _DONE = re.compile(r"\[(?P<stage>[\w-]+)\] done in (?P<seconds>[\d.]+) s\s*$")
@@ -91,12 +106,227 @@ def flow_run(
     only_if_changed: bool = typer.Option(
         False, "--only-if-changed", help="end at once when `dvc status` finds nothing stale"
     ),
+    promote_: bool = typer.Option(
+        False, "--promote", help="register the adapter after a passing gate"
+    ),
 ) -> None:
     """Run the pipeline as a Prefect flow; overrides run as a recorded DVC experiment."""
     from flows.pipeline import main as flow_main
 
     argv = [f"--set={kv}" for kv in set_ or []]
-    raise typer.Exit(flow_main(argv + (["--only-if-changed"] if only_if_changed else [])))
+    argv += ["--only-if-changed"] if only_if_changed else []
+    raise typer.Exit(flow_main(argv + (["--promote"] if promote_ else [])))
+
+
+def _fail(e: Exception) -> None:
+    typer.echo(f"FAILED: {e}", err=True)
+    raise typer.Exit(1)
+
+
+def _registry(path: Path | None):
+    from stages.registry import Registry
+
+    return Registry(path)
+
+
+@app.command()
+def promote(
+    registry: Path = REGISTRY_OPTION,
+    ignore_champion: bool = typer.Option(
+        False, "--ignore-champion", help="decide on the base gate alone (recorded as such)"
+    ),
+) -> None:
+    """Register the last run's adapter; it becomes champion if it passes both gates.
+
+    It must pass the gate against its base and be no worse than the champion (gate.champion).
+    Exit 0: promoted; 3: registered but rejected, the champion stays; 1: nothing registered.
+    """
+    from stages.io import StageError
+    from stages.params import ParamsError
+    from stages.registry import promote as register
+
+    reg = _registry(registry)
+    try:
+        event = register(".", reg, ignore_champion)
+    except (StageError, ParamsError) as e:
+        _fail(e)
+    where = reg.path(event["version"])
+    typer.echo(event["summary"])
+    for reason in event["reasons"]:
+        typer.echo(f"  - {reason}")
+    typer.echo(f"files: {where} (model card: {where / 'README.md'})")
+    raise typer.Exit(0 if event["champion"] else EXIT_REJECTED)
+
+
+@registry_app.command("list")
+def registry_list(registry: Path = REGISTRY_OPTION) -> None:
+    """Every registered version, oldest first, and where the champion alias points."""
+    from stages.io import StageError
+
+    reg = _registry(registry)
+    try:
+        versions, history = reg.versions(), reg.champion_history()
+    except StageError as e:
+        _fail(e)
+    if not versions:
+        typer.echo(f"{reg.root}: no versions registered yet (`qlora promote`)")
+        return
+    champion = history[-1] if history else None
+    typer.echo(
+        f"{'version':<8} {'created':<26} {'decision':<9} {'primary':<26} {'vs base':>8}  git"
+    )
+    for v, r in versions.items():
+        p = r["primary"]
+        git = (r.get("git_commit") or "-")[:8] + ("+dirty" if r.get("git_dirty") else "")
+        typer.echo(
+            f"{v:<8} {r['created']:<26} {r['decision']:<9} "
+            f"{p['metric'] + '=' + format(p['value'], '.4g'):<26} "
+            f"{p['gain_over_base']:>+8.1%}  {git}" + ("   <- champion" if v == champion else "")
+        )
+    rollbacks = [e for e in reg.events() if e.get("event") == "alias"]
+    for e in rollbacks:
+        typer.echo(
+            f"{e['created']}: champion {e['previous']} -> {e['version']} ({e['action']}"
+            + (f": {e['reason']}" if e.get("reason") else "")
+            + ")"
+        )
+    typer.echo(f"champion: {champion or 'none'} (history: {' -> '.join(history) or '-'})")
+
+
+@registry_app.command("show")
+def registry_show(
+    version: str = typer.Argument(..., help="a version (v3) or champion"),
+    registry: Path = REGISTRY_OPTION,
+    as_json: bool = typer.Option(False, "--json", help="print the whole lineage.json"),
+) -> None:
+    """A version's decision with its reasons, metrics and lineage."""
+    from stages.io import StageError
+
+    reg = _registry(registry)
+    try:
+        version = reg.resolve(version)
+        record, lineage = reg.record(version), reg.lineage(version)
+    except StageError as e:
+        _fail(e)
+    if as_json:
+        typer.echo(json.dumps(lineage, indent=2, ensure_ascii=False))
+        return
+    git = lineage["git"]
+    lock = lineage["dvc_lock"]
+    data = [
+        f"{o['path']} md5 {o.get('md5')}"
+        for stage in ("base", "extract", "dataset")
+        for o in (lock.get(stage, {}).get("outs") or [])
+        if not o["path"].startswith("reports/")
+    ]
+    decision = lineage["decision"]
+    lines = [
+        f"version:   {version}" + ("  (champion)" if reg.champion() == version else ""),
+        f"created:   {record['created']} by {record['by']}",
+        f"decision:  {decision['summary']}",
+        *[f"  - {r}" for r in decision["reasons"]],
+        f"base gate: {decision['gate']['summary']}",
+        f"vs champion ({decision['champion_before'] or 'none'}): "
+        f"{decision['vs_champion']['summary']}",
+        f"git:       {git.get('commit') or git.get('note')}"
+        + (" (uncommitted changes)" if git.get("dirty") else ""),
+        f"adapter:   {lineage['adapter']['path']} md5 {lineage['adapter']['dvc_md5']}",
+        f"base weights sha256: {lineage['base_weights_sha256']}",
+        "data:",
+        *[f"  {d}" for d in data],
+        f"evaluation inputs: {lineage['evaluation']['fingerprint']}",
+        f"params:    {json.dumps(lineage['params'].get('finetune', {}))}",
+        f"files:     {reg.path(version)} ({', '.join(sorted(record['files']))}, lineage.json)",
+    ]
+    typer.echo("\n".join(lines))
+
+
+@registry_app.command("rollback")
+def registry_rollback(
+    version: str = typer.Argument(None, help="version to serve (default: the champion before)"),
+    reason: str = typer.Option("", "--reason", help="why, recorded in the index"),
+    registry: Path = REGISTRY_OPTION,
+) -> None:
+    """Move the champion alias back; the versions and their records stay as they are."""
+    from stages.io import StageError
+    from stages.registry import rollback
+
+    try:
+        event = rollback(_registry(registry), version, reason)
+    except StageError as e:
+        _fail(e)
+    typer.echo(f"champion: {event['previous']} -> {event['version']} (rollback)")
+
+
+@registry_app.command("verify")
+def registry_verify(registry: Path = REGISTRY_OPTION) -> None:
+    """Check every registered file against the hash recorded for it."""
+    from stages.io import StageError
+
+    reg = _registry(registry)
+    try:
+        problems = reg.verify()
+    except StageError as e:
+        _fail(e)
+    for p in problems:
+        typer.echo(f"  - {p}")
+    n = len(reg.versions())
+    typer.echo(
+        f"{reg.root}: {n} version(s), "
+        + (f"{len(problems)} problem(s)" if problems else "all files intact")
+    )
+    raise typer.Exit(1 if problems else 0)
+
+
+@app.command()
+def export(
+    version: str = typer.Argument(..., help="a version (v3) or champion"),
+    merged: Path = typer.Option(None, "--merged", help="write the merged 16-bit model here"),
+    adapter: Path = typer.Option(None, "--adapter", help="copy the adapter folder here"),
+    dtype: str = typer.Option(
+        None, "--dtype", help="bfloat16 | float16 | float32 (default: base.save_dtype)"
+    ),
+    base: Path = typer.Option(
+        Path("data/prepared/base_model"), "--base", help="the base the adapter was trained on"
+    ),
+    registry: Path = REGISTRY_OPTION,
+) -> None:
+    """Export a registered version: the adapter as is, or merged into its base."""
+    from stages.io import StageError
+    from stages.registry import export_adapter
+
+    if merged is None and adapter is None:
+        _fail(ValueError("say what to export: --merged DIR and/or --adapter DIR"))
+    reg = _registry(registry)
+    try:
+        version = reg.resolve(version)
+        if adapter is not None:
+            export_adapter(reg, version, adapter)
+            typer.echo(f"{version}: adapter, model card and lineage in {adapter}")
+        if merged is not None:
+            from stages.export import export_merged
+
+            broken = reg.check_version(version)
+            if broken:
+                raise StageError("; ".join(broken))
+            base_params = reg.lineage(version)["params"]["base"]
+            result = export_merged(
+                reg.path(version),
+                merged,
+                base,
+                dtype or base_params.get("save_dtype", "bfloat16"),
+                bool(base_params.get("trust_remote_code", False)),
+            )
+            e2e = result["end_to_end"]
+            typer.echo(
+                f"{version}: merged {result['dtype']} model in {merged}; against base + adapter "
+                f"on {result['prompts']} prompts: max KL {e2e['max_kl']:.3g} (limit "
+                f"{result['limits']['kl']}), max |Δlogit| {e2e['max_abs_logit_diff']:.3g}, "
+                f"top-1 agreement {e2e['top1_agreement']:.1%}; the adapter itself moves them "
+                f"by a KL of {result['adapter_effect']['max_kl']:.3g}"
+            )
+    except StageError as e:
+        _fail(e)
 
 
 if __name__ == "__main__":

@@ -155,11 +155,32 @@ class PrimaryMetric(_Section):
     metric: str
 
 
+class ChampionRules(_Section):
+    """How a candidate must compare with the adapter in service (the registry's champion)."""
+
+    min_gain: float = Field(0.0, ge=0)
+    max_regression: float = Field(0.05, ge=0)
+    significance: bool = False
+
+
 class GateParams(_Section):
     primary: PrimaryMetric
     min_gain: float = Field(0.0, ge=0)
     max_regression: float = Field(0.05, ge=0)
+    # "task/metric" -> its own allowed regression, instead of max_regression.
+    max_regression_per_metric: dict[str, float] = {}
     significance: bool = True
+    champion: ChampionRules = ChampionRules()
+
+    @model_validator(mode="after")
+    def _per_metric_keys(self) -> GateParams:
+        for key, value in self.max_regression_per_metric.items():
+            task, _, metric = key.partition("/")
+            if not task or not metric:
+                raise ValueError(f"max_regression_per_metric: {key!r} is not 'task/metric'")
+            if value < 0:
+                raise ValueError(f"max_regression_per_metric.{key}: {value} is negative")
+        return self
 
 
 class Params(_Section):

@@ -1,4 +1,5 @@
-"""Gate decisions: pass, fail on the primary metric, fail on a guard metric, bad config."""
+"""Gate decisions: pass, fail on the primary metric, fail on a guard metric, bad config, and
+the champion/challenger check that promotion runs."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import copy
 
 import pytest
 
-from stages.gate import decide, relative_gain
+from stages.gate import decide, decide_vs_champion, relative_gain
 from stages.io import StageError
 from stages.params import GateParams
 
@@ -106,3 +107,73 @@ def test_a_guard_drop_within_the_noise_does_not_reject():
     assert "exceeded but within the noise" in guard["reason"]
     strict = RULES.model_copy(update={"significance": False})
     assert not decide(noisy(results(adapter_acc=0.44), stderr=0.07), strict)["passed"]
+
+
+# ---- champion/challenger -----------------------------------------------------------
+
+CHAMPION_RULES = RULES.model_copy(
+    update={"champion": RULES.champion.model_copy(update={"min_gain": 0.0, "max_regression": 0.10})}
+)
+
+
+def test_without_a_champion_the_challenger_check_passes_and_says_why():
+    d = decide_vs_champion(results(), None, CHAMPION_RULES)
+    assert d["passed"] and d["champion"] is None
+    assert "no champion yet" in d["reasons"][0]
+
+
+def test_a_challenger_not_worse_than_the_champion_passes():
+    d = decide_vs_champion(
+        results(adapter_bpb=0.79), results(adapter_bpb=0.80), CHAMPION_RULES, "v1"
+    )
+    assert d["passed"] and d["champion"] == "v1"
+    primary = next(c for c in d["checks"] if c["kind"] == "primary")
+    assert primary["base"] == 0.80 and primary["adapter"] == 0.79  # champion, then challenger
+
+
+def test_a_challenger_worse_than_the_champion_fails_even_if_it_beats_the_base():
+    champion, challenger = results(adapter_bpb=0.80), results(adapter_bpb=0.90)
+    assert decide(challenger, RULES)["passed"]  # 10% better than the base
+    d = decide_vs_champion(challenger, champion, CHAMPION_RULES, "v1")
+    assert not d["passed"]
+    assert d["reasons"][0].startswith("FAIL: docstring_loss/bits_per_byte")
+    assert "-12.5%" in d["reasons"][0] and "not better than v1" in d["summary"]
+
+
+def test_a_challenger_that_forgets_more_than_the_champion_fails_on_the_guard():
+    d = decide_vs_champion(
+        results(adapter_bpb=0.70, adapter_guard=2.3), results(), CHAMPION_RULES, "v1"
+    )
+    assert not d["passed"]
+    assert [r.split(" ")[1] for r in d["reasons"]] == ["prose_guard/bits_per_byte"]
+
+
+def test_a_minimum_gain_over_the_champion_and_significance_apply():
+    rules = CHAMPION_RULES.model_copy(
+        update={"champion": CHAMPION_RULES.champion.model_copy(update={"min_gain": 0.05})}
+    )
+    assert not decide_vs_champion(results(adapter_bpb=0.78), results(), rules, "v1")["passed"]
+    assert decide_vs_champion(results(adapter_bpb=0.70), results(), rules, "v1")["passed"]
+    noisy_rules = rules.model_copy(
+        update={"champion": rules.champion.model_copy(update={"significance": True})}
+    )
+    d = decide_vs_champion(
+        noisy(results(adapter_bpb=0.70), 0.08), noisy(results(), 0.08), noisy_rules, "v1"
+    )
+    assert not d["passed"] and "within the noise" in d["reasons"][0]
+
+
+def test_a_metric_can_have_its_own_regression_limit():
+    rules = RULES.model_copy(
+        update={"max_regression_per_metric": {"prose_guard/bits_per_byte": 0.02}}
+    )
+    assert decide(results(adapter_guard=2.03), RULES)["passed"]  # 1.5% worse: within 10%
+    d = decide(results(adapter_guard=2.06), rules)  # 3% worse: beyond its own 2%
+    assert not d["passed"] and "allowed regression 2.0%" in d["reasons"][0]
+    typo = RULES.model_copy(update={"max_regression_per_metric": {"prose_guard/bpb": 0.02}})
+    with pytest.raises(StageError, match=r"prose_guard/bpb.*available"):
+        decide(results(), typo)
+    with pytest.raises(ValueError, match="not 'task/metric'"):
+        GateParams.model_validate(
+            {"primary": {"task": "t", "metric": "m"}, "max_regression_per_metric": {"acc": 0.1}}
+        )

@@ -1,0 +1,143 @@
+"""The model card of a registered adapter: README.md with Hugging Face metadata.
+
+The front matter is written by huggingface_hub's own ModelCardData, so it is the metadata
+the hub reads (base_model, library_name: peft, datasets, model-index with the evaluation
+results); the body says what the adapter is, how to load it with plain peft, why it was
+promoted or not, the training parameters and where every input came from. A version folder
+of the registry can be pushed to a hub as it is.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+# Embedded bases (stages/base.py) and the hub model each one carries.
+EMBEDDED_HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+CANDIDATE = "adapter_nf4"
+
+
+def base_model_id(source: str) -> str | None:
+    """The hub id of the base, or None for a local directory (the hub cannot link it)."""
+    if source.startswith("embedded:"):
+        return EMBEDDED_HUB_IDS.get(source.removeprefix("embedded:"))
+    if Path(source).exists() or source.startswith((".", "/")):
+        return None
+    return source
+
+
+def _eval_results(record: dict):
+    """One result per metric of the NF4 base + adapter; each lm-eval task is a dataset
+    (data/eval_tasks: the test split of the training data, or CPython's prose)."""
+    from huggingface_hub import EvalResult
+
+    results = []
+    metrics = record["metrics"]["variants"][CANDIDATE]["metrics"]
+    for task, task_metrics in metrics.items():
+        for name, m in task_metrics.items():
+            if m.get("value") is not None:
+                results.append(
+                    EvalResult(
+                        task_type="text-generation",
+                        dataset_type=task,
+                        dataset_name=task,
+                        dataset_split="test",
+                        metric_type=name,
+                        metric_name=f"{task}/{name}",
+                        metric_value=round(float(m["value"]), 6),
+                    )
+                )
+    return results
+
+
+def _metric_table(record: dict) -> list[str]:
+    variants = record["metrics"]["variants"]
+    names = [v for v in ("base_full", "base_nf4", CANDIDATE) if v in variants]
+    rows = ["| task/metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for task, task_metrics in variants[CANDIDATE]["metrics"].items():
+        for name, m in task_metrics.items():
+            cells = []
+            for v in names:
+                value = variants[v]["metrics"].get(task, {}).get(name, {}).get("value")
+                cells.append("-" if value is None else f"{value:.4g}")
+            arrow = "↑" if m.get("higher_is_better", True) else "↓"
+            rows.append(f"| {task}/{name} {arrow} | " + " | ".join(cells) + " |")
+    return rows
+
+
+def render_card(record: dict) -> str:
+    """README.md for a registry version (`record` is its lineage.json)."""
+    from huggingface_hub import ModelCardData
+
+    params = record["params"]
+    source = params["base"]["source"]
+    base_id = base_model_id(source)
+    dataset = str(params["dataset"]["source"])
+    decision = record["decision"]
+    data = ModelCardData(
+        model_name=f"qlora-adapter-{record['version']}",
+        base_model=base_id,
+        library_name="peft",
+        pipeline_tag="text-generation",
+        tags=["peft", "lora", "qlora"],
+        datasets=[dataset],
+        eval_results=_eval_results(record),
+    )
+    finetune = {k: params[k] for k in ("finetune", "quantize") if k in params}
+    git = record["git"]
+    load_from = base_id or f"<the base directory with weights {record['base_weights_sha256']}>"
+    lines = [
+        "---",
+        data.to_yaml(),
+        "---",
+        "",
+        f"# QLoRA adapter {record['version']}",
+        "",
+        f"A LoRA adapter trained with QLoRA (NF4 base) on `{dataset}`, base `{source}`. "
+        f"Registered {record['created']}: **{decision['decision']}**, {decision['summary']}.",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'base = AutoModelForCausalLM.from_pretrained("{load_from}")',
+        'model = PeftModel.from_pretrained(base, "path/to/this/folder")',
+        f'tokenizer = AutoTokenizer.from_pretrained("{load_from}")',
+        "```",
+        "",
+        "The adapter was trained on the base weights whose sha256 `base_identity.json` "
+        "records; LoRA deltas fit only those weights. `qlora export "
+        f"{record['version']} --merged DIR` writes a standalone merged model.",
+        "",
+        "## Evaluation (lm-eval, test split)",
+        "",
+        *_metric_table(record),
+        "",
+        "## Decision",
+        "",
+        *[f"- {r}" for r in decision["reasons"]],
+        "",
+        "## Training parameters",
+        "",
+        "```yaml",
+        yaml.safe_dump(finetune, sort_keys=False).strip(),
+        "```",
+        "",
+        "## Lineage",
+        "",
+        f"- git commit: `{git.get('commit')}`"
+        + (" (uncommitted changes)" if git.get("dirty") else ""),
+        f"- adapter (DVC md5): `{record['adapter']['dvc_md5']}`",
+        f"- evaluation inputs fingerprint: `{record['evaluation']['fingerprint']}`",
+        "- data and model hashes, every stage's params: `lineage.json` (`dvc_lock`)",
+        "",
+        "```json",
+        json.dumps(record["base_weights_sha256"], indent=2),
+        "```",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,489 @@
+"""Promotion and the adapter registry, on a toy DVC project with a real tiny adapter.
+
+The toy project has the real pipeline's last three stages by name: `finetune` (copies a
+real peft adapter made on the tiny Llama, with the scores the test wants), `evaluate`
+(writes those scores as reports/eval/metrics.json) and the real `gate` stage. So promotion
+reads a real dvc.lock, runs a real `dvc status`, and copies real adapter files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from stages.cli import EXIT_REJECTED, app
+from stages.io import StageError, pipeline_env, weights_identity, write_json
+from stages.registry import TEST_PAUSE_ENV, Registry, dvc_manifest, promote, rollback
+from tests.conftest import tiny_params
+
+TOY_FINETUNE = """import json, pathlib, shutil
+out = pathlib.Path("data/prepared/adapter")
+shutil.rmtree(out, ignore_errors=True)
+shutil.copytree("adapter_src", out)
+shutil.copy("toy_scores.json", out / "scores.json")
+"""
+TOY_EVALUATE = """import json, pathlib
+scores = json.loads(pathlib.Path("data/prepared/adapter/scores.json").read_text())
+pathlib.Path("reports/eval").mkdir(parents=True, exist_ok=True)
+pathlib.Path("reports/eval/metrics.json").write_text(json.dumps(scores))
+"""
+TOY_DVC_YAML = {
+    "stages": {
+        "finetune": {
+            "cmd": "python toy_finetune.py",
+            "deps": ["toy_finetune.py", "adapter_src", "toy_scores.json"],
+            "outs": ["data/prepared/adapter"],
+        },
+        "evaluate": {
+            "cmd": "python toy_evaluate.py",
+            "deps": ["toy_evaluate.py", "data/prepared/adapter", "data/prepared/eval"],
+            "metrics": [{"reports/eval/metrics.json": {"cache": False}}],
+        },
+        "gate": {
+            "cmd": "python -m stages.gate",
+            "deps": ["reports/eval/metrics.json"],
+            "params": ["gate"],
+            "metrics": [{"reports/gate.json": {"cache": False}}],
+        },
+    }
+}
+
+
+def scores(bpb=0.80, guard=2.00, acc=0.60) -> dict:
+    """Eval metrics in stages/evaluate.py's schema; the NF4 base is fixed, the adapter moves."""
+
+    def m(value, higher):
+        return {"value": value, "stderr": 0.01, "higher_is_better": higher}
+
+    def variant(bpb, guard, acc):
+        return {
+            "metrics": {
+                "docstring_loss": {"bits_per_byte": m(bpb, False)},
+                "docstring_choice": {"acc": m(acc, True)},
+                "prose_guard": {"bits_per_byte": m(guard, False)},
+            }
+        }
+
+    return {
+        "variants": {
+            "base_full": variant(0.98, 1.98, 0.52),
+            "base_nf4": variant(1.00, 2.00, 0.50),
+            "adapter_nf4": variant(bpb, guard, acc),
+        }
+    }
+
+
+def run(args: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        args, cwd=cwd, env=pipeline_env(), capture_output=True, text=True, check=True, **kw
+    )
+
+
+def repro(repo: Path, **score_args) -> None:
+    """New scores -> a new run: finetune, evaluate and gate rerun, dvc.lock records them."""
+    write_json(repo / "toy_scores.json", scores(**score_args))
+    run([sys.executable, "-m", "dvc", "repro", "-q"], repo)
+
+
+def make_adapter(base_dir: Path, out: Path) -> Path:
+    """A real LoRA adapter on the tiny Llama, randomly initialised on both sides so that it
+    changes the outputs (a fresh one, B = 0, would be invisible to the export check)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir))
+    config = LoraConfig(
+        r=4,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        init_lora_weights=False,
+    )
+    get_peft_model(model, config).save_pretrained(str(out))
+    write_json(out / "base_identity.json", {"weights_sha256": weights_identity(base_dir)})
+    return out
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory, tiny_model_dir) -> Path:
+    repo = tmp_path_factory.mktemp("toy") / "repo"
+    repo.mkdir()
+    (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params(tiny_model_dir)))
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(TOY_DVC_YAML))
+    (repo / "toy_finetune.py").write_text(TOY_FINETUNE)
+    (repo / "toy_evaluate.py").write_text(TOY_EVALUATE)
+    (repo / "data/prepared/eval").mkdir(parents=True)
+    (repo / "data/prepared/eval/prose.jsonl").write_text('{"id": 1, "text": "prose"}\n')
+    shutil.copytree(tiny_model_dir, repo / "data/prepared/base_model")
+    make_adapter(tiny_model_dir, repo / "adapter_src")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t"]
+    run(["git", "init", "-q"], repo)
+    run([sys.executable, "-m", "dvc", "init", "-q"], repo)
+    run([*git, "add", "-A"], repo)
+    run([*git, "commit", "-qm", "toy"], repo)
+    repro(repo)
+    return repo
+
+
+@pytest.fixture
+def repo(template, tmp_path, monkeypatch) -> Path:
+    """A copy of the toy project after one run, as the working directory."""
+    copy = tmp_path / "repo"
+    shutil.copytree(template, copy, symlinks=True)
+    monkeypatch.chdir(copy)
+    return copy
+
+
+def assert_valid(reg: Registry) -> None:
+    """Every registered file intact, and the champion a version that passed."""
+    assert reg.verify() == []
+    champion = reg.champion()
+    assert champion is None or reg.versions()[champion]["decision"] == "promoted"
+
+
+# ---- promotion -------------------------------------------------------------------------
+
+
+def test_promotion_registers_the_adapter_with_its_lineage_card_and_the_champion_alias(repo):
+    reg = Registry(repo / "registry")
+    event = promote(repo, reg)
+    assert event["version"] == "v1" and event["decision"] == "promoted" and event["champion"]
+    assert reg.champion() == "v1" and reg.verify() == []
+    assert "no champion yet" in event["reasons"][-1]
+
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    lineage = reg.lineage("v1")
+    adapter_md5 = next(o["md5"] for o in lock["finetune"]["outs"])
+    assert event["adapter_dvc_md5"] == adapter_md5 == lineage["adapter"]["dvc_md5"]
+    assert lineage["dvc_lock"] == lock  # data, base and code hashes as dvc.lock has them
+    head = run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
+    assert event["git_commit"] == head == lineage["git"]["commit"]
+    assert lineage["params"] == yaml.safe_load((repo / "params.yaml").read_text())
+    assert lineage["metrics"]["variants"]["adapter_nf4"]["metrics"]["docstring_loss"]
+    assert lineage["base_weights_sha256"] == weights_identity(repo / "data/prepared/base_model")
+    for name in ("adapter_config.json", "adapter_model.safetensors", "base_identity.json"):
+        assert (reg.path("v1") / name).read_bytes() == (repo / "adapter_src" / name).read_bytes()
+
+    card = (reg.path("v1") / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["library_name"] == "peft" and meta["datasets"] == ["data/raw/train.jsonl"]
+    assert "base_model" not in meta  # a local base: the hub could not resolve a path
+    results = meta["model-index"][0]["results"]
+    assert {m["name"] for r in results for m in r["metrics"]} == {
+        "docstring_loss/bits_per_byte",
+        "docstring_choice/acc",
+        "prose_guard/bits_per_byte",
+    }
+    assert "## Training parameters" in card and "learning_rate" in card
+    assert "PeftModel.from_pretrained" in card
+
+
+def test_a_card_names_the_hub_base_so_the_folder_can_be_pushed_as_it_is():
+    from stages.model_card import base_model_id
+
+    assert base_model_id("embedded:smollm2-135m-instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert (
+        base_model_id("HuggingFaceTB/SmolLM2-360M-Instruct")
+        == "HuggingFaceTB/SmolLM2-360M-Instruct"
+    )
+    assert base_model_id("./models/base") is None
+
+
+def test_an_adapter_the_gate_rejected_is_recorded_but_does_not_become_champion(repo):
+    reg = Registry(repo / "registry")
+    promote(repo, reg)
+    repro(repo, bpb=0.99)  # 1% gain: below gate.min_gain
+    result = CliRunner().invoke(app, ["promote", "--registry", str(reg.root)])
+    assert result.exit_code == EXIT_REJECTED, result.output
+    assert "REJECTED v2: champion stays v1" in result.output
+    assert "FAIL: docstring_loss/bits_per_byte" in result.output
+    assert reg.champion() == "v1" and reg.versions()["v2"]["decision"] == "rejected"
+
+
+def test_a_challenger_worse_than_the_champion_is_rejected_and_a_better_one_promoted(repo):
+    reg = Registry(repo / "registry")
+    promote(repo, reg)  # champion v1: bits per byte 0.80
+    repro(repo, bpb=0.90)  # beats the base by 10%, but is worse than v1
+    worse = promote(repo, reg)
+    assert worse["decision"] == "rejected" and reg.champion() == "v1"
+    assert any(
+        "FAIL: docstring_loss/bits_per_byte" in r and "0.8 to 0.9" in r for r in worse["reasons"]
+    )
+    repro(repo, bpb=0.70, guard=2.30)  # better on the task, but forgets general text
+    forgets = promote(repo, reg)
+    assert forgets["decision"] == "rejected" and reg.champion() == "v1"
+    assert any(r.startswith("FAIL: prose_guard/bits_per_byte") for r in forgets["reasons"])
+    repro(repo, bpb=0.70)
+    assert promote(repo, reg)["champion"] and reg.champion() == "v4"
+    assert reg.lineage("v4")["decision"]["champion_before"] == "v1"
+
+
+def test_a_champion_evaluated_on_other_data_cannot_be_compared_unless_told(repo):
+    reg = Registry(repo / "registry")
+    promote(repo, reg)
+    (repo / "data/prepared/eval/prose.jsonl").write_text('{"id": 1, "text": "other"}\n')
+    run([sys.executable, "-m", "dvc", "repro", "-q"], repo)
+    event = promote(repo, reg)
+    assert event["decision"] == "rejected"
+    assert "evaluated on other inputs" in event["reasons"][-1]
+    assert "data/prepared/eval" in event["reasons"][-1]
+    forced = promote(repo, reg, ignore_champion=True)
+    assert forced["champion"] and "--ignore-champion" in forced["reasons"][-1]
+
+
+def test_a_workspace_that_differs_from_dvc_lock_is_refused_before_anything_is_written(repo):
+    reg = Registry(repo / "registry")
+    write_json(repo / "toy_scores.json", scores(bpb=0.5))  # changed, not rerun
+    with pytest.raises(StageError, match=r"differs from dvc.lock \(stale: finetune.*qlora run"):
+        promote(repo, reg)
+    assert not (reg.root / "index.jsonl").exists()
+
+
+def test_files_that_differ_from_dvcs_record_of_the_adapter_are_not_registered(repo):
+    reg = Registry(repo / "registry")
+    md5 = next(
+        o["md5"]
+        for o in yaml.safe_load((repo / "dvc.lock").read_text())["stages"]["finetune"]["outs"]
+    )
+    manifest = dvc_manifest(repo, md5)
+    adapter = repo / "data/prepared/adapter"
+    assert set(manifest) == {p.name for p in adapter.iterdir()}
+    wrong = {**manifest, "adapter_model.safetensors": "0" * 32}  # as if a run rewrote it
+    with reg.writing(), pytest.raises(StageError, match="changed while being registered"):
+        reg.add(
+            "v1", adapter, {"lineage.json": "{}"}, {"event": "register", "version": "v1"}, wrong
+        )
+    assert reg.versions() == {} and [p.name for p in reg.root.iterdir()] == [".lock"]
+
+
+# ---- rollback, list, show --------------------------------------------------------------
+
+
+def test_rollback_moves_the_alias_back_and_the_cli_shows_it(repo):
+    reg = Registry(repo / "registry")
+    promote(repo, reg)
+    repro(repo, bpb=0.70)
+    promote(repo, reg)
+    repro(repo, bpb=0.99)
+    promote(repo, reg)  # v3: rejected by the gate
+    assert reg.champion_history() == ["v1", "v2"]
+    cli = CliRunner()
+    opt = ["--registry", str(reg.root)]
+
+    out = cli.invoke(app, ["registry", "rollback", "--reason", "bad answers", *opt])
+    assert out.exit_code == 0 and "champion: v2 -> v1 (rollback)" in out.output
+    assert reg.champion() == "v1" and reg.champion_history() == ["v1"]
+    listing = cli.invoke(app, ["registry", "list", *opt]).output
+    assert "v1 " in listing and "<- champion" in listing.split("v1 ")[1].splitlines()[0]
+    assert "rejected" in listing and "champion v2 -> v1 (rollback: bad answers)" in listing
+
+    refused = cli.invoke(app, ["registry", "rollback", *opt])
+    assert refused.exit_code == 1 and "first champion" in refused.output
+    refused = cli.invoke(app, ["registry", "rollback", "v3", *opt])
+    assert refused.exit_code == 1 and "v3 was rejected" in refused.output
+    assert cli.invoke(app, ["registry", "rollback", "v2", *opt]).exit_code == 0
+    assert reg.champion() == "v2"
+
+    shown = cli.invoke(app, ["registry", "show", "champion", *opt])
+    assert shown.exit_code == 0
+    assert (
+        "version:   v2  (champion)" in shown.output and "data/prepared/adapter md5" in shown.output
+    )
+    assert (
+        json.loads(cli.invoke(app, ["registry", "show", "v3", "--json", *opt]).output)["decision"][
+            "decision"
+        ]
+        == "rejected"
+    )
+    missing = cli.invoke(app, ["registry", "show", "v9", *opt])
+    assert missing.exit_code == 1 and "registered: v1, v2, v3" in missing.output
+
+
+def test_a_changed_file_in_a_version_is_found_and_it_cannot_serve(repo):
+    reg = Registry(repo / "registry")
+    promote(repo, reg)
+    repro(repo, bpb=0.70)
+    promote(repo, reg)
+    (reg.path("v1") / "adapter_model.safetensors").write_bytes(b"tampered")
+    assert reg.verify() == ["v1: adapter_model.safetensors changed since it was registered"]
+    with pytest.raises(StageError, match="cannot serve v1"):
+        rollback(reg)
+    assert reg.champion() == "v2"
+
+
+# ---- concurrency and interruption ------------------------------------------------------
+
+
+def start_promote(repo: Path, pause_at: str | None = None) -> subprocess.Popen:
+    env = pipeline_env()
+    if pause_at:
+        env[TEST_PAUSE_ENV] = pause_at
+    return subprocess.Popen(
+        [sys.executable, "-m", "stages.cli", "promote", "--registry", "registry"],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_two_promotions_at_once_both_register_one_after_the_other(repo):
+    reg = Registry(repo / "registry")
+    procs = [start_promote(repo), start_promote(repo)]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert sorted(reg.versions()) == ["v1", "v2"] and reg.verify() == []
+    # Serialised: the second saw the first as champion and was compared with it.
+    assert reg.lineage("v2")["decision"]["champion_before"] == "v1"
+    assert reg.lineage("v1")["decision"]["champion_before"] is None
+    assert reg.champion_history() == ["v1", "v2"]
+
+
+@pytest.mark.parametrize("step", ["staged", "renamed"])
+def test_a_promotion_killed_mid_write_leaves_the_previous_champion(repo, step):
+    reg = Registry(repo / "registry")
+    promote(repo, reg)
+    repro(repo, bpb=0.70)
+    proc = start_promote(repo, pause_at=step)
+    line = proc.stdout.readline()
+    assert line.strip() == f"paused at {step}", line + proc.stdout.read()
+    # Meanwhile nobody else can write: the lock is held, a reader still sees v1.
+    assert reg.champion() == "v1"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    leftover = ".stage-v2-" if step == "staged" else "v2"
+    assert any(p.name.startswith(leftover) for p in reg.root.iterdir())
+    assert list(reg.versions()) == ["v1"] and reg.champion() == "v1" and reg.verify() == []
+    # The next promotion clears the leftovers and takes the version number.
+    event = promote(repo, reg)
+    assert event["version"] == "v2" and reg.champion() == "v2"
+    assert not [p for p in reg.root.iterdir() if p.name.startswith(".stage-")]
+    assert reg.verify() == []
+
+
+def test_promotions_killed_at_random_times_never_break_the_registry(repo):
+    reg = Registry(repo / "registry")
+    promote(repo, reg)
+    start = time.monotonic()
+    assert start_promote(repo).wait(timeout=120) == 0
+    duration = time.monotonic() - start
+    rng = random.Random(0)
+    for _ in range(4):
+        proc = start_promote(repo)
+        time.sleep(rng.uniform(0.3, 1.0) * duration)
+        proc.kill()
+        proc.wait()
+        assert_valid(reg)
+        assert reg.champion() == list(reg.versions())[-1]  # every finished one is a tie: promoted
+    assert promote(repo, reg)["champion"] and reg.verify() == []
+
+
+def test_a_torn_last_line_of_the_index_is_ignored_and_removed(repo):
+    reg = Registry(repo / "registry")
+    promote(repo, reg)
+    with (reg.root / "index.jsonl").open("ab") as f:
+        f.write(b'{"event": "register", "version": "v2", "cha')
+    assert list(reg.versions()) == ["v1"] and reg.champion() == "v1"
+    assert promote(repo, reg)["version"] == "v2"
+    assert all(json.loads(line) for line in (reg.root / "index.jsonl").read_text().splitlines())
+
+
+# ---- export ----------------------------------------------------------------------------
+
+
+def logits(model, tokenizer, text: str):
+    import torch
+
+    with torch.no_grad():
+        return model(**tokenizer(text, return_tensors="pt")).logits.float()
+
+
+def test_export_writes_a_merged_model_that_plain_transformers_loads(repo):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    promote(repo, Registry(repo / "registry"))
+    out = repo / "merged"
+    result = CliRunner().invoke(app, ["export", "champion", "--merged", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "v1: merged bfloat16 model" in result.output
+    assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
+    check = json.loads((out / "export_check.json").read_text())
+    assert check["passed"] and check["reload"]["max_abs_logit_diff"] <= 1e-3
+
+    # Independently of the export's own check: plain transformers against base + adapter.
+    merged = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
+    assert merged.dtype == torch.float32 and not hasattr(merged, "peft_config")
+    tok = AutoTokenizer.from_pretrained(str(out))
+    base = AutoModelForCausalLM.from_pretrained(str(repo / "data/prepared/base_model"))
+    adapted = PeftModel.from_pretrained(base, str(repo / "registry/v1"))
+    text = "Return the header value for this name."
+    want = logits(adapted, tok, text)
+    with adapted.disable_adapter():
+        plain_base = logits(adapted, tok, text)
+    got = logits(merged, tok, text)
+    effect = (want - plain_base).abs().max().item()
+    assert (got - want).abs().max().item() < 0.1 * effect  # rounding, far below the adapter
+    config = json.loads((out / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+
+
+def test_export_refuses_a_merge_that_lost_the_adapter_and_writes_nothing(repo, monkeypatch):
+    from peft.tuners.lora import LoraModel
+
+    promote(repo, Registry(repo / "registry"))
+    # A broken merge: the adapter is dropped instead of folded into the weights.
+    monkeypatch.setattr(LoraModel, "merge_and_unload", LoraModel.unload)
+    out = repo / "merged"
+    result = CliRunner().invoke(app, ["export", "v1", "--merged", str(out), "--dtype", "float32"])
+    assert result.exit_code == 1
+    assert "failed its check, nothing written" in result.output
+    assert "differ from base + adapter" in result.output
+    assert not out.exists() and not list(repo.glob(".merged*"))
+
+
+def test_export_of_the_adapter_copies_the_checked_version(repo):
+    promote(repo, Registry(repo / "registry"))
+    out = repo / "hub-upload"
+    assert CliRunner().invoke(app, ["export", "v1", "--adapter", str(out)]).exit_code == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        p.name for p in (repo / "registry/v1").iterdir()
+    )
+    assert os.access(out / "README.md", os.R_OK)
+
+
+# ---- the Prefect flow ------------------------------------------------------------------
+
+
+def test_the_flow_promotes_after_a_passing_gate_and_only_then(repo, tmp_path, monkeypatch):
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.pipeline import qlora_pipeline
+
+    monkeypatch.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect-home"))
+    reg = Registry(tmp_path / "flow-registry")
+    with prefect_test_harness(server_startup_timeout=120):
+        first = qlora_pipeline(repo_dir=str(repo), promote=True, registry_dir=str(reg.root))
+        assert first["promotion"]["version"] == "v1" and first["promotion"]["champion"]
+        write_json(repo / "toy_scores.json", scores(bpb=0.99))  # the gate will reject it
+        second = qlora_pipeline(repo_dir=str(repo), promote=True, registry_dir=str(reg.root))
+    assert [s["stage"] for s in second["stages"] if s["result"] == "ran"] == [
+        "finetune",
+        "evaluate",
+        "gate",
+    ]
+    assert second["promotion"]["version"] is None and "REJECTED" in second["promotion"]["summary"]
+    assert list(reg.versions()) == ["v1"] and reg.champion() == "v1"
