@@ -423,6 +423,9 @@ def data_section(dataset: dict, validation: dict, root: Path, out_html: Path) ->
 # ---------------------------------------------------------------- lineage
 
 
+PIPELINE_RESULTS = ("reports/", "dvc.lock")
+
+
 def git_state(root: Path) -> dict:
     """HEAD and whether the work tree has uncommitted changes; a note when there is no git."""
 
@@ -443,7 +446,9 @@ def git_state(root: Path) -> dict:
             "note": "not inside a git repository (or no commit yet): the code version is unknown",
         }
     status = git("status", "--porcelain")
-    changed = status.stdout.splitlines() if status and status.returncode == 0 else []
+    lines = status.stdout.splitlines() if status and status.returncode == 0 else []
+    # The pipeline's own results (reports, dvc.lock) do not make the code version unknown.
+    changed = [line for line in lines if not line[3:].startswith(PIPELINE_RESULTS)]
     return {"commit": head.stdout.strip(), "dirty": bool(changed), "changed": changed}
 
 

@@ -22,7 +22,15 @@ from pathlib import Path
 import pytest
 
 from stages.io import StageError
-from stages.report import fmt, fmt_bytes, fmt_duration, fmt_pct, load_compare, render_report
+from stages.report import (
+    fmt,
+    fmt_bytes,
+    fmt_duration,
+    fmt_pct,
+    git_state,
+    load_compare,
+    render_report,
+)
 from stages.report_plots import nice_ticks
 
 FIXTURES = Path(__file__).parent / "fixtures" / "report"
@@ -298,6 +306,10 @@ def test_git_revision_dirty_state_and_compare_column(root: Path):
             value=0.6042
         ),
     )
+    # A changed result alone (reports/) leaves the code version known: not dirty.
+    assert git_state(root)["dirty"] is False
+    with (root / "params.yaml").open("a") as f:
+        f.write("# an uncommitted edit\n")
     html, _ = render(root, compare=load_compare("HEAD", root))
     assert head in html
     assert "dirty: 1 uncommitted change(s)" in html
