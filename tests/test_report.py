@@ -341,26 +341,21 @@ def test_missing_key_names_file_and_key(root: Path):
 
 
 def test_stage_entry_point(root: Path):
-    env = {"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}
-    done = subprocess.run(
-        [sys.executable, "-m", "stages.report"],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    def run_stage() -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "stages.report"],
+            cwd=root,
+            env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    done = run_stage()
     assert done.returncode == 0, done.stderr
     assert (root / "reports" / "report.html").stat().st_size > 10_000
     (root / "reports" / "quantize.json").unlink()
-    done = subprocess.run(
-        [sys.executable, "-m", "stages.report"],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    done = run_stage()
     assert done.returncode == 1
     assert "reports/quantize.json" in done.stderr and "Traceback" not in done.stderr
 
