@@ -30,6 +30,7 @@ import torch
 
 from stages.io import StageError, read_jsonl, run_stage, write_json
 from stages.models import (
+    ADAPTER_DIR,
     BASE_MODEL_DIR,
     compute_dtype,
     device,
@@ -43,7 +44,6 @@ from stages.params import EvaluateParams, Params, load_params
 
 TASKS_DIR = Path("data/eval_tasks")
 TEST_SPLIT = Path("data/prepared/splits/test.jsonl")
-ADAPTER_DIR = Path("data/prepared/adapter")
 OUT_DIR = Path("reports/eval")
 VARIANTS = ("base_full", "base_nf4", "adapter_nf4")
 BOOTSTRAP_ITERS = 1000  # resamples for a standard error lm-eval does not compute

@@ -38,6 +38,7 @@ from stages.io import (
     write_json,
 )
 from stages.models import (
+    ADAPTER_DIR,
     BASE_IDENTITY,
     BASE_MODEL_DIR,
     compute_dtype,
@@ -48,7 +49,6 @@ from stages.models import (
 from stages.params import Params, load_params
 
 SPLITS_DIR = Path("data/prepared/splits")
-ADAPTER_DIR = Path("data/prepared/adapter")
 TRAIN_DIR = Path("reports/train")
 WORK_DIR = Path(".cache/finetune")  # checkpoints: scratch space, not a pipeline output
 COMPLETE = "CHECKPOINT_COMPLETE"  # written after every file of a checkpoint is on disk

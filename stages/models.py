@@ -22,6 +22,7 @@ from stages.io import StageError, read_json, weights_identity
 from stages.params import QuantizeParams
 
 BASE_MODEL_DIR = Path("data/prepared/base_model")
+ADAPTER_DIR = Path("data/prepared/adapter")  # written by finetune, read by evaluate, registry
 # Written next to an adapter by finetune: the sha256 of the base weights it was trained on.
 BASE_IDENTITY = "base_identity.json"
 

@@ -43,6 +43,8 @@ REGISTRY_ENV = "QLORA_REGISTRY"
 DEFAULT_DIR = Path("registry")
 INDEX, LOCK, LINEAGE, CARD = "index.jsonl", ".lock", "lineage.json", "README.md"
 ALIAS = "champion"
+# Same path as stages.models.ADAPTER_DIR; not imported from there because that module loads
+# torch and transformers, and `qlora registry list` should start in a second.
 ADAPTER_DIR = Path("data/prepared/adapter")
 METRICS = Path("reports/eval/metrics.json")
 GATE = Path("reports/gate.json")
