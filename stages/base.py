@@ -102,10 +102,13 @@ def load_source(p: BaseParams):
 def main() -> None:
     p = load_params().base
     model, tokenizer = load_source(p)
+    if p.chat_template is not None:
+        tokenizer.chat_template = p.chat_template
     if tokenizer.chat_template is None:
         raise StageError(
-            f"base.source: {p.source!r} has no chat template; the dataset stage needs one "
-            "to format prompts (use an instruct/chat model)"
+            f"base.source: {p.source!r} has no chat template, and the dataset stage needs one "
+            "to format prompts: use an instruct/chat model as base.source, or give the "
+            "template in base.chat_template (a Jinja string, as in tokenizer_config.json)"
         )
     model = model.to(DTYPES[p.save_dtype])
     with atomic_dir(BASE_MODEL_DIR) as out:

@@ -43,6 +43,7 @@ from stages.models import (
     BASE_MODEL_DIR,
     compute_dtype,
     device,
+    keep_4bit_layout_trainable,
     load_4bit,
     load_tokenizer,
 )
@@ -123,9 +124,12 @@ def optimizer_name(choice: str) -> str:
     return "paged_adamw_32bit" if torch.cuda.is_available() else "adamw_torch"
 
 
-def lora_model(params: Params, trust_remote_code: bool):
+def lora_model(params: Params, trust_remote_code: bool, base_dir: Path = BASE_MODEL_DIR):
     p = params.finetune
-    model = load_4bit(params.quantize, BASE_MODEL_DIR, trust_remote_code)
+    model = load_4bit(params.quantize, base_dir, trust_remote_code)
+    # The validation loss runs before and between training steps: without this, on CPUs
+    # with AVX512-BF16 it would switch the base to a layout that drops gradients.
+    keep_4bit_layout_trainable(model)
     # Casts norms to fp32 and makes inputs require grads, as QLoRA needs for checkpointing.
     model = prepare_model_for_kbit_training(
         model,

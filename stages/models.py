@@ -101,6 +101,37 @@ def load_4bit(
     )
 
 
+def keep_4bit_layout_trainable(model: torch.nn.Module) -> int:
+    """Pin every 4-bit layer of a model that is about to be trained to the trainable layout;
+    returns how many layers it pinned. Call it on the training model before any forward pass.
+
+    Why this guard exists: bitsandbytes 0.50's `Linear4bit.forward` repacks its weights into
+    an AVX512-BF16 inference layout the first time it runs on a CPU that has those units, in
+    eval mode and without grad (the Trainer's validation loss at step 0 does exactly that),
+    and never packs them back until the state dict is saved. From then on every forward,
+    training included, goes through `gemv_4bit`, which has no autograd kernel: the gradient
+    through the frozen 4-bit layers is silently dropped (LoRA gradients off by up to 66 %),
+    and a biased projection (Qwen2's q/k/v) fails with an in-place error on a leaf. The
+    repack also rounds the scales to bf16, so unpacking does not restore the weights exactly.
+    A model that only infers (evaluate) keeps the fast path; a trained one never enters it.
+    Other bitsandbytes paths need no guard: on a GPU the no-grad kernels leave no state
+    behind, and 8-bit layers (Linear8bitLt) have an autograd function in both modes.
+    """
+    import bitsandbytes as bnb
+
+    pinned = 0
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            if getattr(module.weight.quant_state, "packing_format_for_cpu", False):
+                raise StageError(
+                    f"{type(module).__name__} weights were already repacked for CPU inference "
+                    "before training: pin the layout right after loading the model"
+                )
+            module.support_avx512bf16_for_cpu = False
+            pinned += 1
+    return pinned
+
+
 def load_adapted(
     q: QuantizeParams,
     adapter_dir: Path | str,

@@ -24,6 +24,8 @@ class BaseParams(_Section):
     source: str = Field(min_length=1)
     revision: str | None = None
     trust_remote_code: bool = False
+    # A Jinja chat template for a base that has none (a pretrained, non-chat model).
+    chat_template: str | None = None
     save_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
 
 

@@ -56,14 +56,23 @@ def make_tokenizer(vocab_size: int = 600):
     return fast
 
 
-def make_tiny_model_dir(path: Path, seed: int = 0) -> Path:
-    """Save a tiny random Llama (2 layers, hidden 64) and its tokenizer as a HF directory."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+def make_tiny_model_dir(
+    path: Path, seed: int = 0, arch: str = "llama", tie_word_embeddings: bool = True
+) -> Path:
+    """Save a tiny random model (2 layers, hidden 64) and its tokenizer as a HF directory.
 
+    arch "llama": LlamaForCausalLM, no biases. arch "qwen2": Qwen2ForCausalLM, whose q/k/v
+    projections carry a bias (the shape that broke training on AVX512-BF16 CPUs)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    config_cls, model_cls = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    }[arch]
     tokenizer = make_tokenizer()
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    config = config_cls(
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
@@ -74,9 +83,9 @@ def make_tiny_model_dir(path: Path, seed: int = 0) -> Path:
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tie_word_embeddings,
     )
-    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    model_cls(config).save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
 

@@ -9,6 +9,7 @@ for real through DVC. Then: outputs are checked, the adapter loads with plain pe
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -17,8 +18,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, tiny_params
-from stages.io import pipeline_env
+from conftest import REPO, alpaca_rows, make_tiny_model_dir, tiny_params
+from stages.io import pipeline_env, write_jsonl
 
 pytestmark = pytest.mark.slow
 # Outputs of the developer's own runs: the copy must build them itself.
@@ -55,9 +56,8 @@ def dvc(cwd: Path, *args: str) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory, tiny_model_dir) -> tuple[Path, subprocess.CompletedProcess]:
-    work = tmp_path_factory.mktemp("e2e") / "repo"
+def copy_repo(work: Path) -> None:
+    """The repository's source files, without the developer's own generated outputs."""
     files = subprocess.run(
         ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
         cwd=REPO,
@@ -72,14 +72,25 @@ def pipeline_run(tmp_path_factory, tiny_model_dir) -> tuple[Path, subprocess.Com
             continue
         (work / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, work / rel)
-    # The real stdlib corpus (extract stage) with the tiny model: every stage as in `make run`.
-    params = tiny_params(tiny_model_dir, source="data/raw/stdlib_functions.jsonl")
-    params["corpus"]["max_source_chars"] = 400
+
+
+def repro_in_copy(work: Path, params: dict) -> subprocess.CompletedProcess:
+    """A fresh copy of the repository with `params` as params.yaml, then `dvc repro`."""
+    copy_repo(work)
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     git(work, "init", "-q")
     git(work, "add", "-A")
     git(work, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny")
-    return work, dvc(work, "repro")
+    return dvc(work, "repro")
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory, tiny_model_dir) -> tuple[Path, subprocess.CompletedProcess]:
+    work = tmp_path_factory.mktemp("e2e") / "repo"
+    # The real stdlib corpus (extract stage) with the tiny model: every stage as in `make run`.
+    params = tiny_params(tiny_model_dir, source="data/raw/stdlib_functions.jsonl")
+    params["corpus"]["max_source_chars"] = 400
+    return work, repro_in_copy(work, params)
 
 
 def test_every_stage_runs_and_writes_its_outputs(pipeline_run):
@@ -138,3 +149,53 @@ def test_a_token_in_the_environment_reaches_no_output(pipeline_run):
             if path.is_file():
                 assert SECRET.encode() not in path.read_bytes(), path
     assert SECRET not in (work / "dvc.lock").read_text()
+
+
+def chat_rows() -> list[dict]:
+    """The Alpaca fixture rows as chat records (the other input format users bring)."""
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": f"{r['instruction']}\n\n{r['input']}"},
+                {"role": "assistant", "content": r["output"]},
+            ],
+            "module": r["module"],
+        }
+        for r in alpaca_rows()
+    ]
+
+
+def test_a_qwen2_model_with_biased_projections_and_untied_embeddings_runs_the_dag(
+    tmp_path_factory,
+):
+    """Beyond Llama: Qwen2's q/k/v carry a bias (the layers that broke training on
+    AVX512-BF16 CPUs) and its output embedding is a separate matrix here. Chat-format data.
+    The gate's bar is set out of reach (a 60 % gain from 3 steps of a random model), so the
+    decision is known: rejected, on the primary metric, with every variant evaluated."""
+    root = tmp_path_factory.mktemp("qwen2")
+    model_dir = make_tiny_model_dir(root / "model", arch="qwen2", tie_word_embeddings=False)
+    work = root / "repo"
+    params = tiny_params(model_dir, source="data/user/chat.jsonl")
+    params["dataset"]["format"] = "chat"
+    params["gate"]["min_gain"] = 0.6
+    write_jsonl(work / "data/user/chat.jsonl", chat_rows())
+    done = repro_in_copy(work, params)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    for stage in STAGES:
+        assert f"[{stage}] done in" in done.stdout, f"stage {stage} did not report completion"
+
+    base = json.loads((work / "reports/base.json").read_text())
+    assert base["architecture"] == ["Qwen2ForCausalLM"]
+    dataset = json.loads((work / "reports/dataset.json").read_text())
+    assert dataset["format"] == "chat"
+    adapter = work / "data/prepared/adapter"
+    targets = json.loads((adapter / "adapter_config.json").read_text())["target_modules"]
+    assert {"q_proj", "k_proj", "v_proj", "o_proj"} <= {t.rsplit(".", 1)[-1] for t in targets}
+    train = json.loads((work / "reports/train/metrics.json").read_text())
+    assert train["steps"] == 3 and math.isfinite(train["final_eval_loss"])
+    metrics = json.loads((work / "reports/eval/metrics.json").read_text())
+    assert set(metrics["variants"]) == {"base_full", "base_nf4", "adapter_nf4"}
+    gate = json.loads((work / "reports/gate.json").read_text())
+    assert gate["decision"] == "rejected"
+    assert any("docstring_loss/bits_per_byte" in r for r in gate["reasons"]), gate["reasons"]
+    assert "Qwen2ForCausalLM" in (work / "reports/report.html").read_text()

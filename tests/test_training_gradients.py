@@ -1,0 +1,124 @@
+"""QLoRA gradients against ground truth: a fresh model's, on the same batch.
+
+bitsandbytes repacks 4-bit weights for CPU inference after a no-grad eval-mode forward on
+CPUs with AVX512-BF16, and the repacked path has no autograd (stages/models.py,
+keep_4bit_layout_trainable). The Trainer's step-0 validation loss is such a forward, so the
+tests below run one before the training step and compare the LoRA gradients with those of
+a model that never ran it. On a CPU without AVX512-BF16 the real kernel cannot run, so the
+`simulated` cases make bitsandbytes believe the CPU has it: the same repacking code runs
+(only the final kernel differs), which is the state the guard must keep the model out of.
+"""
+
+from __future__ import annotations
+
+import bitsandbytes as bnb
+import bitsandbytes.nn.modules as bnb_modules
+import pytest
+import torch
+from bitsandbytes.functional import has_avx512bf16
+
+from conftest import make_tiny_model_dir, tiny_params
+from stages import finetune
+from stages.chat import encode, render
+from stages.models import load_4bit, load_tokenizer
+from stages.params import Params
+
+CPU_HAS_AVX512BF16 = has_avx512bf16()
+NO_AVX512BF16 = (
+    "this CPU lacks AVX512-BF16 (no avx512_bf16 in /proc/cpuinfo), so bitsandbytes' packed "
+    "inference kernel cannot run here; the simulated case covers the same repacking path"
+)
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def base_dir(request, tmp_path_factory):
+    return make_tiny_model_dir(tmp_path_factory.mktemp(request.param), arch=request.param)
+
+
+@pytest.fixture(params=["simulated", "real"])
+def cpu(request, monkeypatch) -> str:
+    if request.param == "real" and not CPU_HAS_AVX512BF16:
+        pytest.skip(NO_AVX512BF16)
+    if request.param == "simulated":
+        # Read by Linear4bit.__init__: every 4-bit layer built after this takes the
+        # AVX512-BF16 branch of its forward.
+        monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+    return request.param
+
+
+def params_for(base_dir) -> Params:
+    return Params.model_validate(tiny_params(base_dir))
+
+
+def batch(base_dir) -> dict[str, torch.Tensor]:
+    tok = load_tokenizer(base_dir)
+    rows = []
+    for i in range(3):
+        messages = [
+            {"role": "user", "content": f"Summarise function number {i} in one line."},
+            {"role": "assistant", "content": f"Return the value {i} plus the offset."},
+        ]
+        rows.append(encode(tok, *render(tok, messages), max_length=128))
+    width = max(len(r["input_ids"]) for r in rows)
+    pad = tok.pad_token_id
+    ids = [r["input_ids"] + [pad] * (width - len(r["input_ids"])) for r in rows]
+    labels = [r["labels"] + [-100] * (width - len(r["labels"])) for r in rows]
+    mask = [[1] * len(r["input_ids"]) + [0] * (width - len(r["input_ids"])) for r in rows]
+    return {
+        "input_ids": torch.tensor(ids),
+        "labels": torch.tensor(labels),
+        "attention_mask": torch.tensor(mask),
+    }
+
+
+def lora_gradients(model, inputs) -> dict[str, torch.Tensor]:
+    model.train()
+    model.zero_grad()
+    torch.manual_seed(0)  # the same LoRA dropout masks in every model
+    model(**inputs).loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None for g in grads.values())
+    return grads
+
+
+def no_grad_evaluation(model, inputs) -> None:
+    """What Trainer.evaluate does to the model: eval mode, no grad, a forward pass."""
+    model.eval()
+    with torch.no_grad():
+        model(**inputs)
+
+
+def test_lora_gradients_after_an_evaluation_equal_a_fresh_models(base_dir, cpu):
+    params, inputs = params_for(base_dir), batch(base_dir)
+    expected = lora_gradients(finetune.lora_model(params, False, base_dir), inputs)
+
+    model = finetune.lora_model(params, False, base_dir)
+    no_grad_evaluation(model, inputs)
+    got = lora_gradients(model, inputs)
+
+    assert got.keys() == expected.keys()
+    worst = max(
+        float((got[n] - expected[n]).norm() / expected[n].norm().clamp_min(1e-12)) for n in expected
+    )
+    assert worst < 1e-5, f"LoRA gradients differ from a fresh model's by {worst:.1%} (rel. norm)"
+
+
+def test_the_training_models_4bit_layers_never_switch_to_the_packed_layout(base_dir, cpu):
+    params, inputs = params_for(base_dir), batch(base_dir)
+    model = finetune.lora_model(params, False, base_dir)
+    no_grad_evaluation(model, inputs)
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers, "the training model has no 4-bit layers"
+    packed = [m for m in layers if getattr(m.weight.quant_state, "packing_format_for_cpu", False)]
+    assert not packed, f"{len(packed)} of {len(layers)} 4-bit layers were repacked for inference"
+
+
+def test_an_inference_model_keeps_the_fast_path(base_dir, cpu):
+    """Evaluation only infers: there the repacking is wanted (it is bitsandbytes' fast CPU
+    kernel), so the guard must not be applied to models built for evaluate."""
+    params, inputs = params_for(base_dir), batch(base_dir)
+    model = load_4bit(params.quantize, base_dir)
+    with torch.no_grad():
+        model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert all(m.weight.quant_state.packing_format_for_cpu for m in layers)
