@@ -18,8 +18,8 @@ from collections.abc import Callable
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from stages.models import compute_dtype, footprint_bytes, load_4bit, load_full
-from stages.params import QuantizeParams
+from qlora.models import compute_dtype, footprint_bytes, load_4bit, load_full
+from qlora.params import QuantizeParams
 
 SMOLLM2_135M = dict(
     vocab_size=49152,

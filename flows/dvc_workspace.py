@@ -26,7 +26,7 @@ from pathlib import Path
 import psutil
 from filelock import FileLock, Timeout
 
-from stages.io import pipeline_env
+from qlora.io import pipeline_env
 
 # Every process a flow run starts carries this variable (inherited by the stage commands DVC
 # starts), so the next run can find and stop what a crashed run left behind.

@@ -17,7 +17,7 @@ params, the stages run as above, and `dvc exp save` records the result under the
 name (see `dvc exp show`). Prefect's task cache is off everywhere: DVC is the only cache.
 
 With `promote`, an adapter that passed the gate is registered last, still holding the
-workspace (stages/registry.py: lineage from dvc.lock, the champion/challenger check, the
+workspace (qlora/registry.py: lineage from dvc.lock, the champion/challenger check, the
 "champion" alias); a rejected one is only reported.
 """
 
@@ -38,7 +38,7 @@ from prefect.tasks import exponential_backoff
 
 from flows import dvc_workspace as ws
 from flows import report_artifacts
-from stages.io import StageError
+from qlora.io import StageError
 
 NOTHING_TO_DO = "nothing to do: no data, code or params changed since the last run"
 
@@ -125,8 +125,8 @@ def push_outputs(repo_dir: Path) -> None:
 def promote_adapter(repo_dir: Path, registry_dir: str | None) -> dict[str, Any]:
     """After a passing gate: register the adapter; it becomes champion only if it also holds
     up against the current champion (the registry decides, under its own lock)."""
-    from stages.io import read_json
-    from stages.registry import GATE, Registry, default_dir, promote
+    from qlora.io import read_json
+    from qlora.registry import GATE, Registry, default_dir, promote
 
     logger = get_run_logger()
     gate = read_json(repo_dir / GATE)

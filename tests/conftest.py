@@ -142,8 +142,8 @@ def workspace(tmp_path, tiny_model_dir, monkeypatch) -> Path:
     splits made by the real dataset stage, so a stage's main() can run as in `dvc repro`."""
     import yaml
 
+    from qlora.io import write_jsonl
     from stages import dataset
-    from stages.io import write_jsonl
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params(tiny_model_dir)))

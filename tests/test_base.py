@@ -9,8 +9,8 @@ import pytest
 import yaml
 
 from conftest import CHAT_TEMPLATE, tiny_params
+from qlora.io import StageError
 from stages import base
-from stages.io import StageError
 
 
 @pytest.fixture

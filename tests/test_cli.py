@@ -7,7 +7,7 @@ import sys
 
 from typer.testing import CliRunner
 
-from stages.cli import app
+from qlora.cli import app
 
 # A progress bar that ends in "\r" without a newline sits in front of the stage's last line.
 TOY_STAGE = """print("Calculating: 100%|###|", end="\\r")

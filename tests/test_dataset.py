@@ -7,12 +7,12 @@ import json
 import pytest
 
 from conftest import alpaca_rows
-from stages import dataset
-from stages.chat import IGNORE_INDEX, encode, render
-from stages.formats import detect_format, read_records, to_messages
-from stages.io import StageError, atomic_dir, read_jsonl, write_jsonl
-from stages.models import load_tokenizer
-from stages.params import DatasetParams
+from qlora import dataset
+from qlora.chat import IGNORE_INDEX, encode, render
+from qlora.formats import detect_format, read_records, to_messages
+from qlora.io import StageError, atomic_dir, read_jsonl, write_jsonl
+from qlora.models import load_tokenizer
+from qlora.params import DatasetParams
 
 CHAT = {
     "messages": [

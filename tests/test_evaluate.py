@@ -17,8 +17,9 @@ import torch
 import yaml
 
 from conftest import REPO, alpaca_rows, tiny_params
+from qlora import evaluation
+from qlora.io import StageError, read_jsonl, write_jsonl
 from stages import evaluate
-from stages.io import StageError, read_jsonl, write_jsonl
 
 ADAPTER = Path("data/prepared/adapter")
 
@@ -88,13 +89,13 @@ def test_three_variants_benchmarked_with_the_same_settings(evaluated):
     assert settings["lm_eval_version"] == "0.4.13" and settings["device"] == "cpu"
 
     variants = metrics["variants"]
-    assert list(variants) == ["base_full", "base_nf4", "adapter_nf4"]
+    assert list(variants) == ["base_full", "base_4bit", "adapter_4bit"]
     assert variants["base_full"]["label"] == "base (float32)"
     assert variants["base_full"]["quantization"] is None
-    assert variants["base_nf4"]["quantization"] == "nf4+double_quant"
+    assert variants["base_4bit"]["quantization"] == "nf4+double_quant"
     # 4-bit weights take less memory; the adapter adds its LoRA matrices on top.
-    assert variants["base_nf4"]["memory_bytes"] < variants["base_full"]["memory_bytes"]
-    assert variants["adapter_nf4"]["memory_bytes"] > variants["base_nf4"]["memory_bytes"]
+    assert variants["base_4bit"]["memory_bytes"] < variants["base_full"]["memory_bytes"]
+    assert variants["adapter_4bit"]["memory_bytes"] > variants["base_4bit"]["memory_bytes"]
     expected = {
         "docstring_loss": {"bits_per_byte": False, "byte_perplexity": False},
         "docstring_choice": {"acc": True, "acc_norm": True},
@@ -126,7 +127,7 @@ def test_docstring_loss_matches_a_hand_computed_value(evaluated):
 
 def test_the_adapter_changes_the_scores_and_the_answers(evaluated):
     variants = json.loads((evaluated / "reports/eval/metrics.json").read_text())["variants"]
-    base, adapted = variants["base_nf4"]["metrics"], variants["adapter_nf4"]["metrics"]
+    base, adapted = variants["base_4bit"]["metrics"], variants["adapter_4bit"]["metrics"]
     for task, metric in [("docstring_loss", "bits_per_byte"), ("prose_guard", "bits_per_byte")]:
         assert adapted[task][metric]["value"] != base[task][metric]["value"], (task, metric)
 
@@ -135,11 +136,11 @@ def test_the_adapter_changes_the_scores_and_the_answers(evaluated):
     assert [e["id"] for e in examples] == [r["id"] for r in rows]
     for example, row in zip(examples, rows, strict=True):
         assert example["prompt"] == row["prompt"] and example["reference"] == row["response"]
-        assert set(example["outputs"]) == {"base_full", "base_nf4", "adapter_nf4"}
+        assert set(example["outputs"]) == {"base_full", "base_4bit", "adapter_4bit"}
         # A random model rarely emits its end-of-turn token: each answer has new text, and
         # the special tokens are dropped.
         assert all(o and "<|im_end|>" not in o for o in example["outputs"].values())
-    assert any(e["outputs"]["adapter_nf4"] != e["outputs"]["base_nf4"] for e in examples)
+    assert any(e["outputs"]["adapter_4bit"] != e["outputs"]["base_4bit"] for e in examples)
 
 
 def test_unknown_task_is_named_before_any_model_loads(workspace):
@@ -160,7 +161,7 @@ def test_a_failing_variant_leaves_previous_results_untouched(workspace):
     save_random_adapter(workspace / "data/prepared/base_model", workspace / ADAPTER)
     weights = workspace / ADAPTER / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # a truncated copy
-    with pytest.raises(StageError, match="adapter_nf4"):
+    with pytest.raises(StageError, match="adapter_4bit"):
         evaluate.main()
     assert json.loads((out / "metrics.json").read_text()) == previous
     assert not (out / "examples.json").exists()
@@ -185,7 +186,7 @@ def test_metrics_keep_filters_and_turn_missing_stderr_into_null():
             "prose_guard": {"bits_per_byte": False},
         },
     }
-    assert evaluate.task_metrics(results, "v") == {
+    assert evaluation.task_metrics(results, "v") == {
         "gsm8k": {
             "exact_match,strict-match": {"value": 0.25, "stderr": 0.05, "higher_is_better": True}
         },
@@ -193,11 +194,11 @@ def test_metrics_keep_filters_and_turn_missing_stderr_into_null():
     }
     results["results"]["prose_guard"]["bits_per_byte,none"] = float("nan")
     with pytest.raises(StageError, match="v: prose_guard/bits_per_byte,none"):
-        evaluate.task_metrics(results, "v")
+        evaluation.task_metrics(results, "v")
 
 
 def test_bootstrap_stderr_matches_the_textbook_value_for_a_mean():
-    from stages.evaluate import bootstrap_stderr
+    from qlora.evaluation import bootstrap_stderr
 
     def mean(xs):
         return sum(xs) / len(xs)

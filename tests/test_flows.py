@@ -48,7 +48,7 @@ TOY_STAGE = textwrap.dedent(
     elif name == "validate":
         rows = len(pathlib.Path("data.txt").read_text().splitlines())
         need = params["validate"]["min_rows"]
-        if rows < need:  # as stages.io.run_stage reports a StageError
+        if rows < need:  # as qlora.io.run_stage reports a StageError
             print(f"[validate] FAILED: data.txt has {rows} rows, fewer than "
                   f"validate.min_rows={need}", file=sys.stderr)
             sys.exit(1)
@@ -125,16 +125,16 @@ def eval_metrics_fixture() -> dict:
         "settings": {"tasks": ["docstring_loss", "docstring_choice"], "batch_size": 4},
         "variants": {
             "base_full": variant("base (float32)", 1.20, 0.40),
-            "base_nf4": variant("base (nf4+double_quant)", 1.25, 0.38),
-            "adapter_nf4": variant("base + adapter (nf4+double_quant)", 1.05, 0.55),
+            "base_4bit": variant("base (nf4+double_quant)", 1.25, 0.38),
+            "adapter_4bit": variant("base + adapter (nf4+double_quant)", 1.05, 0.55),
         },
     }
 
 
 def gate_fixture(metrics: dict) -> dict:
     """The gate stage's own decision on the fixture metrics, so the schema cannot drift."""
-    from stages.gate import decide
-    from stages.params import GateParams
+    from qlora.gate import decide
+    from qlora.params import GateParams
 
     params = GateParams.model_validate(
         {
@@ -730,7 +730,7 @@ def test_metrics_table_puts_variants_side_by_side_and_signs_the_change_as_better
 
 def test_gate_markdown_shows_decision_checks_and_reasons():
     metrics = eval_metrics_fixture()
-    metrics["variants"]["adapter_nf4"]["metrics"]["docstring_choice"]["acc"]["value"] = 0.2
+    metrics["variants"]["adapter_4bit"]["metrics"]["docstring_choice"]["acc"]["value"] = 0.2
     md = ra.gate_markdown(gate_fixture(metrics))
     assert md.startswith("# Gate: REJECTED ❌")
     assert "| docstring_choice | acc | 0.38 | 0.2 | -47.37% | -10.0% | ❌ |" in md

@@ -7,9 +7,9 @@ import copy
 
 import pytest
 
-from stages.gate import decide, decide_vs_champion, relative_gain
-from stages.io import StageError
-from stages.params import GateParams
+from qlora.gate import decide, decide_vs_champion, relative_gain
+from qlora.io import StageError
+from qlora.params import GateParams
 
 
 def metric(value, higher_is_better, stderr=0.01):
@@ -29,8 +29,8 @@ def results(adapter_bpb=0.80, adapter_guard=2.00, adapter_acc=0.60) -> dict:
     return {
         "variants": {
             "base_full": variant(0.98, 1.98, 0.52),
-            "base_nf4": variant(1.00, 2.00, 0.50),
-            "adapter_nf4": variant(adapter_bpb, adapter_guard, adapter_acc),
+            "base_4bit": variant(1.00, 2.00, 0.50),
+            "adapter_4bit": variant(adapter_bpb, adapter_guard, adapter_acc),
         }
     }
 
@@ -76,8 +76,8 @@ def test_a_primary_metric_that_was_not_evaluated_is_a_config_error():
     rules.primary.metric = "rouge"
     with pytest.raises(StageError, match=r"docstring_loss/rouge is not in .*available"):
         decide(results(), rules)
-    with pytest.raises(StageError, match="adapter_nf4"):
-        decide({"variants": {"base_nf4": {}}}, RULES)
+    with pytest.raises(StageError, match="adapter_4bit"):
+        decide({"variants": {"base_4bit": {}}}, RULES)
 
 
 def noisy(metrics: dict, stderr: float) -> dict:

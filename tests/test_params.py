@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from stages.params import ParamsError, load_params
+from qlora.params import ParamsError, load_params
 
 
 def test_shipped_params_file_is_valid():

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from conftest import REPO, alpaca_rows, make_tiny_model_dir, tiny_params
-from stages.io import pipeline_env, write_jsonl
+from qlora.io import pipeline_env, write_jsonl
 
 pytestmark = pytest.mark.slow
 # Outputs of the developer's own runs: the copy must build them itself.
@@ -102,7 +102,7 @@ def test_every_stage_runs_and_writes_its_outputs(pipeline_run):
     assert set(lock["stages"]) == set(STAGES)
 
     metrics = json.loads((work / "reports/eval/metrics.json").read_text())
-    assert set(metrics["variants"]) == {"base_full", "base_nf4", "adapter_nf4"}
+    assert set(metrics["variants"]) == {"base_full", "base_4bit", "adapter_4bit"}
     gate = json.loads((work / "reports/gate.json").read_text())
     assert gate["decision"] in {"promoted", "rejected"} and gate["reasons"]
     for name in ("metrics.json", "train_loss.json", "eval_loss.json"):
@@ -194,7 +194,7 @@ def test_a_qwen2_model_with_biased_projections_and_untied_embeddings_runs_the_da
     train = json.loads((work / "reports/train/metrics.json").read_text())
     assert train["steps"] == 3 and math.isfinite(train["final_eval_loss"])
     metrics = json.loads((work / "reports/eval/metrics.json").read_text())
-    assert set(metrics["variants"]) == {"base_full", "base_nf4", "adapter_nf4"}
+    assert set(metrics["variants"]) == {"base_full", "base_4bit", "adapter_4bit"}
     gate = json.loads((work / "reports/gate.json").read_text())
     assert gate["decision"] == "rejected"
     assert any("docstring_loss/bits_per_byte" in r for r in gate["reasons"]), gate["reasons"]

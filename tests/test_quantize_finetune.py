@@ -9,10 +9,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from qlora import training
+from qlora.io import StageError
+from qlora.params import QuantizeParams
+from qlora.quantization import measure
 from stages import finetune
-from stages.io import StageError
-from stages.params import QuantizeParams
-from stages.quantize import measure
 
 
 def expected_bits_per_linear_weight(shapes: list[tuple[int, int]]) -> float:
@@ -62,12 +63,12 @@ def test_finetune_trains_an_adapter_in_standard_peft_format(workspace):
 
 
 def test_a_target_module_that_matches_no_layer_is_named(workspace, monkeypatch):
-    from stages.params import load_params
+    from qlora.params import load_params
 
     params = load_params()
     params.finetune.lora.target_modules = ["attention_qkv"]
     with pytest.raises(StageError, match=r"target_modules=\['attention_qkv'\]"):
-        finetune.lora_model(params, trust_remote_code=False)
+        training.lora_model(params, trust_remote_code=False)
 
 
 def test_a_nan_loss_stops_training_with_a_clear_error():
@@ -75,20 +76,20 @@ def test_a_nan_loss_stops_training_with_a_clear_error():
         global_step = 7
 
     with pytest.raises(StageError, match="diverged: loss = nan at step 7"):
-        finetune.DivergenceGuard().on_log(None, State(), None, logs={"loss": float("nan")})
-    finetune.DivergenceGuard().on_log(None, State(), None, logs={"loss": 1.5})
+        training.DivergenceGuard().on_log(None, State(), None, logs={"loss": float("nan")})
+    training.DivergenceGuard().on_log(None, State(), None, logs={"loss": 1.5})
 
 
 def test_optimizer_is_paged_only_on_cuda():
     expected = "paged_adamw_32bit" if torch.cuda.is_available() else "adamw_torch"
-    assert finetune.optimizer_name("auto") == expected
-    assert finetune.optimizer_name("adamw_torch") == "adamw_torch"
+    assert training.optimizer_name("auto") == expected
+    assert training.optimizer_name("adamw_torch") == "adamw_torch"
 
 
 def test_an_adapter_is_refused_on_a_different_base(workspace, tmp_path_factory):
     from conftest import make_tiny_model_dir
-    from stages.models import check_adapter_base, load_adapted
-    from stages.params import load_params
+    from qlora.models import check_adapter_base, load_adapted
+    from qlora.params import load_params
 
     finetune.main()
     adapter = workspace / "data/prepared/adapter"
@@ -104,7 +105,7 @@ def test_out_of_memory_names_the_parameters_to_lower(workspace, monkeypatch):
     def no_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(finetune.Trainer, "train", no_memory)
+    monkeypatch.setattr(training.Trainer, "train", no_memory)
     with pytest.raises(StageError) as err:
         finetune.main()
     message = str(err.value)

@@ -22,9 +22,9 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from stages.cli import EXIT_REJECTED, app
-from stages.io import StageError, pipeline_env, weights_identity, write_json
-from stages.registry import TEST_PAUSE_ENV, Registry, dvc_manifest, promote, rollback
+from qlora.cli import EXIT_REJECTED, app
+from qlora.io import StageError, pipeline_env, weights_identity, write_json
+from qlora.registry import TEST_PAUSE_ENV, Registry, dvc_manifest, promote, rollback
 from tests.conftest import tiny_params
 
 TOY_FINETUNE = """import json, pathlib, shutil
@@ -78,8 +78,8 @@ def scores(bpb=0.80, guard=2.00, acc=0.60) -> dict:
     return {
         "variants": {
             "base_full": variant(0.98, 1.98, 0.52),
-            "base_nf4": variant(1.00, 2.00, 0.50),
-            "adapter_nf4": variant(bpb, guard, acc),
+            "base_4bit": variant(1.00, 2.00, 0.50),
+            "adapter_4bit": variant(bpb, guard, acc),
         }
     }
 
@@ -169,7 +169,7 @@ def test_promotion_registers_the_adapter_with_its_lineage_card_and_the_champion_
     head = run(["git", "rev-parse", "HEAD"], repo).stdout.strip()
     assert event["git_commit"] == head == lineage["git"]["commit"]
     assert lineage["params"] == yaml.safe_load((repo / "params.yaml").read_text())
-    assert lineage["metrics"]["variants"]["adapter_nf4"]["metrics"]["docstring_loss"]
+    assert lineage["metrics"]["variants"]["adapter_4bit"]["metrics"]["docstring_loss"]
     assert lineage["base_weights_sha256"] == weights_identity(repo / "data/prepared/base_model")
     for name in ("adapter_config.json", "adapter_model.safetensors", "base_identity.json"):
         assert (reg.path("v1") / name).read_bytes() == (repo / "adapter_src" / name).read_bytes()
@@ -189,7 +189,7 @@ def test_promotion_registers_the_adapter_with_its_lineage_card_and_the_champion_
 
 
 def test_a_card_names_the_hub_base_so_the_folder_can_be_pushed_as_it_is():
-    from stages.model_card import base_model_id
+    from qlora.model_card import base_model_id
 
     assert base_model_id("embedded:smollm2-135m-instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert (
@@ -329,7 +329,7 @@ def start_promote(repo: Path, pause_at: str | None = None) -> subprocess.Popen:
     if pause_at:
         env[TEST_PAUSE_ENV] = pause_at
     return subprocess.Popen(
-        [sys.executable, "-m", "stages.cli", "promote", "--registry", "registry"],
+        [sys.executable, "-m", "qlora.cli", "promote", "--registry", "registry"],
         cwd=repo,
         env=env,
         stdout=subprocess.PIPE,

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from stages.io import StageError
-from stages.report import (
+from qlora.io import StageError
+from qlora.report import (
     fmt,
     fmt_bytes,
     fmt_duration,
@@ -31,7 +31,7 @@ from stages.report import (
     load_compare,
     render_report,
 )
-from stages.report_plots import nice_ticks
+from qlora.report_plots import nice_ticks
 
 FIXTURES = Path(__file__).parent / "fixtures" / "report"
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -131,7 +131,7 @@ def test_rejected_decision_is_red(root: Path):
 @pytest.mark.parametrize(("se", "expected"), [(0.03, "excludes 0"), (0.2, "includes 0")])
 def test_confidence_interval_from_stderr(root: Path, se: float, expected: str):
     def with_stderr(m):
-        for v in ("base_nf4", "adapter_nf4"):
+        for v in ("base_4bit", "adapter_4bit"):
             m["variants"][v]["metrics"]["docstring_loss"]["bits_per_byte"]["stderr"] = se
 
     edit_json(root / "reports" / "eval" / "metrics.json", with_stderr)
@@ -147,7 +147,7 @@ def test_metric_table_has_every_value_and_marks_the_best(root: Path):
     html, md = render(root)
     variants = load(root, "eval/metrics.json")["variants"]
     rows = metric_table_rows(html)
-    names = ("base_full", "base_nf4", "adapter_nf4")
+    names = ("base_full", "base_4bit", "adapter_4bit")
     expected_keys = {(t, m) for t, ms in variants["base_full"]["metrics"].items() for m in ms}
     assert set(rows) == expected_keys
     for (task, metric), cells in rows.items():
@@ -159,14 +159,14 @@ def test_metric_table_has_every_value_and_marks_the_best(root: Path):
             assert ("best" in css) == (value == pick(values)), (task, metric, css)
             if entry["stderr"] is not None:
                 assert f"&plusmn; {fmt(entry['stderr'], 2)}" in text
-    adapter_bpb = variants["adapter_nf4"]["metrics"]["docstring_loss"]["bits_per_byte"]["value"]
+    adapter_bpb = variants["adapter_4bit"]["metrics"]["docstring_loss"]["bits_per_byte"]["value"]
     assert f"**{fmt(adapter_bpb)}**" in md
 
 
 def test_quantization_keeps_share_is_direction_aware(root: Path):
     html, _ = render(root)
     full = load(root, "eval/metrics.json")["variants"]["base_full"]["metrics"]
-    nf4 = load(root, "eval/metrics.json")["variants"]["base_nf4"]["metrics"]
+    nf4 = load(root, "eval/metrics.json")["variants"]["base_4bit"]["metrics"]
     quant = html[html.index('id="quantization"') : html.index('id="training"')]
     loss_kept = (
         full["docstring_loss"]["bits_per_byte"]["value"]
@@ -299,10 +299,10 @@ def test_git_revision_dirty_state_and_compare_column(root: Path):
     git("commit", "-qm", "previous run")
     head = git("rev-parse", "HEAD")
     metrics = root / "reports" / "eval" / "metrics.json"
-    previous = load(root, "eval/metrics.json")["variants"]["adapter_nf4"]["metrics"]
+    previous = load(root, "eval/metrics.json")["variants"]["adapter_4bit"]["metrics"]
     edit_json(
         metrics,
-        lambda m: m["variants"]["adapter_nf4"]["metrics"]["docstring_choice"]["acc"].update(
+        lambda m: m["variants"]["adapter_4bit"]["metrics"]["docstring_choice"]["acc"].update(
             value=0.6042
         ),
     )

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import yaml
 
+from qlora import training
 from stages import finetune
 
 ADAPTER = Path("data/prepared/adapter/adapter_model.safetensors")
@@ -37,10 +38,10 @@ def test_two_runs_give_byte_identical_adapters(workspace):
 def test_incomplete_checkpoint_is_skipped(tmp_path):
     sealed, cut = tmp_path / "checkpoint-4", tmp_path / "checkpoint-6"
     sealed.mkdir()
-    (sealed / finetune.COMPLETE).write_text("4")
+    (sealed / training.COMPLETE).write_text("4")
     cut.mkdir()
     (cut / "adapter_model.safetensors").write_bytes(b"half a file")
-    assert finetune.last_complete_checkpoint(tmp_path) == sealed
+    assert training.last_complete_checkpoint(tmp_path) == sealed
     assert not cut.exists()
 
 
@@ -57,7 +58,7 @@ def test_sigkill_mid_training_then_rerun_resumes_to_the_same_adapter(workspace):
     )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
-        if list((workspace / finetune.WORK_DIR).glob(f"*/checkpoint-*/{finetune.COMPLETE}")):
+        if list((workspace / training.WORK_DIR).glob(f"*/checkpoint-*/{training.COMPLETE}")):
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.01)

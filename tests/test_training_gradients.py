@@ -1,7 +1,7 @@
 """QLoRA gradients against ground truth: a fresh model's, on the same batch.
 
 bitsandbytes repacks 4-bit weights for CPU inference after a no-grad eval-mode forward on
-CPUs with AVX512-BF16, and the repacked path has no autograd (stages/models.py,
+CPUs with AVX512-BF16, and the repacked path has no autograd (qlora/models.py,
 keep_4bit_layout_trainable). The Trainer's step-0 validation loss is such a forward, so the
 tests below run one before the training step and compare the LoRA gradients with those of
 a model that never ran it. On a CPU without AVX512-BF16 the real kernel cannot run, so the
@@ -18,10 +18,10 @@ import torch
 from bitsandbytes.functional import has_avx512bf16
 
 from conftest import make_tiny_model_dir, tiny_params
-from stages import finetune
-from stages.chat import encode, render
-from stages.models import load_4bit, load_tokenizer
-from stages.params import Params
+from qlora import training
+from qlora.chat import encode, render
+from qlora.models import load_4bit, load_tokenizer
+from qlora.params import Params
 
 CPU_HAS_AVX512BF16 = has_avx512bf16()
 NO_AVX512BF16 = (
@@ -90,9 +90,9 @@ def no_grad_evaluation(model, inputs) -> None:
 
 def test_lora_gradients_after_an_evaluation_equal_a_fresh_models(base_dir, cpu):
     params, inputs = params_for(base_dir), batch(base_dir)
-    expected = lora_gradients(finetune.lora_model(params, False, base_dir), inputs)
+    expected = lora_gradients(training.lora_model(params, False, base_dir), inputs)
 
-    model = finetune.lora_model(params, False, base_dir)
+    model = training.lora_model(params, False, base_dir)
     no_grad_evaluation(model, inputs)
     got = lora_gradients(model, inputs)
 
@@ -105,7 +105,7 @@ def test_lora_gradients_after_an_evaluation_equal_a_fresh_models(base_dir, cpu):
 
 def test_the_training_models_4bit_layers_never_switch_to_the_packed_layout(base_dir, cpu):
     params, inputs = params_for(base_dir), batch(base_dir)
-    model = finetune.lora_model(params, False, base_dir)
+    model = training.lora_model(params, False, base_dir)
     no_grad_evaluation(model, inputs)
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers, "the training model has no 4-bit layers"

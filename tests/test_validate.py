@@ -15,8 +15,9 @@ import pytest
 import yaml
 
 from conftest import REPO
+from qlora import validation
+from qlora.io import StageError, read_json
 from stages import validate
-from stages.io import StageError, read_json
 
 
 def clean_rows(n: int = 20) -> list[dict]:
@@ -54,7 +55,7 @@ def outside(tmp_path, monkeypatch) -> Path:
 
 
 def check(path: Path, capsys, tokenizer: Path | None, **kw) -> tuple[int, str]:
-    code = validate.cli_validate(
+    code = validation.cli_validate(
         str(path), tokenizer_dir=str(tokenizer) if tokenizer else None, **kw
     )
     out = capsys.readouterr()
@@ -313,7 +314,7 @@ def prepared(user: str, answer: str) -> dict:
 
 
 def test_leakage_by_ngram_overlap_despite_a_new_name():
-    from stages import data_checks as dc
+    from qlora import data_checks as dc
 
     def function(name: str, k: int) -> str:
         body = "".join(f"    total_{j} = values[{j}] * {k} + offset_{j}\n" for j in range(6))
@@ -339,11 +340,11 @@ def test_leakage_by_ngram_overlap_despite_a_new_name():
 
 
 def test_every_check_has_a_severity_in_the_shipped_params():
-    from stages.params import ValidateParams
+    from qlora.params import ValidateParams
 
     shipped = yaml.safe_load((REPO / "params.yaml").read_text())["validate"]
     v = ValidateParams.model_validate(shipped)
-    frame = validate.dc.build_frame({1: prepared("a", "b")}, None, 64)
-    validate.dc.add_leakage(frame, frame, 8, 0.5, 0.1)
-    planned = {c.name for c in validate.plan_checks(v, frame, 1, 64)}
+    frame = validation.dc.build_frame({1: prepared("a", "b")}, None, 64)
+    validation.dc.add_leakage(frame, frame, 8, 0.5, 0.1)
+    planned = {c.name for c in validation.plan_checks(v, frame, 1, 64)}
     assert planned == set(shipped["checks"])

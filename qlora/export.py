@@ -20,8 +20,9 @@ from pathlib import Path
 
 import torch
 
-from stages.io import StageError, atomic_dir, write_json
-from stages.models import BASE_MODEL_DIR, DTYPES, check_adapter_base, load_full, load_tokenizer
+from qlora.artifacts import BASE_MODEL_DIR
+from qlora.io import StageError, atomic_dir, write_json
+from qlora.models import DTYPES, check_adapter_base, load_full, load_tokenizer
 
 # Largest KL(base+adapter || merged export), in nats, over every position of the prompts.
 # Measured on the default run (SmolLM2-135M, r=16 adapter; 4 prompts): float16 3e-5,

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import typer
 
-from stages.io import pipeline_env
+from qlora import artifacts
+from qlora.io import pipeline_env
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
 flow_app = typer.Typer(help="Prefect flows that drive the DVC pipeline.", no_args_is_help=True)
@@ -84,7 +85,7 @@ def validate(
     max_length: int = typer.Option(None, "--max-length", help="max tokens (default: params)"),
 ) -> None:
     """Check a dataset file; exit 0 if it passes, 1 with every failed check if not."""
-    from stages.validate import cli_validate
+    from qlora.validation import cli_validate
 
     raise typer.Exit(cli_validate(path, fmt, tokenizer, max_length))
 
@@ -94,8 +95,8 @@ def report(
     compare: str = typer.Option(None, "--compare", help="git revision to compare against"),
 ) -> None:
     """Render reports/report.html and report.md again, optionally beside an older revision."""
-    from stages.io import run_stage
-    from stages.report import main as report_main
+    from qlora.io import run_stage
+    from qlora.report import main as report_main
 
     run_stage("report", lambda: report_main(compare_rev=compare))
 
@@ -124,7 +125,7 @@ def _fail(e: Exception) -> None:
 
 
 def _registry(path: Path | None):
-    from stages.registry import Registry
+    from qlora.registry import Registry
 
     return Registry(path)
 
@@ -141,9 +142,9 @@ def promote(
     It must pass the gate against its base and be no worse than the champion (gate.champion).
     Exit 0: promoted; 3: registered but rejected, the champion stays; 1: nothing registered.
     """
-    from stages.io import StageError
-    from stages.params import ParamsError
-    from stages.registry import promote as register
+    from qlora.io import StageError
+    from qlora.params import ParamsError
+    from qlora.registry import promote as register
 
     reg = _registry(registry)
     try:
@@ -161,7 +162,7 @@ def promote(
 @registry_app.command("list")
 def registry_list(registry: Path = REGISTRY_OPTION) -> None:
     """Every registered version, oldest first, and where the champion alias points."""
-    from stages.io import StageError
+    from qlora.io import StageError
 
     reg = _registry(registry)
     try:
@@ -200,7 +201,7 @@ def registry_show(
     as_json: bool = typer.Option(False, "--json", help="print the whole lineage.json"),
 ) -> None:
     """A version's decision with its reasons, metrics and lineage."""
-    from stages.io import StageError
+    from qlora.io import StageError
 
     reg = _registry(registry)
     try:
@@ -248,8 +249,8 @@ def registry_rollback(
     registry: Path = REGISTRY_OPTION,
 ) -> None:
     """Move the champion alias back; the versions and their records stay as they are."""
-    from stages.io import StageError
-    from stages.registry import rollback
+    from qlora.io import StageError
+    from qlora.registry import rollback
 
     try:
         event = rollback(_registry(registry), version, reason)
@@ -261,7 +262,7 @@ def registry_rollback(
 @registry_app.command("verify")
 def registry_verify(registry: Path = REGISTRY_OPTION) -> None:
     """Check every registered file against the hash recorded for it."""
-    from stages.io import StageError
+    from qlora.io import StageError
 
     reg = _registry(registry)
     try:
@@ -287,13 +288,13 @@ def export(
         None, "--dtype", help="bfloat16 | float16 | float32 (default: base.save_dtype)"
     ),
     base: Path = typer.Option(
-        Path("data/prepared/base_model"), "--base", help="the base the adapter was trained on"
+        artifacts.BASE_MODEL_DIR, "--base", help="the base the adapter was trained on"
     ),
     registry: Path = REGISTRY_OPTION,
 ) -> None:
     """Export a registered version: the adapter as is, or merged into its base."""
-    from stages.io import StageError
-    from stages.registry import export_adapter
+    from qlora.io import StageError
+    from qlora.registry import export_adapter
 
     if merged is None and adapter is None:
         _fail(ValueError("say what to export: --merged DIR and/or --adapter DIR"))
@@ -304,7 +305,7 @@ def export(
             export_adapter(reg, version, adapter)
             typer.echo(f"{version}: adapter, model card and lineage in {adapter}")
         if merged is not None:
-            from stages.export import export_merged
+            from qlora.export import export_merged
 
             broken = reg.check_version(version)
             if broken:

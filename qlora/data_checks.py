@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from stages.chat import encode, render
-from stages.formats import REQUIRED, to_messages
-from stages.io import read_jsonl_numbered
+from qlora.chat import encode, render
+from qlora.formats import REQUIRED, to_messages
+from qlora.io import read_jsonl_numbered
 
 ROLES = ("system", "user", "assistant")
 # Fields of a prepared split row (stages/dataset.py) and the types training relies on.
@@ -104,7 +104,7 @@ def _message_problems(messages) -> tuple[str | None, str | None]:
 def schema_problems(row: dict, fmt: str | None) -> tuple[str | None, str | None]:
     """(schema problem, missing value) of one row, each None when there is none.
 
-    fmt None means a prepared split row; else one of stages.formats.FORMATS.
+    fmt None means a prepared split row; else one of qlora.formats.FORMATS.
     """
     fields = PREPARED_FIELDS if fmt is None else dict.fromkeys(REQUIRED[fmt], str)
     if fmt == "chat":
@@ -143,7 +143,7 @@ def normalise(text: str) -> str:
 def _derive(messages: list[dict]) -> dict:
     roles = [m["role"] for m in messages]
     users = [m["content"] for m in messages if m["role"] == "user"]
-    # Only the last answer is trained (stages/chat.py), so it is "the response".
+    # Only the last answer is trained (qlora/chat.py), so it is "the response".
     response = messages[-1]["content"] if roles[-1] == "assistant" else None
     text = "\n".join(m["content"] for m in messages)
     return {

@@ -35,19 +35,19 @@ from pathlib import Path
 
 import yaml
 
-from stages.gate import decide_vs_champion
-from stages.io import StageError, pipeline_env, read_json, sha256_of
-from stages.params import load_params
+from qlora import artifacts
+from qlora.gate import decide_vs_champion
+from qlora.io import StageError, pipeline_env, read_json, sha256_of
+from qlora.params import load_params
 
 REGISTRY_ENV = "QLORA_REGISTRY"
 DEFAULT_DIR = Path("registry")
 INDEX, LOCK, LINEAGE, CARD = "index.jsonl", ".lock", "lineage.json", "README.md"
 ALIAS = "champion"
-# Same path as stages.models.ADAPTER_DIR; not imported from there because that module loads
-# torch and transformers, and `qlora registry list` should start in a second.
-ADAPTER_DIR = Path("data/prepared/adapter")
-METRICS = Path("reports/eval/metrics.json")
-GATE = Path("reports/gate.json")
+# From the torch-free artifacts module, so the registry starts without loading torch.
+ADAPTER_DIR = artifacts.ADAPTER_DIR
+METRICS = artifacts.EVAL_METRICS
+GATE = artifacts.GATE_REPORT
 # A promotion holds the lock for seconds (copying ~20 MB); ten minutes means a stuck peer.
 LOCK_TIMEOUT_S = 600.0
 # Test hook: a promotion whose environment names one of its steps here prints
@@ -349,7 +349,7 @@ def evaluation_inputs(stages: dict) -> dict:
 
 def build_lineage(root: Path) -> dict:
     """Everything needed to rebuild the adapter: code, data and base hashes, params."""
-    from stages.report import git_state, package_versions
+    from qlora.report import git_state, package_versions
 
     stages = _lock_stages(root)
     adapter = next(
@@ -424,7 +424,7 @@ def promote(
     alias to it when the gate passed and it is not worse than the champion. Returns the
     index event. Refuses (StageError, nothing written) a workspace that differs from
     dvc.lock: the lineage would not describe the files."""
-    from stages.model_card import render_card
+    from qlora.model_card import render_card
 
     root = Path(root)
     reg = registry or Registry(root / default_dir())
@@ -536,7 +536,7 @@ def rollback(reg: Registry, version: str | None = None, reason: str = "") -> dic
 
 def export_adapter(reg: Registry, version: str, out_dir: Path) -> Path:
     """Copy a registered version (adapter + card + lineage) to out_dir, checked first."""
-    from stages.io import atomic_dir
+    from qlora.io import atomic_dir
 
     broken = reg.check_version(version)
     if broken:

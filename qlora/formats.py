@@ -14,7 +14,7 @@ import csv
 import json
 from pathlib import Path
 
-from stages.io import StageError, read_jsonl
+from qlora.io import StageError, read_jsonl
 
 FORMATS = ("alpaca", "chat", "prompt_completion")
 REQUIRED = {

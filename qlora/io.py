@@ -157,7 +157,7 @@ def pipeline_env() -> dict[str, str]:
 
 def run_stage(name: str, main: Callable[[], None]) -> None:
     """Entry point of `python -m stages.<name>`: time it, turn known errors into messages."""
-    from stages.params import ParamsError  # local: params imports nothing from here
+    from qlora.params import ParamsError  # local: params imports nothing from here
 
     start = time.perf_counter()
     print(f"[{name}] started", flush=True)

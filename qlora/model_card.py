@@ -14,9 +14,11 @@ from pathlib import Path
 
 import yaml
 
+from qlora import artifacts
+
 # Embedded bases (stages/base.py) and the hub model each one carries.
 EMBEDDED_HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
-CANDIDATE = "adapter_nf4"
+CANDIDATE = artifacts.CANDIDATE
 
 
 def base_model_id(source: str) -> str | None:
@@ -54,7 +56,7 @@ def _eval_results(record: dict):
 
 def _metric_table(record: dict) -> list[str]:
     variants = record["metrics"]["variants"]
-    names = [v for v in ("base_full", "base_nf4", CANDIDATE) if v in variants]
+    names = [v for v in artifacts.VARIANTS if v in variants]
     rows = ["| task/metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for task, task_metrics in variants[CANDIDATE]["metrics"].items():
         for name, m in task_metrics.items():

@@ -12,7 +12,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-PARAMS_FILE = Path("params.yaml")
+from qlora.artifacts import PARAMS_FILE
 
 
 class _Section(BaseModel):

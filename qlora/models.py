@@ -18,13 +18,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from stages.io import StageError, read_json, weights_identity
-from stages.params import QuantizeParams
-
-BASE_MODEL_DIR = Path("data/prepared/base_model")
-ADAPTER_DIR = Path("data/prepared/adapter")  # written by finetune, read by evaluate, registry
-# Written next to an adapter by finetune: the sha256 of the base weights it was trained on.
-BASE_IDENTITY = "base_identity.json"
+from qlora.artifacts import BASE_IDENTITY, BASE_MODEL_DIR
+from qlora.io import StageError, read_json, weights_identity
+from qlora.params import QuantizeParams
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

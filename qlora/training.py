@@ -1,0 +1,336 @@
+"""QLoRA training: LoRA adapters on the 4-bit base (the `finetune` stage's library).
+
+The base is loaded through qlora/models.py, exactly as evaluate loads it. Only the
+response tokens are trained (the prompt is masked in the labels, qlora/chat.py). The
+transformers Trainer runs the loop: progress bar, validation loss every `eval_steps`,
+paged AdamW on CUDA, gradient checkpointing when asked.
+Outputs: data/prepared/adapter/ (standard peft format: adapter_config.json +
+adapter_model.safetensors, loadable with plain `PeftModel.from_pretrained`),
+reports/train/metrics.json, reports/train/{train,eval}_loss.json (DVC plots).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from transformers import (
+    DataCollatorForSeq2Seq,
+    Trainer,
+    TrainerCallback,
+    TrainingArguments,
+    set_seed,
+)
+
+from qlora import artifacts
+from qlora.artifacts import BASE_MODEL_DIR
+from qlora.chat import encode
+from qlora.io import StageError, read_jsonl, weights_identity, write_json
+from qlora.models import (
+    compute_dtype,
+    device,
+    keep_4bit_layout_trainable,
+    load_4bit,
+    load_tokenizer,
+)
+from qlora.params import Params
+
+SPLITS_DIR = artifacts.SPLITS_DIR
+TRAIN_DIR = artifacts.TRAIN_DIR
+WORK_DIR = artifacts.FINETUNE_WORK_DIR  # checkpoints: scratch space, not a pipeline output
+COMPLETE = "CHECKPOINT_COMPLETE"  # written after every file of a checkpoint is on disk
+
+
+class DivergenceGuard(TrainerCallback):
+    """Stop at the first NaN or infinite loss: every later step would be wasted."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in ("loss", "eval_loss"):
+            value = (logs or {}).get(key)
+            if value is not None and not math.isfinite(value):
+                raise StageError(
+                    f"training diverged: {key} = {value} at step {state.global_step}; lower "
+                    "finetune.learning_rate or raise finetune.max_grad_norm clipping"
+                )
+
+
+class CheckpointSealer(TrainerCallback):
+    """Mark a checkpoint complete once the Trainer has written all of it (on_save runs after
+    the weights, optimizer, RNG and trainer state are saved). A checkpoint without the mark
+    was cut off mid-save and is never resumed from. The mark also carries the training
+    seconds spent up to it, so a resumed run reports the speed of the whole run."""
+
+    def __init__(self, clock: RunClock):
+        self.clock = clock
+
+    def on_save(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            mark = {"step": state.global_step, "train_seconds": self.clock.total_seconds()}
+            (folder / COMPLETE).write_text(json.dumps(mark))
+
+
+class RunClock(TrainerCallback):
+    """Training seconds of the whole run, across resumes: the seconds recorded in the
+    checkpoint resumed from, plus this process's. Also remembers where this process began
+    (step and tokens), so its own share can be told apart from the run's."""
+
+    def __init__(self, seconds_before: float = 0.0):
+        self.seconds_before = seconds_before
+        self.started: float | None = None
+        self.start_step = 0
+        self.start_tokens = 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # Runs after the Trainer restored the checkpoint's state.
+        self.started = time.perf_counter()
+        self.start_step = state.global_step
+        self.start_tokens = int(state.num_input_tokens_seen)
+
+    def session_seconds(self) -> float:
+        return 0.0 if self.started is None else time.perf_counter() - self.started
+
+    def total_seconds(self) -> float:
+        return self.seconds_before + self.session_seconds()
+
+
+def seconds_recorded_in(checkpoint: Path | None) -> float:
+    """Training seconds a sealed checkpoint recorded (0 for none, or an older mark)."""
+    if checkpoint is None:
+        return 0.0
+    try:
+        return float(json.loads((checkpoint / COMPLETE).read_text())["train_seconds"])
+    except (ValueError, KeyError, TypeError):
+        return 0.0
+
+
+def run_fingerprint(params: Params, files: list[Path], base_dir: Path = BASE_MODEL_DIR) -> str:
+    """Checkpoints are reused only by a run with the same params, the same data and the
+    same base weights (LoRA deltas resumed onto another base would be meaningless)."""
+    h = hashlib.sha256()
+    for section in (params.finetune, params.quantize):
+        h.update(section.model_dump_json().encode())
+    h.update(str(params.dataset.max_length).encode())
+    h.update(json.dumps(weights_identity(base_dir), sort_keys=True).encode())
+    for f in files:
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def last_complete_checkpoint(run_dir: Path) -> Path | None:
+    """The newest sealed checkpoint; unsealed ones (killed while saving) are deleted."""
+    found = []
+    for ckpt in run_dir.glob("checkpoint-*"):
+        if (ckpt / COMPLETE).exists():
+            found.append((int(ckpt.name.split("-")[-1]), ckpt))
+        else:
+            print(f"skipping incomplete checkpoint {ckpt} (cut off while saving)")
+            shutil.rmtree(ckpt, ignore_errors=True)
+    return max(found)[1] if found else None
+
+
+def out_of_memory_advice(params: Params, error: BaseException) -> str:
+    p = params.finetune
+    return (
+        f"out of memory while training ({type(error).__name__}). Lower, in params.yaml: "
+        f"finetune.batch_size (now {p.batch_size}; raise gradient_accumulation_steps to keep "
+        f"the effective batch), dataset.max_length (now {params.dataset.max_length}), or turn "
+        f"on finetune.gradient_checkpointing (now {p.gradient_checkpointing})"
+    )
+
+
+def encode_split(tokenizer, rows: list[dict], max_length: int) -> list[dict]:
+    return [encode(tokenizer, r["prompt"], r["completion"], max_length) for r in rows]
+
+
+def optimizer_name(choice: str) -> str:
+    # Paged optimizers page their state to CPU RAM under GPU memory pressure; on a CPU
+    # there is nothing to page to, so plain AdamW.
+    if choice != "auto":
+        return choice
+    return "paged_adamw_32bit" if torch.cuda.is_available() else "adamw_torch"
+
+
+def lora_model(params: Params, trust_remote_code: bool, base_dir: Path = BASE_MODEL_DIR):
+    p = params.finetune
+    model = load_4bit(params.quantize, base_dir, trust_remote_code)
+    # The validation loss runs before and between training steps: without this, on CPUs
+    # with AVX512-BF16 it would switch the base to a layout that drops gradients.
+    keep_4bit_layout_trainable(model)
+    # Casts norms to fp32 and makes inputs require grads, as QLoRA needs for checkpointing.
+    model = prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=p.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+    config = LoraConfig(
+        r=p.lora.r,
+        lora_alpha=p.lora.alpha,
+        lora_dropout=p.lora.dropout,
+        target_modules=p.lora.target_modules,
+        task_type="CAUSAL_LM",
+    )
+    set_seed(p.seed)  # LoRA's A matrices are initialised randomly: seed them first
+    try:
+        return get_peft_model(model, config)
+    except ValueError as e:
+        raise StageError(f"finetune.lora.target_modules={p.lora.target_modules!r}: {e}") from None
+
+
+def training_args(params: Params, run_dir: Path) -> TrainingArguments:
+    p = params.finetune
+    dtype = compute_dtype(params.quantize.compute_dtype)
+    return TrainingArguments(
+        output_dir=str(run_dir),
+        per_device_train_batch_size=p.batch_size,
+        per_device_eval_batch_size=p.batch_size,
+        gradient_accumulation_steps=p.gradient_accumulation_steps,
+        learning_rate=p.learning_rate,
+        lr_scheduler_type=p.lr_scheduler,
+        warmup_steps=p.warmup_ratio,  # a float below 1 is a fraction of all steps
+        num_train_epochs=p.epochs,
+        max_steps=p.max_steps,
+        weight_decay=p.weight_decay,
+        max_grad_norm=p.max_grad_norm,
+        optim=optimizer_name(p.optimizer),
+        activation_checkpointing=p.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        bf16=dtype == torch.bfloat16 and torch.cuda.is_available(),
+        fp16=dtype == torch.float16 and torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),
+        eval_strategy="steps",
+        eval_steps=p.eval_steps,
+        logging_steps=p.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=p.checkpoint_steps,
+        save_total_limit=2,
+        # Batches of similar length waste little compute on padding (rows of the default
+        # corpus range from 60 to 314 tokens).
+        train_sampling_strategy="group_by_length",
+        seed=p.seed,
+        data_seed=p.seed,
+        full_determinism=p.deterministic,
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+    )
+
+
+def peak_memory_bytes() -> int:
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def loss_curves(log_history: list[dict]) -> tuple[list[dict], list[dict]]:
+    train = [
+        {"step": e["step"], "loss": e["loss"], "learning_rate": e.get("learning_rate")}
+        for e in log_history
+        if "loss" in e and "step" in e
+    ]
+    evals = [{"step": e["step"], "loss": e["eval_loss"]} for e in log_history if "eval_loss" in e]
+    return train, evals
+
+
+def save_adapter(model, out: Path, base_dir: Path = BASE_MODEL_DIR) -> None:
+    """The adapter in plain peft format, byte-stable for the same weights: peft writes
+    target_modules from a set, whose order changes from process to process, so it is
+    rewritten sorted (else DVC sees a new adapter on every rerun). Beside it, the identity
+    of the base it was trained on, which load_adapted checks."""
+    model.save_pretrained(out, safe_serialization=True)
+    config_file = out / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    write_json(out / artifacts.BASE_IDENTITY, {"weights_sha256": weights_identity(base_dir)})
+
+
+@dataclass
+class Trained:
+    model: torch.nn.Module
+    metrics: dict
+    train_curve: list[dict]
+    eval_curve: list[dict]
+    run_dir: Path
+
+
+def train(params: Params) -> Trained:
+    """Train the adapter the params describe, resuming from a sealed checkpoint of the same
+    run if one exists. Writes nothing but checkpoints (under .cache); the caller saves."""
+    p, trust = params.finetune, params.base.trust_remote_code
+    max_length = params.dataset.max_length
+    split_files = [artifacts.split_file("train"), artifacts.split_file("validation")]
+    tokenizer = load_tokenizer(BASE_MODEL_DIR, trust)
+    train_rows, valid_rows = (
+        encode_split(tokenizer, read_jsonl(f), max_length) for f in split_files
+    )
+    model = lora_model(params, trust)
+    trainable, total = model.get_nb_trainable_parameters()
+    run_dir = WORK_DIR / run_fingerprint(params, split_files)
+    resume = last_complete_checkpoint(run_dir)
+    if resume:
+        print(f"resuming from {resume}")
+    clock = RunClock(seconds_recorded_in(resume))
+    trainer = Trainer(
+        model=model,
+        args=training_args(params, run_dir),
+        train_dataset=train_rows,
+        eval_dataset=valid_rows,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        callbacks=[DivergenceGuard(), clock, CheckpointSealer(clock)],
+    )
+    initial_eval = trainer.evaluate()["eval_loss"]  # the curve's starting point, step 0
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        raise StageError(out_of_memory_advice(params, e)) from None
+    session_seconds, total_seconds = clock.session_seconds(), clock.total_seconds()
+    final_eval = trainer.evaluate()["eval_loss"]
+    train_curve, eval_curve = loss_curves(trainer.state.log_history)
+    eval_curve.insert(0, {"step": 0, "loss": initial_eval})
+    eval_curve.append({"step": trainer.state.global_step, "loss": final_eval})
+    eval_curve = list({e["step"]: e for e in eval_curve}.values())  # final may repeat a step
+    tokens = int(trainer.state.num_input_tokens_seen)
+    metrics = {
+        "steps": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        # Whole run: every step and token since step 0, over the training seconds of every
+        # process that worked on it (a killed and resumed run counts both).
+        "train_runtime_s": total_seconds,
+        "trained_tokens": tokens,
+        "tokens_per_s": tokens / total_seconds,
+        # This process alone: after a resume, the steps since the checkpoint.
+        "resumed_from_step": clock.start_step or None,
+        "session": {
+            "steps": trainer.state.global_step - clock.start_step,
+            "runtime_s": session_seconds,
+            "tokens": tokens - clock.start_tokens,
+            "tokens_per_s": (tokens - clock.start_tokens) / session_seconds,
+        },
+        "peak_memory_bytes": peak_memory_bytes(),
+        "final_train_loss": train_curve[-1]["loss"] if train_curve else result.training_loss,
+        "mean_train_loss": result.training_loss,
+        "final_eval_loss": final_eval,
+        "best_eval_loss": min(e["loss"] for e in eval_curve),
+        "trainable_parameters": trainable,
+        "total_parameters": total,
+        "device": device(),
+        "compute_dtype": str(compute_dtype(params.quantize.compute_dtype)).split(".")[-1],
+        "optimizer": optimizer_name(p.optimizer),
+        "lora": p.lora.model_dump(),
+        "learning_rate": p.learning_rate,
+        "train_rows": len(train_rows),
+        "validation_rows": len(valid_rows),
+    }
+    return Trained(model, metrics, train_curve, eval_curve, run_dir)
