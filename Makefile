@@ -1,21 +1,24 @@
 # The two commands a newcomer runs: `make run` and `make test`. Both install what they need
-# into .venv first (once; again when pyproject.toml changes).
+# into .venv first (once; again when pyproject.toml or a lock file changes), at the exact
+# versions of requirements.lock (run time) and requirements-dev.lock (tests, lint).
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint bench clean-venv
+.PHONY: install run test lint bench lock clean-venv
 
 install: $(STAMP)
 
 # torch first, pinned: on these machines 2.13.0 is a CPU wheel on disk; an unpinned torch
 # (or one pulled in by another package) would download a multi-GB CUDA build.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements.lock requirements-dev.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -r requirements.lock -r requirements-dev.lock
+	$(PY) -m pip install --quiet --no-deps -e .
+	$(PY) -m pip check
 	touch $@
 
 run: install
@@ -29,6 +32,12 @@ test: install
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+# After changing pyproject.toml's dependencies: resolve them afresh, then pin what was
+# installed. The lock files are DVC dependencies: stages they affect become stale.
+lock:
+	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m qlora.lockfile
 
 bench: install
 	$(PY) -m benchmarks.run

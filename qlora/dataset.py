@@ -108,8 +108,11 @@ def prose_rows(n_documents: int, max_chars: int, seed: int) -> list[dict]:
     return rows
 
 
-def prepare(p: DatasetParams, tokenizer) -> tuple[dict[str, list[dict]], dict]:
-    raw = read_records(p.source)
+def prepare(
+    p: DatasetParams, tokenizer, revision: str | None = None
+) -> tuple[dict[str, list[dict]], dict]:
+    """Splits and a summary; `revision` pins a hub dataset (the sources stage resolves it)."""
+    raw = read_records(p.source, revision=revision)
     fmt = detect_format(raw, p.format, where=p.source)
     rows, dropped_long, dropped_dup, seen = [], 0, 0, set()
     for i, rec in enumerate(raw, start=1):

@@ -24,13 +24,13 @@ REQUIRED = {
 }
 
 
-def read_records(source: str, split: str = "train") -> list[dict]:
-    """Rows of a local file, or of split `split` of a hub dataset."""
+def read_records(source: str, split: str = "train", revision: str | None = None) -> list[dict]:
+    """Rows of a local file, or of split `split` of a hub dataset (at `revision`)."""
     path = Path(source)
     if not path.exists():
         if path.suffix.lower() in {".jsonl", ".json", ".csv", ".parquet"} or "/" not in source:
             raise StageError(f"dataset.source: {source}: no such file")
-        return _read_hub(source, split)
+        return _read_hub(source, split, revision)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         return read_jsonl(path)
@@ -78,11 +78,11 @@ def _read_csv(path: Path) -> list[dict]:
     return rows
 
 
-def _read_hub(dataset_id: str, split: str) -> list[dict]:
+def _read_hub(dataset_id: str, split: str, revision: str | None = None) -> list[dict]:
     import datasets
 
     try:
-        return list(datasets.load_dataset(dataset_id, split=split))
+        return list(datasets.load_dataset(dataset_id, split=split, revision=revision))
     except Exception as e:  # hub errors come in many classes; the message is what matters
         raise StageError(
             f"dataset.source: {dataset_id!r} is not a local file and could not be loaded from "

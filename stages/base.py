@@ -15,11 +15,13 @@ from qlora.base_model import REPORT, load_source
 from qlora.io import StageError, atomic_dir, run_stage, weights_identity, write_json
 from qlora.models import DTYPES
 from qlora.params import load_params
+from qlora.sources import recorded
 
 
 def main() -> None:
     p = load_params().base
-    model, tokenizer = load_source(p)
+    source = recorded("model")  # what the sources stage fingerprinted for this run
+    model, tokenizer = load_source(p, source.get("resolved_revision"))
     if p.chat_template is not None:
         tokenizer.chat_template = p.chat_template
     if tokenizer.chat_template is None:
@@ -37,6 +39,7 @@ def main() -> None:
         {
             "source": p.source,
             "revision": p.revision,
+            "source_fingerprint": source,
             "architecture": model.config.architectures,
             "parameters": sum(t.numel() for t in model.parameters()),
             "save_dtype": p.save_dtype,

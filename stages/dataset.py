@@ -24,6 +24,7 @@ from qlora.dataset import check_context, choice_rows, prepare, prose_rows
 from qlora.io import atomic_dir, run_stage, write_json, write_jsonl
 from qlora.models import load_tokenizer
 from qlora.params import load_params
+from qlora.sources import recorded
 
 
 def main() -> None:
@@ -31,7 +32,9 @@ def main() -> None:
     p = params.dataset
     check_context(p.max_length, BASE_MODEL_DIR)
     tokenizer = load_tokenizer(BASE_MODEL_DIR, params.base.trust_remote_code)
-    splits, summary = prepare(p, tokenizer)
+    source = recorded("dataset")  # what the sources stage fingerprinted for this run
+    splits, summary = prepare(p, tokenizer, source.get("resolved_revision"))
+    summary["source_fingerprint"] = source
     with atomic_dir(SPLITS_DIR) as out:
         for s in SPLITS:
             write_jsonl(out / f"{s}.jsonl", splits[s])

@@ -143,7 +143,7 @@ def workspace(tmp_path, tiny_model_dir, monkeypatch) -> Path:
     import yaml
 
     from qlora.io import write_jsonl
-    from stages import dataset
+    from stages import dataset, sources
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(tiny_params(tiny_model_dir)))
@@ -151,5 +151,6 @@ def workspace(tmp_path, tiny_model_dir, monkeypatch) -> Path:
     if (REPO / "data/eval_tasks").is_dir():
         shutil.copytree(REPO / "data/eval_tasks", tmp_path / "data/eval_tasks")
     write_jsonl(tmp_path / "data/raw/train.jsonl", alpaca_rows())
+    sources.main()
     dataset.main()
     return tmp_path

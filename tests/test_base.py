@@ -10,7 +10,7 @@ import yaml
 
 from conftest import CHAT_TEMPLATE, tiny_params
 from qlora.io import StageError
-from stages import base
+from stages import base, sources
 
 
 @pytest.fixture
@@ -37,6 +37,7 @@ def test_a_model_without_a_chat_template_names_the_setting(
 ):
     monkeypatch.chdir(tmp_path)
     write_params(tmp_path, no_template_model)
+    sources.main()
     with pytest.raises(StageError, match="has no chat template.*base.chat_template"):
         base.main()
     assert not (tmp_path / "data/prepared/base_model").exists()
@@ -47,6 +48,7 @@ def test_base_chat_template_gives_such_a_model_one(tmp_path, no_template_model, 
 
     monkeypatch.chdir(tmp_path)
     write_params(tmp_path, no_template_model, chat_template=CHAT_TEMPLATE)
+    sources.main()
     base.main()
     saved = AutoTokenizer.from_pretrained(tmp_path / "data/prepared/base_model")
     assert saved.chat_template == CHAT_TEMPLATE

@@ -66,7 +66,7 @@ def answer_bits_per_byte(model_dir: Path, rows: list[dict]) -> float:
 def evaluated(tmp_path_factory, tiny_model_dir) -> Iterator[Path]:
     """One run of the stage shared by the tests that read its outputs (the same set-up as
     conftest's `workspace`, made once for the module)."""
-    from stages import dataset
+    from stages import dataset, sources
 
     root = tmp_path_factory.mktemp("evaluate")
     with pytest.MonkeyPatch.context() as mp:
@@ -75,6 +75,7 @@ def evaluated(tmp_path_factory, tiny_model_dir) -> Iterator[Path]:
         shutil.copytree(tiny_model_dir, root / "data/prepared/base_model")
         shutil.copytree(REPO / "data/eval_tasks", root / "data/eval_tasks")
         write_jsonl(root / "data/raw/train.jsonl", alpaca_rows())
+        sources.main()
         dataset.main()
         save_random_adapter(root / "data/prepared/base_model", root / ADAPTER)
         evaluate.main()
