@@ -18,8 +18,10 @@ import math
 from pathlib import Path
 from typing import Any
 
+from qlora import artifacts
 from qlora.artifacts import BASELINE, CANDIDATE, EVAL_METRICS, REPORT_HTML, REPORT_MD
 from qlora.artifacts import GATE_REPORT as GATE
+from qlora.gate import relative_gain
 
 # Prefect stores artifacts in its database; a report larger than this is cut, with a link.
 MAX_MARKDOWN_CHARS = 60_000
@@ -33,8 +35,8 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}"
 
 
-def _with_stderr(entry: dict) -> str:
-    value, stderr = entry.get("value"), entry.get("stderr")
+def _with_stderr(entry: artifacts.MetricResult) -> str:
+    value, stderr = entry.value, entry.stderr
     if isinstance(stderr, int | float) and not math.isnan(stderr) and stderr > 0:
         return f"{_fmt(value)} ± {_fmt(stderr)}"
     return _fmt(value)
@@ -42,31 +44,27 @@ def _with_stderr(entry: dict) -> str:
 
 def metrics_table(metrics: dict) -> list[dict[str, str]]:
     """One row per task/metric, one column per evaluated variant, plus the adapter's change
-    relative to the NF4 base (signed so that positive is better, as the gate counts it;
-    two decimals, as a tiny model's changes are often below 0.1%)."""
-    variants = metrics.get("variants")
-    if not isinstance(variants, dict) or not variants:
-        raise ValueError("no 'variants' in the evaluation metrics")
+    relative to the 4-bit base (signed so that positive is better, as the gate counts it;
+    two decimals, as a tiny model's changes are often below 0.1%). A metric lm-eval gave
+    no direction has no signed change. Raises ValueError when `metrics` is not metrics.json."""
+    variants = artifacts.EvalMetrics.model_validate(metrics).variants
     keys: list[tuple[str, str]] = []
     for variant in variants.values():
-        for task, task_metrics in (variant.get("metrics") or {}).items():
-            for name in task_metrics:
-                if (task, name) not in keys:
-                    keys.append((task, name))
+        for task, task_metrics in variant.metrics.items():
+            keys.extend((task, name) for name in task_metrics if (task, name) not in keys)
     rows = []
     for task, name in keys:
-        entries = {v: (variants[v].get("metrics") or {}).get(task, {}).get(name) for v in variants}
-        known = next((e for e in entries.values() if e), {})
-        higher = bool(known.get("higher_is_better", True))
-        row = {"task": task, "metric": name, "better": "higher" if higher else "lower"}
+        entries = {v: variants[v].metrics.get(task, {}).get(name) for v in variants}
+        higher = artifacts.higher_is_better(*entries.values())
+        better = artifacts.DIRECTIONS[higher].removesuffix(" is better")
+        row = {"task": task, "metric": name, "better": better}
         for variant, entry in entries.items():
-            row[variants[variant].get("label", variant)] = _with_stderr(entry) if entry else ""
+            row[variants[variant].label or variant] = _with_stderr(entry) if entry else ""
         base, cand = entries.get(BASELINE), entries.get(CANDIDATE)
         change = ""
-        if base and cand and _number(base.get("value")) and _number(cand.get("value")):
-            b, c = base["value"], cand["value"]
-            gain = (c - b) if higher else (b - c)
-            change = f"{gain / abs(b):+.2%}" if b else f"{gain:+.4g}"
+        if base and cand and higher is not None:
+            gain = relative_gain(base.value, cand.value, higher)
+            change = f"{gain:+.2%}" if base.value else f"{gain:+.4g}"
         row["adapter vs NF4 base"] = change
         rows.append(row)
     return rows
@@ -77,43 +75,30 @@ def _number(x: Any) -> bool:
 
 
 def gate_markdown(gate: dict) -> str:
-    decision = str(gate.get("decision", "unknown")).upper()
-    mark = "✅" if gate.get("passed") else "❌"
-    lines = [f"# Gate: {decision} {mark}", ""]
-    if gate.get("summary"):
-        lines += [str(gate["summary"]), ""]
-    primary = gate.get("primary") or {}
-    if primary:
-        lines.append(
-            f"**Primary metric** `{primary.get('task')}/{primary.get('metric')}`: "
-            f"base {_fmt(primary.get('base'))} → adapter {_fmt(primary.get('adapter'))}"
-            + (
-                f" ({primary['relative_change']:+.2%})"
-                if _number(primary.get("relative_change"))
-                else ""
-            )
-        )
-        lines.append("")
-    checks = gate.get("checks") or []
-    if checks:
+    """gate.json as Markdown; raises ValueError when `gate` is not gate.json."""
+    g = artifacts.GateDecision.model_validate(gate)
+    p = g.primary
+    lines = [f"# Gate: {g.decision.upper()} {'✅' if g.passed else '❌'}", "", g.summary, ""]
+    lines += [
+        f"**Primary metric** `{p.task}/{p.metric}`: base {_fmt(p.base)} → adapter "
+        f"{_fmt(p.adapter)} ({p.relative_change:+.2%})",
+        "",
+    ]
+    if g.checks:
         lines += [
             "| task | metric | base | adapter | change | threshold | passed |",
             "|---|---|---|---|---|---|---|",
         ]
-        for c in checks:
-            change = c.get("relative_change")
-            threshold = c.get("threshold")
+        for c in g.checks:
+            change = "" if c.relative_change is None else f"{c.relative_change:+.2%}"
+            verdict = {True: "✅", False: "❌", None: "➖ not judged"}[c.passed]
             lines.append(
-                f"| {c.get('task')} | {c.get('metric')} | {_fmt(c.get('base'))} | "
-                f"{_fmt(c.get('adapter'))} | "
-                f"{f'{change:+.2%}' if _number(change) else ''} | "
-                f"{f'{threshold:+.1%}' if _number(threshold) else ''} | "
-                f"{'✅' if c.get('passed') else '❌'} |"
+                f"| {c.task} | {c.metric} | {_fmt(c.base)} | {_fmt(c.adapter)} | {change} | "
+                f"{c.threshold:+.1%} | {verdict} |"
             )
         lines.append("")
-    reasons = gate.get("reasons") or []
-    if reasons:
-        lines += ["**Reasons**", ""] + [f"- {r}" for r in reasons]
+    if g.reasons:
+        lines += ["**Reasons**", ""] + [f"- {r}" for r in g.reasons]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -200,10 +185,15 @@ def publish_results(
             made["qlora-eval-metrics"] = f"{len(table)} metric(s)"
     gate = _read_json(repo_dir / GATE, notes)
     if gate is not None:
-        create_markdown_artifact(
-            gate_markdown(gate), key="qlora-gate", description="promotion gate decision"
-        )
-        made["qlora-gate"] = str(gate.get("decision"))
+        try:
+            gate_md = gate_markdown(gate)
+        except ValueError as e:
+            notes.append(f"{GATE}: unexpected shape ({e}), no artifact")
+        else:
+            create_markdown_artifact(
+                gate_md, key="qlora-gate", description="promotion gate decision"
+            )
+            made["qlora-gate"] = str(gate.get("decision"))
     html = repo_dir / REPORT_HTML
     link = report_link(repo_dir, report_base_url) if html.is_file() else None
     if link:

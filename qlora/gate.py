@@ -1,11 +1,14 @@
 """Stage `gate`: does the adapter beat its base enough, without breaking anything else?
 
-Compares the NF4 base + adapter against the NF4 base (same quantization, same evaluation
+Compares the 4-bit base + adapter against the 4-bit base (same quantization, same evaluation
 settings: the only difference is the adapter). The primary metric must gain at least
 `gate.min_gain` (relative); every other metric may lose at most `gate.max_regression`
 (or its own `gate.max_regression_per_metric`). A rejection is a result, not a crash: the
 stage succeeds and the decision file says "rejected" with every reason in plain words.
-Output: reports/gate.json
+A metric lm-eval gave no direction for cannot be the primary one (a clear error); as a
+guard it is shown but not judged. With `gate.significance` on, a check whose standard
+errors are missing says that the significance rule could not be applied.
+Output: reports/gate.json (checked against artifacts.GateDecision)
 
 The champion/challenger half (`decide_vs_champion`, thresholds under `gate.champion`) runs
 at promotion time, under the registry's lock (qlora/registry.py), not in this stage: the
@@ -73,10 +76,17 @@ def compare(reference: dict, candidate: dict, rules: Rules, where: str) -> list[
     """One check per metric of `reference` that `candidate` also has (both are
     {task: {metric: {value, stderr, higher_is_better}}}); `where` names the file for errors."""
     task_, metric_ = rules.primary
-    if metric_ not in reference.get(task_, {}):
-        available = [f"{t}/{m}" for t, ms in reference.items() for m in ms]
+    for side, results in (("", reference), ("the candidate's results in ", candidate)):
+        if metric_ not in results.get(task_, {}):
+            available = [f"{t}/{m}" for t, ms in results.items() for m in ms]
+            raise StageError(
+                f"gate.primary: {task_}/{metric_} is not in {side}{where}; available: {available}"
+            )
+    if artifacts.higher_is_better(reference[task_][metric_], candidate[task_][metric_]) is None:
         raise StageError(
-            f"gate.primary: {task_}/{metric_} is not in {where}; available: {available}"
+            f"gate.primary: {task_}/{metric_} in {where} has no direction (lm-eval gave no "
+            "higher_is_better for it), so its gain cannot be judged: choose a primary metric "
+            "that has one"
         )
     unknown = [
         k
@@ -94,31 +104,47 @@ def compare(reference: dict, candidate: dict, rules: Rules, where: str) -> list[
             c = candidate.get(task, {}).get(name)
             if c is None or b.get("value") is None or c.get("value") is None:
                 continue
-            hib = bool(b.get("higher_is_better", True))
-            gain = relative_gain(b["value"], c["value"], hib)
+            hib = artifacts.higher_is_better(b, c)
+            change = c["value"] - b["value"]
             half = ci_half_width(b, c)
             # Beyond noise: the 95% interval of the change excludes 0 (unknown without stderr).
-            beyond_noise = None if half is None else abs(c["value"] - b["value"]) > half
+            beyond_noise = None if half is None else abs(change) > half
             noise = "" if half is None else f" (95% interval of the change ±{half:.3g})"
+            gain = None if hib is None else relative_gain(b["value"], c["value"], hib)
             head = (
-                f"{task}/{name} ({'higher' if hib else 'lower'} is better) went from "
-                f"{b['value']:.4g} to {c['value']:.4g}: {gain:+.1%}{noise}"
+                f"{task}/{name} ({artifacts.DIRECTIONS[hib]}) went from "
+                f"{b['value']:.4g} to {c['value']:.4g}"
+                + ("" if gain is None else f": {gain:+.1%}")
+                + noise
+            )
+            # Without both standard errors the significance rule cannot apply: say so.
+            no_stderr = [who for who, e in (("base", b), ("adapter", c)) if e.get("stderr") is None]
+            unapplied = (
+                f", the significance rule could not be applied (no stderr for "
+                f"{' and '.join(no_stderr)})"
+                if rules.significance and half is None
+                else ""
             )
             if (task, name) == rules.primary:
                 kind, threshold = "primary", rules.min_gain
                 passed = gain >= rules.min_gain
-                reason = f"{head}; required gain at least {rules.min_gain:.1%}"
+                reason = f"{head}; required gain at least {rules.min_gain:.1%}" + unapplied
                 if passed and rules.significance and beyond_noise is False:
                     passed = False
                     reason += ", and the gain is within the noise"
             else:
                 allowed = rules.per_metric.get(f"{task}/{name}", rules.max_regression)
                 kind, threshold = "guard", -allowed
-                passed = gain >= -allowed
-                reason = f"{head}; allowed regression {allowed:.1%}"
-                if not passed and rules.significance and beyond_noise is False:
-                    passed = True  # a larger drop that is still within the noise
-                    reason += ", exceeded but within the noise"
+                if gain is None:
+                    passed = None  # shown, not judged: neither better nor worse is known
+                    reason = f"{head}; not judged: lm-eval gave no higher_is_better for this metric"
+                else:
+                    passed = gain >= -allowed
+                    reason = f"{head}; allowed regression {allowed:.1%}" + unapplied
+                    if not passed and rules.significance and beyond_noise is False:
+                        passed = True  # a larger drop that is still within the noise
+                        reason += ", exceeded but within the noise"
+            verdict = {True: "PASS: ", False: "FAIL: ", None: "NOT JUDGED: "}[passed]
             checks.append(
                 {
                     "task": task,
@@ -129,31 +155,31 @@ def compare(reference: dict, candidate: dict, rules: Rules, where: str) -> list[
                     "adapter": c["value"],
                     "base_stderr": b.get("stderr"),
                     "adapter_stderr": c.get("stderr"),
-                    "change": c["value"] - b["value"],
+                    "change": change,
                     "relative_change": gain,
                     "threshold": threshold,
                     "ci95_half_width": half,
+                    "ci95": None if half is None else (change - half, change + half),
                     "beyond_noise": beyond_noise,
                     "passed": passed,
-                    "reason": ("PASS: " if passed else "FAIL: ") + reason,
+                    "reason": verdict + reason,
                 }
             )
     return checks
 
 
 def _outcome(checks: list[dict]) -> tuple[bool, dict, list[str]]:
+    # compare() raised already if the primary metric is missing on either side.
     primary = next(c for c in checks if c["kind"] == "primary")
-    failed = [c["reason"] for c in checks if not c["passed"]]
+    failed = [c["reason"] for c in checks if c["passed"] is False]
     return not failed, primary, failed
 
 
 def decide(metrics: dict, p: GateParams) -> dict:
-    """The gate: the NF4 base + adapter against the NF4 base of the same evaluation."""
-    for variant in (BASELINE, CANDIDATE):
-        if variant not in metrics.get("variants", {}):
-            raise StageError(f"{METRICS}: no results for variant {variant!r}")
-    base = metrics["variants"][BASELINE]["metrics"]
-    cand = metrics["variants"][CANDIDATE]["metrics"]
+    """The gate: the 4-bit base + adapter against the 4-bit base of the same evaluation.
+    `metrics` is metrics.json as read; the decision is checked against its schema."""
+    variants = artifacts.validated(artifacts.EvalMetrics, metrics, METRICS).model_dump()["variants"]
+    base, cand = variants[BASELINE]["metrics"], variants[CANDIDATE]["metrics"]
     checks = compare(base, cand, Rules.against_base(p), str(METRICS))
     passed, primary, failed = _outcome(checks)
     summary = (
@@ -164,21 +190,19 @@ def decide(metrics: dict, p: GateParams) -> dict:
         if passed
         else f"REJECTED: {len(failed)} of {len(checks)} checks failed."
     )
-    return {
+    decision = {
         "decision": "promoted" if passed else "rejected",
         "passed": passed,
         "summary": summary,
         "baseline": BASELINE,
         "candidate": CANDIDATE,
-        "primary": {
-            k: primary[k]
-            for k in ("task", "metric", "base", "adapter", "change", "relative_change")
-        }
-        | {"higher_is_better": primary["higher_is_better"]},
+        "primary": {k: primary[k] for k in artifacts.GatePrimary.model_fields},
         "thresholds": p.model_dump(),
         "checks": checks,
         "reasons": failed if failed else [c["reason"] for c in checks],
     }
+    artifacts.validated(artifacts.GateDecision, decision, REPORT)  # what gate.json promises
+    return decision
 
 
 def decide_vs_champion(
@@ -197,9 +221,15 @@ def decide_vs_champion(
         }
     name = champion_name or "champion"
     where = f"the metrics recorded for {name}"
+
+    def adapter_metrics(metrics: dict, source: str) -> dict:
+        # Through the schema: a record of an older revision may use older variant names.
+        checked = artifacts.validated(artifacts.EvalMetrics, metrics, source).model_dump()
+        return checked["variants"][CANDIDATE]["metrics"]
+
     checks = compare(
-        champion["variants"][CANDIDATE]["metrics"],
-        candidate["variants"][CANDIDATE]["metrics"],
+        adapter_metrics(champion, where),
+        adapter_metrics(candidate, str(METRICS)),
         Rules.against_champion(p),
         where,
     )

@@ -30,41 +30,43 @@ def base_model_id(source: str) -> str | None:
     return source
 
 
+def _variants(record: dict) -> dict[str, artifacts.VariantResult]:
+    """The evaluation recorded with the version, read through metrics.json's schema."""
+    return artifacts.validated(
+        artifacts.EvalMetrics, record["metrics"], "lineage.json metrics"
+    ).variants
+
+
 def _eval_results(record: dict):
-    """One result per metric of the NF4 base + adapter; each lm-eval task is a dataset
+    """One result per metric of the 4-bit base + adapter; each lm-eval task is a dataset
     (data/eval_tasks: the test split of the training data, or CPython's prose)."""
     from huggingface_hub import EvalResult
 
-    results = []
-    metrics = record["metrics"]["variants"][CANDIDATE]["metrics"]
-    for task, task_metrics in metrics.items():
-        for name, m in task_metrics.items():
-            if m.get("value") is not None:
-                results.append(
-                    EvalResult(
-                        task_type="text-generation",
-                        dataset_type=task,
-                        dataset_name=task,
-                        dataset_split="test",
-                        metric_type=name,
-                        metric_name=f"{task}/{name}",
-                        metric_value=round(float(m["value"]), 6),
-                    )
-                )
-    return results
+    return [
+        EvalResult(
+            task_type="text-generation",
+            dataset_type=task,
+            dataset_name=task,
+            dataset_split="test",
+            metric_type=name,
+            metric_name=f"{task}/{name}",
+            metric_value=round(m.value, 6),
+        )
+        for task, task_metrics in _variants(record)[CANDIDATE].metrics.items()
+        for name, m in task_metrics.items()
+    ]
 
 
 def _metric_table(record: dict) -> list[str]:
-    variants = record["metrics"]["variants"]
-    names = [v for v in artifacts.VARIANTS if v in variants]
+    """Every metric of the three variants; ↑/↓ is lm-eval's direction, ? where it gave none."""
+    variants = _variants(record)
+    names = artifacts.VARIANTS
     rows = ["| task/metric | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for task, task_metrics in variants[CANDIDATE]["metrics"].items():
-        for name, m in task_metrics.items():
-            cells = []
-            for v in names:
-                value = variants[v]["metrics"].get(task, {}).get(name, {}).get("value")
-                cells.append("-" if value is None else f"{value:.4g}")
-            arrow = "↑" if m.get("higher_is_better", True) else "↓"
+    for task, task_metrics in variants[CANDIDATE].metrics.items():
+        for name in task_metrics:
+            entries = [variants[v].metrics.get(task, {}).get(name) for v in names]
+            cells = ["-" if e is None else f"{e.value:.4g}" for e in entries]
+            arrow = artifacts.ARROWS[artifacts.higher_is_better(*entries)]
             rows.append(f"| {task}/{name} {arrow} | " + " | ".join(cells) + " |")
     return rows
 
@@ -97,7 +99,7 @@ def render_card(record: dict) -> str:
         "",
         f"# QLoRA adapter {record['version']}",
         "",
-        f"A LoRA adapter trained with QLoRA (NF4 base) on `{dataset}`, base `{source}`. "
+        f"A LoRA adapter trained with QLoRA (4-bit base) on `{dataset}`, base `{source}`. "
         f"Registered {record['created']}: **{decision['decision']}**, {decision['summary']}.",
         "",
         "## Use",

@@ -82,6 +82,9 @@ def footprint_at_16bit(model: torch.nn.Module) -> int:
 
 
 def measure(q: QuantizeParams, path: Path | str = BASE_MODEL_DIR, trust: bool = False) -> dict:
+    """reports/quantize.json (artifacts.QuantizeReport): sizes and bits are keyed "full" and
+    by `quant_type`, the 4-bit type measured (nf4 or fp4), which the report reads them by;
+    the weight error is given for both types, whichever is configured."""
     full = load_full(path, "bfloat16", trust)
     parameters = sum(p.numel() for p in full.parameters())
     full_bytes = footprint_bytes(full)

@@ -7,12 +7,16 @@ stages/templates/:
   went, every metric for the three variants, the gate's checks, example outputs, the data,
   and the lineage (git revision, params, hashes from dvc.lock, package versions);
 - reports/report.md: the same story in Markdown (for Prefect artifacts and pull requests).
-This module derives the numbers (confidence interval, share of the score NF4 keeps,
-overfitting, lineage); the templates only lay them out and format them with the filters
-below. Model outputs are untrusted text: the HTML template autoescapes everything.
+metrics.json, gate.json and quantize.json are read through their schemas (qlora/artifacts.py).
+The gate's numbers (the primary metric's gain, its 95% interval, each check's verdict) are
+shown as gate.json has them, never recomputed; this module derives the rest (share of the
+score the 4-bit base keeps, overfitting, lineage); the templates only lay them out and
+format them with the filters below. Model outputs are untrusted text: the HTML template
+autoescapes everything.
 
 `python -m stages.report --compare REV` adds a column with the adapter's metrics at git
-revision REV (read with `git show REV:reports/eval/metrics.json`).
+revision REV (read with `git show REV:reports/eval/metrics.json`) and names what differs
+between the two runs' machines (reports/train/metrics.json "environment") and adapters.
 """
 
 from __future__ import annotations
@@ -33,8 +37,9 @@ import yaml
 from markupsafe import Markup
 
 from qlora import artifacts
-from qlora.gate import relative_gain
+from qlora.artifacts import ARROWS, DIRECTIONS, EvalMetrics, GateDecision, MetricResult
 from qlora.io import StageError, atomic_write_text, read_json
+from qlora.lineage import differences, git_state
 from qlora.report_plots import Series, histogram, line_chart
 
 REPORTS_DIR = artifacts.REPORTS_DIR
@@ -42,22 +47,28 @@ HTML_OUT = artifacts.REPORT_HTML
 MD_OUT = artifacts.REPORT_MD
 TEMPLATES = Path(__file__).parent / "templates"
 
-# Every input, where it lives under reports/, and the top-level keys the report reads.
-INPUTS: dict[str, tuple[str, tuple[str, ...]]] = {
-    "base": ("base.json", ("source", "parameters", "trust_remote_code")),
-    "dataset": ("dataset.json", ("rows", "tokens", "max_length")),
-    "validation": ("validation/result.json", ("success", "checks")),
-    "quantize": ("quantize.json", ("bytes", "bits_per_parameter", "quant_error")),
-    "train": ("train/metrics.json", ("steps", "train_runtime_s", "tokens_per_s")),
-    "train_loss": ("train/train_loss.json", ()),
-    "eval_loss": ("train/eval_loss.json", ()),
-    "eval": ("eval/metrics.json", ("settings", "variants")),
-    "examples": ("eval/examples.json", ()),
-    "gate": ("gate.json", ("decision", "passed", "primary", "checks")),
+# Every input, and the top-level keys the report reads of those that have no schema.
+INPUTS: dict[str, tuple[Path, tuple[str, ...]]] = {
+    "base": (artifacts.BASE_REPORT, ("source", "parameters", "trust_remote_code")),
+    "dataset": (artifacts.DATASET_REPORT, ("rows", "tokens", "max_length")),
+    "validation": (artifacts.VALIDATION_RESULT, ("success", "checks")),
+    "quantize": (artifacts.QUANTIZE_REPORT, ()),
+    "train": (artifacts.TRAIN_METRICS, ("steps", "train_runtime_s", "tokens_per_s")),
+    "train_loss": (artifacts.TRAIN_LOSS, ()),
+    "eval_loss": (artifacts.EVAL_LOSS, ()),
+    "eval": (artifacts.EVAL_METRICS, ()),
+    "examples": (artifacts.EVAL_EXAMPLES, ()),
+    "gate": (artifacts.GATE_REPORT, ()),
+}
+SCHEMAS = {
+    "quantize": artifacts.QuantizeReport,
+    "eval": artifacts.EvalMetrics,
+    "gate": artifacts.GateDecision,
 }
 LIST_INPUTS = {"train_loss", "eval_loss", "examples"}
 VARIANTS = artifacts.VARIANTS
 BASELINE = artifacts.BASELINE  # the gate judges the adapter against the base it was trained on
+CANDIDATE = artifacts.CANDIDATE
 SPLITS = artifacts.SPLITS
 PACKAGES = (
     "torch",
@@ -69,7 +80,6 @@ PACKAGES = (
     "great-expectations",
     "prefect",
 )
-Z95 = 1.96
 # A validation loss this much (relative) above its best is a rise, not logging noise.
 OVERFIT_TOLERANCE = 0.005
 MINUS = "\u2212"
@@ -145,6 +155,15 @@ def fmt_gain(gain: Any) -> str:
     return f"{fmt_pct(abs(v))} {'better' if v > 0 else 'worse'}"
 
 
+def fmt_env(value: Any) -> str:
+    """A field of qlora.lineage.environment(): a list as its items, None as n/a."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, list):
+        return " ".join(map(str, value)) or "none"
+    return str(value)
+
+
 def md_cell(text: Any) -> str:
     """A Markdown table cell: no pipes, newlines or raw HTML from model output."""
     text = str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
@@ -166,6 +185,9 @@ FILTERS = {
     "mb": fmt_bytes,
     "duration": fmt_duration,
     "gain": fmt_gain,
+    "arrow": ARROWS.get,
+    "direction": DIRECTIONS.get,
+    "env_value": fmt_env,
     "md": md_cell,
     "fence": md_fence,
 }
@@ -174,20 +196,27 @@ FILTERS = {
 # ---------------------------------------------------------------- inputs
 
 
+def _input_path(reports_dir: Path, key: str) -> Path:
+    return reports_dir / INPUTS[key][0].relative_to(REPORTS_DIR)
+
+
 def load_inputs(reports_dir: Path) -> dict[str, Any]:
-    """Every input file, checked for the keys the report reads; all missing files named."""
-    missing = [
-        str(reports_dir / rel) for rel, _ in INPUTS.values() if not (reports_dir / rel).exists()
-    ]
+    """Every input file, checked against its schema or for the keys the report reads; all
+    missing files named."""
+    paths = {key: _input_path(reports_dir, key) for key in INPUTS}
+    missing = [str(path) for path in paths.values() if not path.exists()]
     if missing:
         raise StageError(
             f"missing input(s): {', '.join(missing)} "
             "(run `dvc repro` for the stages that write them)"
         )
-    data = {}
-    for key, (rel, required) in INPUTS.items():
-        path = reports_dir / rel
+    data: dict[str, Any] = {}
+    for key, (_, required) in INPUTS.items():
+        path = paths[key]
         value = read_json(path)
+        if key in SCHEMAS:
+            data[key] = artifacts.validated(SCHEMAS[key], value, path)
+            continue
         expected = list if key in LIST_INPUTS else dict
         if not isinstance(value, expected):
             raise StageError(f"{path}: expected a JSON {expected.__name__}")
@@ -195,126 +224,86 @@ def load_inputs(reports_dir: Path) -> dict[str, Any]:
         if absent:
             raise StageError(f"{path}: missing key(s) {absent}")
         data[key] = value
-    absent = [v for v in VARIANTS if v not in data["eval"]["variants"]]
-    if absent:
-        raise StageError(f"{reports_dir / INPUTS['eval'][0]}: variants lacks {absent}")
     return data
 
 
-def metric_entry(variant: dict, task: str, metric: str) -> dict:
-    entry = (variant.get("metrics") or {}).get(task, {}).get(metric)
-    return entry if isinstance(entry, dict) else {}
+def metric_entry(variant: artifacts.VariantResult, task: str, metric: str) -> MetricResult | None:
+    return variant.metrics.get(task, {}).get(metric)
 
 
 # ---------------------------------------------------------------- what the numbers mean
 
 
-def headline(gate: dict, variants: dict) -> dict:
-    """The decision and the primary metric's change with a 95% confidence interval.
-
-    The interval treats base and adapter scores as independent estimates, each with
-    lm-eval's standard error: change +- 1.96 * sqrt(se_base^2 + se_adapter^2).
-    """
-    p = gate["primary"]
-    task, metric = p.get("task", "?"), p.get("metric", "?")
-    hib = bool(p.get("higher_is_better", True))
-    base, adapter, change = num(p.get("base")), num(p.get("adapter")), num(p.get("change"))
-    if change is None and base is not None and adapter is not None:
-        change = adapter - base
-    se = [
-        num(metric_entry(variants[v], task, metric).get("stderr"))
-        for v in (BASELINE, artifacts.CANDIDATE)
-    ]
-    half = Z95 * math.hypot(*se) if None not in se and change is not None else None
-    improved = None if not change else (change > 0) == hib
-    # The gate's own definition: positive when the adapter is better, relative to the base.
-    gain = relative_gain(base, adapter, hib) if base is not None and adapter is not None else None
-    if half is None:
+def headline(gate: GateDecision, variants: dict[str, artifacts.VariantResult]) -> dict:
+    """The decision and the primary metric's gain with its 95% interval, as the gate
+    computed them (gate.json): the report shows the numbers the decision was made on."""
+    p = gate.primary
+    if p.ci95 is None:
         ci_note = "n/a: lm-eval reports no standard error for this metric"
-    elif abs(change) > half:
+    elif p.beyond_noise:
         ci_note = "excludes 0: the change is larger than the noise"
     else:
         ci_note = "includes 0: the change is within the noise"
     return {
-        "decision": gate["decision"],
-        "passed": gate["passed"],
-        "task": task,
-        "metric": metric,
-        "hib": hib,
-        "base": base,
-        "adapter": adapter,
-        "change": change,
-        "gain": gain,
-        "ci": None if half is None else (change - half, change + half),
+        "decision": gate.decision,
+        "passed": gate.passed,
+        "task": p.task,
+        "metric": p.metric,
+        "hib": p.higher_is_better,
+        "base": p.base,
+        "adapter": p.adapter,
+        "change": p.change,
+        "gain": p.relative_change,
+        "ci": p.ci95,
         "ci_note": ci_note,
-        "improved": improved,
-        "baseline_label": variants[BASELINE].get("label", BASELINE),
-        "adapter_label": variants["adapter_4bit"].get("label", "adapter_4bit"),
+        "improved": None if not p.relative_change else p.relative_change > 0,
+        "baseline_label": variants[BASELINE].label or BASELINE,
+        "adapter_label": variants[CANDIDATE].label or CANDIDATE,
     }
 
 
-def metric_keys(eval_metrics: dict) -> list[tuple[str, str]]:
+def metric_keys(eval_metrics: EvalMetrics) -> list[tuple[str, str]]:
     """(task, metric) pairs in the order of the evaluated tasks, then as first seen."""
     keys: list[tuple[str, str]] = []
     for name in VARIANTS:
-        for task, metrics in (eval_metrics["variants"][name].get("metrics") or {}).items():
+        for task, metrics in eval_metrics.variants[name].metrics.items():
             keys.extend((task, m) for m in metrics if (task, m) not in keys)
-    order = list(eval_metrics["settings"].get("tasks") or [])
+    order = eval_metrics.settings.tasks
     return sorted(keys, key=lambda k: order.index(k[0]) if k[0] in order else len(order))
 
 
-def higher_is_better(variants: dict, task: str, metric: str) -> bool:
-    for name in VARIANTS:
-        flag = metric_entry(variants[name], task, metric).get("higher_is_better")
-        if flag is not None:
-            return bool(flag)
-    return True
-
-
-def metric_rows(eval_metrics: dict, compare: dict | None) -> list[dict]:
+def metric_rows(eval_metrics: EvalMetrics, compare: dict | None) -> list[dict]:
     """Every metric for the three variants, the best value in each row marked, and how much
-    of the full-precision score the NF4 base keeps (direction-aware: for a loss, a higher NF4
-    value keeps less)."""
-    variants = eval_metrics["variants"]
+    of the full-precision score the 4-bit base keeps (direction-aware: for a loss, a higher
+    4-bit value keeps less). A metric of unknown direction has neither: no guessing."""
+    variants = eval_metrics.variants
     rows = []
     for task, metric in metric_keys(eval_metrics):
-        hib = higher_is_better(variants, task, metric)
-        cells = [dict(metric_entry(variants[v], task, metric)) for v in VARIANTS]
+        entries = [metric_entry(variants[v], task, metric) for v in VARIANTS]
+        hib = artifacts.higher_is_better(*entries)
+        cells = [e.model_dump() if e else {} for e in entries]
         values = [num(c.get("value")) for c in cells]
         present = [v for v in values if v is not None]
-        best = (max if hib else min)(present) if present else None
+        best = (max if hib else min)(present) if present and hib is not None else None
         for c, v in zip(cells, values, strict=True):
             c["best"] = v is not None and v == best
-        full, nf4 = values[0], values[1]
-        kept_num, kept_den = (nf4, full) if hib else (full, nf4)
+        full, four_bit = values[0], values[1]
+        kept_num, kept_den = (four_bit, full) if hib else (full, four_bit)
+        kept = kept_num / kept_den if kept_num is not None and kept_den else None
         previous = None
         if compare is not None:
-            previous = ((compare.get("metrics") or {}).get(task) or {}).get(metric) or {}
+            entry = compare["metrics"].get(task, {}).get(metric)
+            previous = entry.model_dump() if entry else {}
         rows.append(
             {
                 "task": task,
                 "metric": metric,
-                "arrow": "↑" if hib else "↓",
+                "hib": hib,
                 "cells": cells,
-                "kept": kept_num / kept_den if kept_num is not None and kept_den else None,
+                "kept": None if hib is None else kept,
                 "previous": previous,
             }
         )
-    return rows
-
-
-def gate_checks(gate: dict, variants: dict) -> list[dict]:
-    """The gate's checks with the direction-aware gain each one was judged on."""
-    rows = []
-    for check in gate["checks"]:
-        task, metric = check.get("task"), check.get("metric")
-        hib = check.get("higher_is_better")
-        hib = higher_is_better(variants, task, metric) if hib is None else bool(hib)
-        base, adapter = num(check.get("base")), num(check.get("adapter"))
-        gain = (
-            relative_gain(base, adapter, hib) if base is not None and adapter is not None else None
-        )
-        rows.append({**check, "arrow": "↑" if hib else "↓", "gain": gain})
     return rows
 
 
@@ -421,35 +410,6 @@ def data_section(dataset: dict, validation: dict, root: Path, out_html: Path) ->
 
 
 # ---------------------------------------------------------------- lineage
-
-
-PIPELINE_RESULTS = ("reports/", "dvc.lock")
-
-
-def git_state(root: Path) -> dict:
-    """HEAD and whether the work tree has uncommitted changes; a note when there is no git."""
-
-    def git(*args: str) -> subprocess.CompletedProcess | None:
-        try:
-            return subprocess.run(
-                ["git", *args], cwd=root, capture_output=True, text=True, timeout=20
-            )
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-
-    head = git("rev-parse", "HEAD")
-    if head is None:
-        return {"commit": None, "note": "git is not available: the code version is unknown"}
-    if head.returncode != 0:
-        return {
-            "commit": None,
-            "note": "not inside a git repository (or no commit yet): the code version is unknown",
-        }
-    status = git("status", "--porcelain")
-    lines = status.stdout.splitlines() if status and status.returncode == 0 else []
-    # The pipeline's own results (reports, dvc.lock) do not make the code version unknown.
-    changed = [line for line in lines if not line[3:].startswith(PIPELINE_RESULTS)]
-    return {"commit": head.stdout.strip(), "dirty": bool(changed), "changed": changed}
 
 
 def _nest(flat: dict) -> dict:
@@ -559,24 +519,69 @@ def lineage(root: Path) -> dict:
 # ---------------------------------------------------------------- compare
 
 
-def load_compare(rev: str, root: Path = Path(".")) -> dict:
-    """The adapter's metrics at git revision `rev`, for a "vs previous" column."""
-    path = (REPORTS_DIR / INPUTS["eval"][0]).as_posix()
+def _git_show(rev: str, path: Path, root: Path) -> str | None:
+    """The text of `path` at git revision `rev`; None when the revision lacks the file."""
     try:
         shown = subprocess.run(
-            ["git", "show", f"{rev}:{path}"], cwd=root, capture_output=True, text=True, timeout=30
+            ["git", "show", f"{rev}:{path.as_posix()}"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=30,
         )
-    except OSError as e:
+    except (OSError, subprocess.TimeoutExpired) as e:
         raise StageError(f"--compare {rev}: git is not available ({e})") from e
     if shown.returncode != 0:
+        if "exists on disk, but not in" in shown.stderr or "does not exist in" in shown.stderr:
+            return None
         raise StageError(f"--compare {rev}: cannot read {path} there: {shown.stderr.strip()}")
+    return shown.stdout
+
+
+def adapter_md5(outs: list[dict]) -> str | None:
+    """The adapter directory's hash among dvc.lock outputs ({path, md5, ...} entries)."""
+    return next(
+        (o.get("md5") for o in outs if o.get("path") == artifacts.ADAPTER_DIR.as_posix()), None
+    )
+
+
+def load_compare(rev: str, root: Path = Path(".")) -> dict:
+    """The adapter's metrics at git revision `rev`, for a "vs previous" column, with what
+    that run recorded of its machine and the hash of its adapter (dvc.lock), when it did."""
+    path = artifacts.EVAL_METRICS
+    text = _git_show(rev, path, root)
+    if text is None:
+        raise StageError(f"--compare {rev}: {path} is not in that revision")
     try:
-        metrics = json.loads(shown.stdout)["variants"]["adapter_4bit"]["metrics"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise StageError(
-            f"--compare {rev}: {path} there has no variants.adapter_4bit.metrics ({e!r})"
-        ) from e
-    return {"label": f"adapter @ {rev}", "rev": rev, "metrics": metrics}
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise StageError(f"--compare {rev}: {path} there is not valid JSON ({e})") from e
+    metrics = artifacts.validated(EvalMetrics, data, f"{rev}:{path}")
+    train = _git_show(rev, artifacts.TRAIN_METRICS, root)
+    lock = _git_show(rev, Path("dvc.lock"), root)
+    try:
+        environment = json.loads(train).get("environment") if train else None
+        stages = (yaml.safe_load(lock) or {}).get("stages") or {} if lock else {}
+    except (json.JSONDecodeError, yaml.YAMLError, AttributeError):
+        environment, stages = None, {}
+    outs = [o for stage in stages.values() for o in (stage.get("outs") or [])]
+    return {
+        "label": f"adapter @ {rev}",
+        "rev": rev,
+        "metrics": metrics.variants[CANDIDATE].metrics,
+        "environment": environment,
+        "adapter_md5": adapter_md5(outs) if stages else None,
+    }
+
+
+def run_differences(train: dict, lineage_: dict, compare: dict) -> list[str]:
+    """What differs between this run and the compared one: the machine fields that decide
+    bit-reproducibility (qlora.lineage.environment) and the adapter's hash."""
+    found = differences(train.get("environment"), compare.get("environment"))
+    now, before = adapter_md5(lineage_["dvc"]["artifacts"]), compare.get("adapter_md5")
+    if now and before and now != before:
+        found.append(f"adapter ({before} → {now})")
+    return found
 
 
 # ---------------------------------------------------------------- rendering
@@ -584,31 +589,33 @@ def load_compare(rev: str, root: Path = Path(".")) -> dict:
 
 def summary_cards(ctx: dict, inputs: dict) -> list[dict]:
     head, data, train = ctx["head"], ctx["data"], inputs["train"]
-    sizes = inputs["quantize"]["bytes"]
-    ratio = num(sizes.get("nf4")) / num(sizes["full"]) if num(sizes.get("full")) else None
-    n_checks = len(inputs["gate"]["checks"])
-    n_passed = sum(bool(c.get("passed")) for c in inputs["gate"]["checks"])
+    quant, four_bit = inputs["quantize"], ctx["four_bit"]
+    full_bytes = quant.bytes["full"]
+    ratio = quant.four_bit_bytes / full_bytes if full_bytes else None
+    checks = inputs["gate"].checks
+    n_passed = sum(c.passed is True for c in checks)
+    n_unjudged = sum(c.passed is None for c in checks)
     tone = {True: "good", False: "bad", None: ""}
     rows = inputs["dataset"]["rows"]
     return [
         {
             "label": "Gate",
             "value": str(head["decision"]).upper(),
-            "note": f"{n_passed} of {n_checks} checks passed",
+            "note": f"{n_passed} of {len(checks)} checks passed"
+            + (f", {n_unjudged} not judged" if n_unjudged else ""),
             "tone": tone[bool(head["passed"])],
         },
         {
             "label": "Primary metric",
             "value": fmt_gain(head["gain"]),
-            "note": f"{head['metric']} {'↑' if head['hib'] else '↓'} on {head['task']}, "
-            "adapter vs NF4 base",
+            "note": f"{head['metric']} {ARROWS[head['hib']]} on {head['task']}, "
+            f"adapter vs {four_bit} base",
             "tone": tone[head["improved"]],
         },
         {
-            "label": "NF4 memory",
-            "value": fmt_bytes(sizes.get("nf4")),
-            "note": f"{fmt_pct(ratio)} of {fmt_bytes(sizes.get('full'))} "
-            f"({inputs['quantize'].get('full_dtype', '16-bit')})",
+            "label": f"{four_bit} memory",
+            "value": fmt_bytes(quant.four_bit_bytes),
+            "note": f"{fmt_pct(ratio)} of {fmt_bytes(full_bytes)} ({quant.full_dtype})",
             "tone": "",
         },
         {
@@ -629,21 +636,26 @@ def summary_cards(ctx: dict, inputs: dict) -> list[dict]:
 
 
 def build_context(inputs: dict, root: Path, out_html: Path, compare: dict | None) -> dict:
-    variants = inputs["eval"]["variants"]
+    variants = inputs["eval"].variants
+    lin = lineage(root)
     ctx = {
         "title": f"QLoRA report: {inputs['base'].get('source', 'model')}",
         "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "head": headline(inputs["gate"], variants),
-        "labels": [variants[v].get("label", v) for v in VARIANTS],
+        "labels": [variants[v].label or v for v in VARIANTS],
         "variants": variants,
         "variant_keys": VARIANTS,
+        # The 4-bit type quantize measured (and evaluate loaded): "NF4" or "FP4".
+        "four_bit": inputs["quantize"].quant_type.upper(),
         "rows": metric_rows(inputs["eval"], compare),
-        "checks": gate_checks(inputs["gate"], variants),
+        "checks": inputs["gate"].checks,
         "compare_label": compare.get("label") if compare else None,
+        "compare_differs": run_differences(inputs["train"], lin, compare) if compare else [],
+        "environment": inputs["train"].get("environment"),
         "overfit": overfitting(inputs["train_loss"], inputs["eval_loss"]),
         "charts": training_charts(inputs["train_loss"], inputs["eval_loss"]),
         "data": data_section(inputs["dataset"], inputs["validation"], root, out_html),
-        "lineage": lineage(root),
+        "lineage": lin,
         **inputs,
     }
     ctx["cards"] = summary_cards(ctx, inputs)
@@ -687,3 +699,10 @@ def render_report(
         raise StageError(f"an input under {reports_dir} lacks a field the report shows: {e}") from e
     atomic_write_text(out_html, html)
     atomic_write_text(out_md, md)
+
+
+def main(compare_rev: str | None = None) -> None:
+    """`python -m stages.report [--compare REV]` and `qlora report [--compare REV]`."""
+    compare = load_compare(compare_rev) if compare_rev else None
+    render_report(REPORTS_DIR, HTML_OUT, MD_OUT, root=Path("."), compare=compare)
+    print(f"wrote {HTML_OUT} and {MD_OUT}")

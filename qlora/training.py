@@ -34,6 +34,7 @@ from qlora import artifacts
 from qlora.artifacts import BASE_MODEL_DIR
 from qlora.chat import encode
 from qlora.io import StageError, read_jsonl, weights_identity, write_json
+from qlora.lineage import environment
 from qlora.models import (
     compute_dtype,
     device,
@@ -332,5 +333,9 @@ def train(params: Params) -> Trained:
         "learning_rate": p.learning_rate,
         "train_rows": len(train_rows),
         "validation_rows": len(valid_rows),
+        # What decides whether another machine reproduces this adapter bit for bit (CPU
+        # model and ISA flags, torch build, threads): `qlora report --compare` names the
+        # fields that differ between two runs.
+        "environment": environment(),
     }
     return Trained(model, metrics, train_curve, eval_curve, run_dir)

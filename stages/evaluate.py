@@ -25,6 +25,7 @@ from qlora.params import load_params
 
 def main() -> None:
     metrics, examples = benchmark(load_params())
+    artifacts.validated(artifacts.EvalMetrics, metrics, artifacts.EVAL_METRICS)  # its schema
     # Both files at the end: a variant that fails leaves the previous results untouched.
     write_json(artifacts.EVAL_METRICS, metrics)
     write_json(artifacts.EVAL_EXAMPLES, examples)

@@ -12,23 +12,16 @@ overfitting, lineage); the templates only lay them out and format them with the 
 below. Model outputs are untrusted text: the HTML template autoescapes everything.
 
 `python -m stages.report --compare REV` adds a column with the adapter's metrics at git
-revision REV (read with `git show REV:reports/eval/metrics.json`).
+revision REV (read with `git show REV:reports/eval/metrics.json`) and names what differs
+between the two runs' training machines and adapters.
 """
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from qlora.io import run_stage
-from qlora.report import HTML_OUT, MD_OUT, REPORTS_DIR, load_compare, render_report
-
-
-def main(compare_rev: str | None = None) -> None:
-    compare = load_compare(compare_rev) if compare_rev else None
-    render_report(REPORTS_DIR, HTML_OUT, MD_OUT, root=Path("."), compare=compare)
-    print(f"wrote {HTML_OUT} and {MD_OUT}")
-
+from qlora.report import main
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Render reports/report.html and report.md.")

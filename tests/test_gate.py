@@ -177,3 +177,58 @@ def test_a_metric_can_have_its_own_regression_limit():
         GateParams.model_validate(
             {"primary": {"task": "t", "metric": "m"}, "max_regression_per_metric": {"acc": 0.1}}
         )
+
+
+# ---- clear errors and honest reasons ---------------------------------------------------
+
+
+def test_a_candidate_without_the_primary_metric_names_the_metric_and_the_file():
+    metrics = results()
+    del metrics["variants"]["adapter_4bit"]["metrics"]["docstring_loss"]["bits_per_byte"]
+    with pytest.raises(StageError, match=r"docstring_loss/bits_per_byte .*reports/eval/metrics"):
+        decide(metrics, RULES)
+
+
+def test_a_missing_stderr_says_the_significance_rule_could_not_be_applied():
+    metrics = results()
+    metrics["variants"]["base_4bit"]["metrics"]["docstring_loss"]["bits_per_byte"]["stderr"] = None
+    d = decide(metrics, RULES)  # significance is on by default
+    primary = next(c for c in d["checks"] if c["kind"] == "primary")
+    assert primary["beyond_noise"] is None and primary["ci95"] is None
+    assert "the significance rule could not be applied (no stderr for base)" in primary["reason"]
+    others = [c["reason"] for c in d["checks"] if c["kind"] == "guard"]
+    assert not any("could not be applied" in r for r in others)  # they have both stderrs
+    off = decide(metrics, RULES.model_copy(update={"significance": False}))
+    assert not any("could not be applied" in c["reason"] for c in off["checks"])
+
+
+def without_direction(metrics: dict, task: str, metric: str) -> dict:
+    for variant in metrics["variants"].values():
+        variant["metrics"][task][metric]["higher_is_better"] = None
+    return metrics
+
+
+def test_a_primary_metric_without_a_direction_is_refused_by_name():
+    metrics = without_direction(results(), "docstring_loss", "bits_per_byte")
+    with pytest.raises(StageError, match=r"docstring_loss/bits_per_byte .*no direction.*lm-eval"):
+        decide(metrics, RULES)
+
+
+def test_a_guard_metric_without_a_direction_is_shown_but_not_judged():
+    # acc fell by half: with no known direction, that is neither a pass nor a failure
+    metrics = without_direction(results(adapter_acc=0.25), "docstring_choice", "acc")
+    d = decide(metrics, RULES)
+    assert d["passed"]
+    guard = next(c for c in d["checks"] if c["metric"] == "acc")
+    assert guard["passed"] is None and guard["higher_is_better"] is None
+    assert guard["relative_change"] is None and guard["change"] == pytest.approx(-0.25)
+    assert guard["reason"].startswith("NOT JUDGED: docstring_choice/acc (direction unknown)")
+    assert "lm-eval gave no higher_is_better" in guard["reason"]
+
+
+def test_the_decision_carries_the_primary_gain_and_interval_the_report_shows():
+    d = decide(results(), RULES)
+    half = 1.96 * (2 * 0.01**2) ** 0.5
+    assert d["primary"]["ci95"] == pytest.approx((-0.2 - half, -0.2 + half))
+    assert d["primary"]["beyond_noise"] is True
+    assert d["primary"]["relative_change"] == pytest.approx(0.2)

@@ -20,6 +20,7 @@ import yaml
 
 from conftest import REPO, alpaca_rows, make_tiny_model_dir, tiny_params
 from qlora.io import pipeline_env, write_jsonl
+from qlora.sources import settle_always_changed
 
 pytestmark = pytest.mark.slow
 # Outputs of the developer's own runs: the copy must build them itself.
@@ -91,6 +92,12 @@ def pipeline_run(tmp_path_factory, tiny_model_dir) -> tuple[Path, subprocess.Com
     # The real stdlib corpus (extract stage) with the tiny model: every stage as in `make run`.
     params = tiny_params(tiny_model_dir, source="data/raw/stdlib_functions.jsonl")
     params["corpus"]["max_source_chars"] = 400
+    # A known outcome: a learning rate that moves a random model in 3 steps, and a gate that
+    # asks only for no loss on the primary metric (guards may move freely on 8 rows).
+    params["finetune"]["learning_rate"] = 2e-3
+    params["gate"].update(
+        min_gain=0.0, significance=False, max_regression=10.0, max_regression_per_metric={}
+    )
     return work, repro_in_copy(work, params)
 
 
@@ -105,7 +112,8 @@ def test_every_stage_runs_and_writes_its_outputs(pipeline_run):
     metrics = json.loads((work / "reports/eval/metrics.json").read_text())
     assert set(metrics["variants"]) == {"base_full", "base_4bit", "adapter_4bit"}
     gate = json.loads((work / "reports/gate.json").read_text())
-    assert gate["decision"] in {"promoted", "rejected"} and gate["reasons"]
+    assert gate["decision"] == "promoted", gate["reasons"]
+    assert gate["primary"]["relative_change"] > 0, "training did not lower bits per byte"
     for name in ("metrics.json", "train_loss.json", "eval_loss.json"):
         assert (work / "reports/train" / name).stat().st_size > 0
     assert "<html" in (work / "reports/report.html").read_text().lower()
@@ -204,3 +212,52 @@ def test_a_qwen2_model_with_biased_projections_and_untied_embeddings_runs_the_da
     assert gate["decision"] == "rejected"
     assert any("docstring_loss/bits_per_byte" in r for r in gate["reasons"]), gate["reasons"]
     assert "Qwen2ForCausalLM" in (work / "reports/report.html").read_text()
+
+    # The user's own data and model are DVC inputs: editing them makes what reads them stale
+    # (dvc status, through the fingerprints) and `dvc repro` reruns exactly those stages.
+    with (work / "data/user/chat.jsonl").open("a") as f:
+        f.write(json.dumps({**chat_rows()[0], "module": "extra"}) + "\n")
+    status = json.loads(dvc(work, "status", "--json").stdout)
+    assert settle_always_changed(status, work) == {
+        "sources": [{"changed sources": "dataset.source"}]
+    }
+    rerun = dvc(work, "repro", "dataset")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "[dataset] done in" in rerun.stdout and "[base] done in" not in rerun.stdout
+    config = model_dir / "config.json"
+    config.write_text(config.read_text() + "\n")
+    rerun = dvc(work, "repro", "base")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "[base] done in" in rerun.stdout
+
+
+def files_under(root: Path, *paths: str) -> dict[str, bytes]:
+    found = {}
+    for rel in paths:
+        target = root / rel
+        for f in [target] if target.is_file() else sorted(target.rglob("*")):
+            if f.is_file():
+                found[f.relative_to(root).as_posix()] = f.read_bytes()
+    return found
+
+
+def test_a_bad_value_fails_clearly_and_loses_no_output(pipeline_run):
+    """Runs last in this module: it breaks params.yaml, then puts it back."""
+    work, _ = pipeline_run
+    kept = ("data/prepared/adapter", "reports/train", "reports/eval", "reports/gate.json")
+    before = files_under(work, *kept)
+    good = (work / "params.yaml").read_text()
+    status_before = dvc(work, "status", "--json").stdout
+    params = yaml.safe_load(good)
+    params["finetune"]["lora"]["r"] = -3
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    try:
+        failed = dvc(work, "repro")
+        assert failed.returncode != 0
+        assert "finetune.lora.r = -3" in failed.stderr + failed.stdout
+        assert files_under(work, *kept) == before, "a failed stage changed or removed outputs"
+        status = json.loads(dvc(work, "status", "--json").stdout)
+        assert "deleted" not in json.dumps(status), status
+    finally:
+        (work / "params.yaml").write_text(good)
+    assert json.loads(dvc(work, "status", "--json").stdout) == json.loads(status_before)

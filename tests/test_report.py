@@ -20,14 +20,17 @@ from html import escape as html_escape
 from pathlib import Path
 
 import pytest
+import yaml
 
+from qlora.gate import decide
 from qlora.io import StageError
+from qlora.lineage import git_state
+from qlora.params import GateParams
 from qlora.report import (
     fmt,
     fmt_bytes,
     fmt_duration,
     fmt_pct,
-    git_state,
     load_compare,
     render_report,
 )
@@ -60,6 +63,14 @@ def edit_json(path: Path, change) -> None:
 
 def load(root: Path, rel: str):
     return json.loads((root / "reports" / rel).read_text())
+
+
+def regate(root: Path) -> dict:
+    """Run the gate again on the (edited) metrics.json, as `dvc repro` would."""
+    params = GateParams.model_validate(yaml.safe_load((root / "params.yaml").read_text())["gate"])
+    decision = decide(load(root, "eval/metrics.json"), params)
+    (root / "reports" / "gate.json").write_text(json.dumps(decision))
+    return decision
 
 
 def metric_table_rows(html: str) -> dict[tuple[str, str], list[str]]:
@@ -135,12 +146,23 @@ def test_confidence_interval_from_stderr(root: Path, se: float, expected: str):
             m["variants"][v]["metrics"]["docstring_loss"]["bits_per_byte"]["stderr"] = se
 
     edit_json(root / "reports" / "eval" / "metrics.json", with_stderr)
+    regate(root)
     html, md = render(root)
     change = load(root, "gate.json")["primary"]["change"]
     half = 1.96 * math.sqrt(2 * se**2)
     interval = f"[{fmt(change - half)}, {fmt(change + half)}]"
     assert f"95% CI of the change: {interval}, {expected}" in html
     assert interval in md
+
+
+def test_the_headline_shows_the_gain_and_interval_of_gate_json_not_its_own(root: Path):
+    def doctored(gate):  # numbers no formula gives from metrics.json: only a copy shows them
+        gate["primary"].update(relative_change=0.3141, ci95=[-0.5, -0.125], beyond_noise=True)
+
+    edit_json(root / "reports" / "gate.json", doctored)
+    html, md = render(root)
+    assert "31.4% better" in html and "[\u22120.5, \u22120.125], excludes 0" in html
+    assert "31.4% better" in md
 
 
 def test_metric_table_has_every_value_and_marks_the_best(root: Path):
@@ -283,8 +305,9 @@ def test_lineage_degrades_without_dvc_lock(root: Path):
     assert "group_field: module" in html  # the full params.yaml
 
 
-@pytest.mark.skipif(shutil.which("git") is None, reason="git not installed")
-def test_git_revision_dirty_state_and_compare_column(root: Path):
+def commit_all(root: Path, message: str) -> str:
+    """`git init` (once), commit every file; returns the commit."""
+
     def git(*args: str) -> str:
         return subprocess.run(
             ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
@@ -294,10 +317,16 @@ def test_git_revision_dirty_state_and_compare_column(root: Path):
             text=True,
         ).stdout.strip()
 
-    git("init", "-q")
+    if not (root / ".git").exists():
+        git("init", "-q")
     git("add", "-A")
-    git("commit", "-qm", "previous run")
-    head = git("rev-parse", "HEAD")
+    git("commit", "-qm", message)
+    return git("rev-parse", "HEAD")
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git not installed")
+def test_git_revision_dirty_state_and_compare_column(root: Path):
+    head = commit_all(root, "previous run")
     metrics = root / "reports" / "eval" / "metrics.json"
     previous = load(root, "eval/metrics.json")["variants"]["adapter_4bit"]["metrics"]
     edit_json(
@@ -319,6 +348,111 @@ def test_git_revision_dirty_state_and_compare_column(root: Path):
     assert row[2][1].startswith(fmt(0.6042))
     with pytest.raises(StageError, match="no-such-rev"):
         load_compare("no-such-rev", root)
+
+
+def quantized_with_fp4(q: dict) -> None:
+    """quantize.json as the stage writes it with `quantize.quant_type: fp4`."""
+    q["quant_type"] = "fp4"
+    for table in ("bytes", "bytes_as_loaded", "bits_per_parameter"):
+        q[table] = {k.replace("nf4", "fp4"): v for k, v in q[table].items()}
+
+
+def test_a_report_of_an_fp4_run_shows_fp4_sizes(root: Path):
+    edit_json(root / "reports" / "quantize.json", quantized_with_fp4)
+    html, md = render(root)
+    q = load(root, "quantize.json")
+    quant = html[html.index('id="quantization"') : html.index('id="training"')]
+    assert f'<td>FP4 (double quant)</td><td class="n">{fmt_bytes(q["bytes"]["fp4"])}</td>' in quant
+    assert "FP4 keeps" in quant and "NF4 keeps" not in quant
+    assert "FP4 memory" in html and f"FP4 {fmt_bytes(q['bytes']['fp4'])}" in md
+
+
+def test_a_quantize_report_without_its_own_type_names_the_file(root: Path):
+    edit_json(root / "reports" / "quantize.json", lambda q: q.update(quant_type="fp4"))
+    with pytest.raises(StageError, match=r"(?s)quantize\.json.*bytes lacks \['fp4'\]"):
+        render(root)
+
+
+def test_a_metric_without_a_direction_is_shown_as_such_not_guessed(root: Path):
+    def no_direction(m):
+        for variant in m["variants"].values():
+            variant["metrics"]["docstring_choice"]["acc"]["higher_is_better"] = None
+
+    edit_json(root / "reports" / "eval" / "metrics.json", no_direction)
+    regate(root)
+    html, md = render(root)
+    cells = metric_table_rows(html)[("docstring_choice", "acc")]
+    assert not any("best" in css for css, _ in cells)  # no best without a direction
+    assert '? <span class="se">direction unknown</span>' in html
+    quant = html[html.index('id="quantization"') : html.index('id="training"')]
+    assert re.search(r"<td>acc</td>.*?n/a</td></tr>", quant, re.S)  # 4-bit share: not computed
+    gate = html[html.index('id="gate"') : html.index('id="examples"')]
+    assert '<span class="badge plain">not judged</span>' in gate
+    assert "(1 not judged: lm-eval gave no direction)" in gate
+    assert "| acc | ? direction unknown |" in md and "| not judged |" in md
+
+
+def environment(**changes) -> dict:
+    return {
+        "cpu_model": "Intel(R) Xeon(R) Platinum 8480+",
+        "isa_flags": ["avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_bf16"],
+        "torch": "2.13.0+cpu",
+        "torch_cuda": None,
+        "mkldnn": True,
+        "threads": 2,
+        "gpu": None,
+        "python": "3.11.7",
+        "platform": "Linux x86_64",
+    } | changes
+
+
+def test_the_training_machine_is_shown_where_it_is_recorded(root: Path):
+    html, _ = render(root)
+    assert 'id="environment"' not in html  # older runs did not record it
+    edit_json(
+        root / "reports" / "train" / "metrics.json", lambda t: t.update(environment=environment())
+    )
+    html, md = render(root)
+    lineage = html[html.index('id="lineage"') :]
+    assert "<h3>Where it ran</h3>" in lineage
+    assert (
+        '<th>isa_flags</th><td class="mono">avx2 avx512f avx512_bf16 amx_tile amx_bf16</td>'
+        in lineage
+    )
+    assert '<th>torch_cuda</th><td class="mono">n/a</td>' in lineage
+    assert "where it ran (training): cpu_model Intel(R) Xeon(R) Platinum 8480+" in md
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="git not installed")
+def test_compare_names_what_differs_between_the_two_runs_machines_and_adapters(root: Path):
+    train = root / "reports" / "train" / "metrics.json"
+    edit_json(train, lambda t: t.update(environment=environment()))
+    commit_all(root, "a run on a Sapphire Rapids machine")
+    html, _ = render(root, compare=load_compare("HEAD", root))
+    note = re.search(r'id="compare-differs">(.*?)</div>', html, re.S).group(1)
+    assert note.startswith("No difference")
+
+    # The same code and params again, on a machine without AVX512-BF16: another adapter.
+    flags = ["avx2", "avx512f", "amx_tile", "amx_bf16"]
+    other = environment(cpu_model="Xeon", isa_flags=flags)
+    edit_json(train, lambda t: t.update(environment=other))
+    lock = root / "dvc.lock"
+    lock.write_text(lock.read_text().replace("b6c7d8e9f0a1b2c3d4e5f60718293a4b.dir", "0a1b.dir"))
+    html, md = render(root, compare=load_compare("HEAD", root))
+    expected = (
+        "the runs differ in: cpu_model (Intel(R) Xeon(R) Platinum 8480+ → Xeon), "
+        "isa_flags (avx512_bf16), adapter (b6c7d8e9f0a1b2c3d4e5f60718293a4b.dir → 0a1b.dir)."
+    )
+    assert expected in html and expected in md
+
+
+def test_compare_says_when_the_other_run_recorded_no_machine(root: Path):
+    compare = {"label": "adapter @ old", "metrics": {}, "environment": None, "adapter_md5": None}
+    edit_json(
+        root / "reports" / "train" / "metrics.json", lambda t: t.update(environment=environment())
+    )
+    html, _ = render(root, compare=compare)
+    assert "the runs differ in: environment (recorded for this run only)" in html
 
 
 # ---------------------------------------------------------------- bad input

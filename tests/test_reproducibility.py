@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from qlora import training
@@ -70,3 +72,45 @@ def test_sigkill_mid_training_then_rerun_resumes_to_the_same_adapter(workspace):
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "resuming from" in rerun.stdout
     assert sha256(workspace / ADAPTER) == uninterrupted
+
+    # The speed describes the whole run: every token over the seconds of both processes,
+    # and the resumed process's own share is reported apart.
+    m = json.loads((workspace / "reports/train/metrics.json").read_text())
+    assert m["steps"] == 12 and 0 < m["resumed_from_step"] < 12
+    assert m["session"]["steps"] == 12 - m["resumed_from_step"]
+    assert m["session"]["tokens"] < m["trained_tokens"]
+    assert m["train_runtime_s"] > m["session"]["runtime_s"] > 0
+    assert m["tokens_per_s"] == pytest.approx(m["trained_tokens"] / m["train_runtime_s"])
+
+
+def test_the_adapter_directory_is_byte_identical_across_processes(workspace):
+    """DVC hashes the whole adapter directory: a file whose bytes depend on the process
+    (peft writes target_modules from a set, ordered by the string hash seed) would make
+    every forced rerun look like a new adapter and rerun evaluate, gate and report."""
+    cmd = [sys.executable, "-m", "stages.finetune"]
+    adapters = []
+    for seed in ("1", "2"):
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(Path(finetune.__file__).parents[1]),
+            "PYTHONHASHSEED": seed,
+        }
+        done = subprocess.run(cmd, cwd=workspace, env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr[-3000:]
+        folder = workspace / ADAPTER.parent
+        adapters.append({f.name: f.read_bytes() for f in sorted(folder.iterdir())})
+    assert adapters[0].keys() == adapters[1].keys()
+    differing = [name for name in adapters[0] if adapters[0][name] != adapters[1][name]]
+    assert not differing, f"adapter files differ between processes: {differing}"
+
+
+def test_checkpoints_are_not_resumed_onto_another_base(workspace, tmp_path_factory):
+    from conftest import make_tiny_model_dir
+    from qlora.artifacts import split_file
+    from qlora.params import load_params
+
+    params, splits = load_params(), [split_file("train"), split_file("validation")]
+    other = make_tiny_model_dir(tmp_path_factory.mktemp("other_base"), seed=1)
+    same = training.run_fingerprint(params, splits)
+    assert training.run_fingerprint(params, splits) == same
+    assert training.run_fingerprint(params, splits, base_dir=other) != same
