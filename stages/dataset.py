@@ -1,15 +1,7 @@
-"""Stage `dataset`: raw records -> train / validation / test splits in the model's chat format.
+"""Stage `dataset`: the configured dataset as train / validation / test in chat format.
 
-Rows sharing `dataset.group_field` (the module, for the default corpus) land in one split,
-so no module is in two splits. Each row is rendered with the base model's chat template
-into `prompt` + `completion`; token counts are stored for validation. Rows longer than
-`dataset.max_length` are dropped and counted, never silently truncated.
-
-Also writes the evaluation data the local lm-eval tasks read:
-- eval/choice.jsonl: each test prompt with its true answer among distractors (same group
-  first), for a multiple-choice accuracy;
-- eval/prose.jsonl: general prose that ships with CPython (pydoc_data topics), outside the
-  training task, to catch forgetting.
+qlora/dataset.py does the work: whole groups per split, the chat template, rows over
+dataset.max_length dropped and counted; plus the data of the local lm-eval tasks.
 Outputs: data/prepared/splits/, data/prepared/eval/, reports/dataset.json
 """
 

@@ -1,18 +1,11 @@
 """Stage `evaluate`: the base and the adapter benchmarked side by side with lm-eval.
 
-Three variants, one at a time (each is freed before the next loads), with the same tasks,
-batch size, few-shot count and limit:
-- base_full:   the base in full precision (float32 on a CPU, bfloat16 on a GPU);
-- base_4bit:    the base quantized to 4 bits (nf4 or fp4), exactly as finetune loads it;
-- adapter_4bit: that 4-bit base with the trained adapter: the only difference from base_4bit.
-Models are built by qlora/models.py and handed to lm-eval as objects: lm-eval's own
-`load_in_4bit` model argument no longer works with transformers 5.
-
-The local tasks live in data/eval_tasks (docstring_loss, docstring_choice, prose_guard);
-any standard lm-eval task name works too where the datasets hub is reachable.
-Outputs (written only once every variant has finished, so a failure leaves the previous
-results in place): reports/eval/metrics.json (a DVC metric), reports/eval/examples.json
-(greedy answers of each variant to the first test prompts).
+Runs base_full, base_4bit and adapter_4bit one at a time on the same tasks and settings
+(qlora/evaluation.py says how, and why models are handed to lm-eval as objects).
+Outputs, written only once every variant has finished (a failure leaves the previous
+results in place): reports/eval/metrics.json (a DVC metric, checked against
+artifacts.EvalMetrics), reports/eval/examples.json (greedy answers to the first test
+prompts).
 """
 
 from __future__ import annotations

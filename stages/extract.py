@@ -1,10 +1,7 @@
 """Stage `extract`: the embedded default corpus, from CPython's standard library.
 
-Every public function with a docstring becomes one Alpaca-style record: the instruction
-asks for a one-line docstring summary, the input is the function's source with its
-docstring removed, the output is the docstring's first paragraph. Real text that nobody
-here wrote (PSF license), present on every machine with Python, so `make run` needs no
-dataset hub. The extraction is a DVC stage output, so its hash is recorded in dvc.lock.
+qlora/corpus.py turns every public stdlib function with a docstring into an Alpaca
+record, so `make run` needs no dataset hub.
 Output: data/raw/stdlib_functions.jsonl
 """
 

@@ -1,11 +1,8 @@
 """Stage `quantize`: what 4-bit quantization does to the base model, measured.
 
-Loads the base in 16 bits and in 4 bits through qlora/models.py (the very loader
-finetune and evaluate use) and reports the parameter count, the memory of each, the bits
-per parameter actually achieved (the quantization constants included), and the error of
-the dequantized weights for NF4 and FP4 side by side. The 4-bit model is not saved:
-quantizing on load takes seconds and keeps one copy of the weights on disk.
-Output: reports/quantize.json (a DVC metric)
+qlora/quantization.py loads the base in 16 and in 4 bits through the shared loader and
+measures memory, bits per parameter and the weight error of NF4 and FP4.
+Output: reports/quantize.json (a DVC metric, checked against artifacts.QuantizeReport)
 """
 
 from __future__ import annotations

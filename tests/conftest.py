@@ -154,3 +154,19 @@ def workspace(tmp_path, tiny_model_dir, monkeypatch) -> Path:
     sources.main()
     dataset.main()
     return tmp_path
+
+
+def gate_params(**values):
+    """A gate section for tests on hand-made metrics: these thresholds unless given
+    (params.yaml's are tuned for the default run; the schema has no defaults)."""
+    from qlora.params import GateParams
+
+    rules = {
+        "primary": {"task": "docstring_loss", "metric": "bits_per_byte"},
+        "min_gain": 0.0,
+        "max_regression": 0.05,
+        "max_regression_per_metric": {},
+        "significance": True,
+        "champion": {"min_gain": 0.0, "max_regression": 0.05, "significance": False},
+    }
+    return GateParams.model_validate({**rules, **values})

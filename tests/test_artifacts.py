@@ -10,19 +10,17 @@ from pathlib import Path
 
 import pytest
 
+from conftest import gate_params
 from flows.report_artifacts import metrics_table
 from qlora import artifacts
 from qlora.gate import decide
 from qlora.io import StageError
 from qlora.model_card import _metric_table
-from qlora.params import GateParams
 from qlora.report import metric_rows
 
 FIXTURES = Path(__file__).parent / "fixtures" / "report" / "reports"
 REPO = Path(__file__).resolve().parents[1]
-RULES = GateParams.model_validate(
-    {"primary": {"task": "docstring_loss", "metric": "bits_per_byte"}, "min_gain": 0.02}
-)
+RULES = gate_params(min_gain=0.02)
 
 
 def fixture(name: str) -> dict:

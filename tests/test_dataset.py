@@ -12,7 +12,13 @@ from qlora.chat import IGNORE_INDEX, encode, render
 from qlora.formats import detect_format, read_records, to_messages
 from qlora.io import StageError, atomic_dir, read_jsonl, write_jsonl
 from qlora.models import load_tokenizer
-from qlora.params import DatasetParams
+from qlora.params import DatasetParams, shipped_params
+
+
+def dataset_params(**values) -> DatasetParams:
+    """params.yaml's dataset section with `values` changed."""
+    return shipped_params().dataset.model_copy(update=values)
+
 
 CHAT = {
     "messages": [
@@ -81,7 +87,7 @@ def test_prompt_is_masked_and_completion_trained(tiny_model_dir):
 
 def test_groups_never_span_two_splits_and_splits_are_deterministic():
     rows = alpaca_rows(60, groups=12)
-    p = DatasetParams(source="x", group_field="module", max_length=256, seed=3)
+    p = dataset_params(source="x", group_field="module", max_length=256, seed=3)
     splits = dataset.split_by_group([{**r, "id": str(i)} for i, r in enumerate(rows)], p)
     groups = [{r["group"] for r in splits[s]} for s in dataset.SPLITS]
     assert all(not (a & b) for i, a in enumerate(groups) for b in groups[i + 1 :])
@@ -106,7 +112,7 @@ def test_duplicate_prompts_are_dropped_once(tmp_path, tiny_model_dir):
     tok = load_tokenizer(tiny_model_dir)
     rows = alpaca_rows(20)
     write_jsonl(tmp_path / "d.jsonl", rows + rows[:3])
-    p = DatasetParams(source=str(tmp_path / "d.jsonl"), group_field="module", max_length=256)
+    p = dataset_params(source=str(tmp_path / "d.jsonl"), group_field="module", max_length=256)
     _, summary = dataset.prepare(p, tok)
     assert summary["dropped_duplicate_prompts"] == 3
 
@@ -115,7 +121,7 @@ def test_a_row_missing_its_answer_is_named(tmp_path, tiny_model_dir):
     rows = alpaca_rows(5)
     del rows[3]["output"]
     write_jsonl(tmp_path / "d.jsonl", rows)
-    p = DatasetParams(source=str(tmp_path / "d.jsonl"), format="alpaca", max_length=256)
+    p = dataset_params(source=str(tmp_path / "d.jsonl"), format="alpaca", max_length=256)
     with pytest.raises(StageError, match=r"row 4: .*missing \['output'\]"):
         dataset.prepare(p, load_tokenizer(tiny_model_dir))
 

@@ -133,16 +133,10 @@ def eval_metrics_fixture() -> dict:
 
 def gate_fixture(metrics: dict) -> dict:
     """The gate stage's own decision on the fixture metrics, so the schema cannot drift."""
+    from conftest import gate_params
     from qlora.gate import decide
-    from qlora.params import GateParams
 
-    params = GateParams.model_validate(
-        {
-            "primary": {"task": "docstring_loss", "metric": "bits_per_byte"},
-            "min_gain": 0.02,
-            "max_regression": 0.10,
-        }
-    )
+    params = gate_params(min_gain=0.02, max_regression=0.10)
     return decide(metrics, params)
 
 

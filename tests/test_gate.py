@@ -7,9 +7,9 @@ import copy
 
 import pytest
 
+from conftest import gate_params
 from qlora.gate import decide, decide_vs_champion, relative_gain
 from qlora.io import StageError
-from qlora.params import GateParams
 
 
 def metric(value, higher_is_better, stderr=0.01):
@@ -35,13 +35,7 @@ def results(adapter_bpb=0.80, adapter_guard=2.00, adapter_acc=0.60) -> dict:
     }
 
 
-RULES = GateParams.model_validate(
-    {
-        "primary": {"task": "docstring_loss", "metric": "bits_per_byte"},
-        "min_gain": 0.05,
-        "max_regression": 0.10,
-    }
-)
+RULES = gate_params(min_gain=0.05, max_regression=0.10)
 
 
 def test_relative_gain_respects_direction():
@@ -174,9 +168,7 @@ def test_a_metric_can_have_its_own_regression_limit():
     with pytest.raises(StageError, match=r"prose_guard/bpb.*available"):
         decide(results(), typo)
     with pytest.raises(ValueError, match="not 'task/metric'"):
-        GateParams.model_validate(
-            {"primary": {"task": "t", "metric": "m"}, "max_regression_per_metric": {"acc": 0.1}}
-        )
+        gate_params(primary={"task": "t", "metric": "m"}, max_regression_per_metric={"acc": 0.1})
 
 
 # ---- clear errors and honest reasons ---------------------------------------------------

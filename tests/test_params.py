@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import yaml
+from pydantic import BaseModel
 
 from conftest import REPO
-from qlora.params import ParamsError, load_params
+from qlora.params import Params, ParamsError, load_params, shipped_params
 
 
 def test_shipped_params_file_is_valid():
@@ -59,3 +60,34 @@ def test_missing_and_broken_files_are_named(tmp_path):
     (tmp_path / "params.yaml").write_text("base: [unclosed\n")
     with pytest.raises(ParamsError, match="not valid YAML"):
         load_params(tmp_path / "params.yaml")
+
+
+def _fields(model: type[BaseModel], prefix: str = ""):
+    for name, info in model.model_fields.items():
+        key = f"{prefix}{info.alias or name}"
+        yield key, info
+        annotation = info.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            yield from _fields(annotation, f"{key}.")
+
+
+def test_params_yaml_is_the_only_source_of_values():
+    """A default in the schema would be a second source that drifts from params.yaml (it
+    did: gate.min_gain 0.0 vs 0.02, dataset.max_length 512 vs 320)."""
+    with_defaults = [key for key, info in _fields(Params) if not info.is_required()]
+    assert not with_defaults, f"schema fields with a default in code: {with_defaults}"
+
+
+def test_a_missing_key_is_named_not_filled_in(tmp_path):
+    with pytest.raises(ParamsError, match="gate.min_gain"):
+        load_params(write(tmp_path, lambda p: p["gate"].pop("min_gain")))
+
+
+def test_outside_a_project_the_shipped_params_yaml_gives_the_values(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no params.yaml here
+    shipped = shipped_params()
+    assert shipped == load_params(REPO / "params.yaml")
+    assert (
+        shipped.dataset.max_length
+        == yaml.safe_load((REPO / "params.yaml").read_text())["dataset"]["max_length"]
+    )

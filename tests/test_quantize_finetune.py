@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from qlora import training
 from qlora.io import StageError
-from qlora.params import QuantizeParams
+from qlora.params import shipped_params
 from qlora.quantization import measure
 from stages import finetune
 
@@ -29,7 +29,7 @@ def expected_bits_per_linear_weight(shapes: list[tuple[int, int]]) -> float:
 
 
 def test_quantize_report_on_a_tiny_llama(tiny_model_dir):
-    report = measure(QuantizeParams(), tiny_model_dir)
+    report = measure(shipped_params().quantize, tiny_model_dir)
     # Tiny Llama: hidden 64, 2 key/value heads of 16, MLP 128, 2 layers.
     layer = [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128)]
     assert report["bits_per_parameter"]["nf4_linear_layers"] == pytest.approx(
