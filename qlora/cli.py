@@ -318,13 +318,13 @@ def export(
                 dtype or base_params.get("save_dtype", "bfloat16"),
                 bool(base_params.get("trust_remote_code", False)),
             )
-            e2e = result["end_to_end"]
+            e2e, limits = result["end_to_end"], result["limits"]
             typer.echo(
                 f"{version}: merged {result['dtype']} model in {merged}; against base + adapter "
                 f"on {result['prompts']} prompts: max KL {e2e['max_kl']:.3g} (limit "
-                f"{result['limits']['kl']}), max |Δlogit| {e2e['max_abs_logit_diff']:.3g}, "
-                f"top-1 agreement {e2e['top1_agreement']:.1%}; the adapter itself moves them "
-                f"by a KL of {result['adapter_effect']['max_kl']:.3g}"
+                f"{limits['kl']:.3g}, {limits['kl_fraction_of_adapter']:g} of the adapter's "
+                f"own KL of {result['adapter_effect']['max_kl']:.3g}), max |Δlogit| "
+                f"{e2e['max_abs_logit_diff']:.3g}, top-1 agreement {e2e['top1_agreement']:.1%}"
             )
     except StageError as e:
         _fail(e)

@@ -1,9 +1,9 @@
 """Rows -> a table of derived columns that Great Expectations can judge.
 
-Most defects that break fine-tuning are not visible in a raw column: a response cut off by
-truncation, chat turns in the wrong order, a test row that repeats a train row. Each gets a
+Most defects that break fine-tuning are not visible in a raw column: a row too long to
+train on, chat turns in the wrong order, a test row that repeats a train row. Each gets a
 derived column here (`n_trained_tokens`, `roles`, `appears_in_train`, ...) and an
-expectation on that column in stages/validate.py. Rows whose schema is broken keep nulls in
+expectation on that column in qlora/validation.py. Rows whose schema is broken keep nulls in
 the derived columns, so one defect is reported once (as `schema`), not by every check.
 
 The table's index is the row number users see: the line number for JSONL, else the
@@ -51,8 +51,8 @@ PII_PATTERNS = {
 
 COLUMNS = [
     "schema_problem", "missing_value", "roles", "role_order", "prompt_text", "response", "text",
-    "conversation", "normalised_text", "prompt_tokens", "completion_tokens", "total_tokens",
-    "n_trained_tokens", "response_chars",
+    "conversation", "normalised_text", "blank_fields", "prompt_tokens", "completion_tokens",
+    "total_tokens", "n_trained_tokens", "response_chars", "prompt_turns",
 ]  # fmt: skip
 
 
@@ -156,23 +156,41 @@ def _derive(messages: list[dict]) -> dict:
         "conversation": json.dumps(
             [[m["role"], m["content"]] for m in messages], ensure_ascii=False
         ),
+        # Everything before the answer: the dataset stage keeps one row per prompt.
+        "prompt_turns": json.dumps(
+            [[m["role"], m["content"]] for m in messages[:-1]], ensure_ascii=False
+        ),
         "normalised_text": normalise(text),
         # An empty answer is `empty_response`'s, not also a length outlier.
         "response_chars": float(len(response)) if response and response.strip() else math.nan,
     }
 
 
-def _tokens(prompt_tokens: float, completion_tokens: float, max_length: int | None) -> dict:
-    if max_length is None or math.isnan(prompt_tokens):
-        trained = math.nan
+def _blank_fields(row: dict, fmt: str | None) -> str | None:
+    """The fields (or chat turns) that hold only white space, such as an Alpaca `input` of
+    spaces and tabs beside a real instruction: a value lost on the way, or junk the template
+    renders. An empty string is no value (Alpaca's "no input"), not a blank one."""
+    if fmt is None or fmt == "chat":
+        fields = {f"messages[{k}].content ({m['role']})": m["content"]
+                  for k, m in enumerate(row["messages"])}  # fmt: skip
     else:
-        # What stages/chat.encode keeps: prompt first, the response's tail is cut.
-        trained = float(max(0, min(completion_tokens, max_length - prompt_tokens)))
+        fields = {repr(k): row.get(k) for k in (*REQUIRED[fmt], "input")}
+    # Raw white space: the report's clip() shows it escaped (\t, \n).
+    blank = [f"{name} = '{v[:20]}'" for name, v in fields.items()
+             if isinstance(v, str) and v and not v.strip()]  # fmt: skip
+    return f"only white space: {', '.join(blank)}" if blank else None
+
+
+def _tokens(prompt_tokens: float, completion_tokens: float, max_length: int | None) -> dict:
+    total = prompt_tokens + completion_tokens
+    # A row over max_length is dropped by the dataset stage, never truncated: it trains
+    # nothing and is `over_max_length`'s (validation.length_policy), not this column's.
+    dropped = max_length is None or math.isnan(total) or total > max_length
     return {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens,
-        "n_trained_tokens": trained,
+        "total_tokens": total,
+        "n_trained_tokens": math.nan if dropped else completion_tokens,
     }
 
 
@@ -199,6 +217,9 @@ def build_frame(
         if problem is None and missing is None:
             messages = row["messages"] if fmt is None else to_messages(row, fmt, system_prompt)
             rec.update(_derive(list(messages)))
+            # A blank whole turn is `empty_prompt`'s or `empty_response`'s: one report.
+            if all(isinstance(t, str) and t.strip() for t in (rec["prompt_text"], rec["response"])):
+                rec["blank_fields"] = _blank_fields(row, fmt)
             if fmt is None:
                 counts = (float(row["prompt_tokens"]), float(row["completion_tokens"]))
                 rec.update(_tokens(*counts, max_length))

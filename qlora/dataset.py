@@ -114,7 +114,7 @@ def prepare(
     """Splits and a summary; `revision` pins a hub dataset (the sources stage resolves it)."""
     raw = read_records(p.source, revision=revision)
     fmt = detect_format(raw, p.format, where=p.source)
-    rows, dropped_long, dropped_dup, seen = [], 0, 0, set()
+    rows, dropped_long, dropped_dup, seen = [], [], 0, set()
     for i, rec in enumerate(raw, start=1):
         try:
             messages = to_messages(rec, fmt, p.system_prompt)
@@ -130,7 +130,7 @@ def prepare(
         prompt_tokens = sum(1 for x in ids["labels"] if x < 0)
         completion_tokens = len(ids["input_ids"]) - prompt_tokens
         if prompt_tokens + completion_tokens > p.max_length:
-            dropped_long += 1
+            dropped_long.append(i)
             continue
         row = {
             "id": f"row-{i}",
@@ -154,7 +154,9 @@ def prepare(
         "source": p.source,
         "format": fmt,
         "raw_rows": len(raw),
-        "dropped_over_max_length": dropped_long,
+        "dropped_over_max_length": len(dropped_long),
+        # Row numbers in dataset.source, so the validate stage can point at them.
+        "dropped_over_max_length_rows": dropped_long,
         "dropped_duplicate_prompts": dropped_dup,
         "max_length": p.max_length,
         "rows": {s: len(capped[s]) for s in SPLITS},

@@ -28,7 +28,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -39,6 +38,7 @@ from qlora import artifacts
 from qlora.gate import decide_vs_champion
 from qlora.io import StageError, pipeline_env, read_json, sha256_of
 from qlora.params import load_params
+from qlora.sources import settle_always_changed
 
 REGISTRY_ENV = "QLORA_REGISTRY"
 DEFAULT_DIR = Path("registry")
@@ -50,9 +50,6 @@ METRICS = artifacts.EVAL_METRICS
 GATE = artifacts.GATE_REPORT
 # A promotion holds the lock for seconds (copying ~20 MB); ten minutes means a stuck peer.
 LOCK_TIMEOUT_S = 600.0
-# Test hook: a promotion whose environment names one of its steps here prints
-# "paused at <step>" and sleeps, so a test can SIGKILL it at a known point. Unset normally.
-TEST_PAUSE_ENV = "QLORA_TEST_PAUSE_AT"
 _VERSION = re.compile(r"v(\d+)")
 
 
@@ -69,12 +66,6 @@ def _user() -> str:
         return getpass.getuser()
     except (KeyError, OSError):  # a container user without a passwd entry
         return str(os.getuid())
-
-
-def _test_pause(step: str) -> None:
-    if os.environ.get(TEST_PAUSE_ENV) == step:
-        print(f"paused at {step}", flush=True)
-        time.sleep(3600)
 
 
 class Registry:
@@ -215,6 +206,23 @@ class Registry:
         finally:
             os.close(fd)
 
+    def move_alias(self, version: str, previous: str | None, action: str, reason: str) -> dict:
+        """Point the champion alias at `version` (registered), away from `previous`, and
+        record why. Call inside `writing()`."""
+        self.record(version)
+        event = {
+            "event": "alias",
+            "alias": ALIAS,
+            "version": version,
+            "previous": previous,
+            "action": action,
+            "reason": reason,
+            "created": _now(),
+            "by": _user(),
+        }
+        self._append(event)
+        return event
+
     def next_version(self) -> str:
         numbers = [int(m[1]) for v in self.versions() if (m := _VERSION.fullmatch(v))]
         return f"v{max(numbers, default=0) + 1}"
@@ -259,10 +267,8 @@ class Registry:
         except BaseException:
             shutil.rmtree(stage, ignore_errors=True)
             raise
-        _test_pause("staged")
         stage.rename(target)
         _fsync_dir(self.root)
-        _test_pause("renamed")
         event = {**event, "files": files, "lineage_sha256": sha256_of(target / LINEAGE)}
         self._append(event)
         return event
@@ -313,9 +319,10 @@ def stale_stages(root: Path, target: str = "gate") -> dict:
     if done.returncode != 0:
         raise StageError(f"`dvc status` failed in {root}: {(done.stderr or done.stdout).strip()}")
     try:
-        return json.loads(done.stdout or "{}")
+        status = json.loads(done.stdout or "{}")
     except json.JSONDecodeError:
         raise StageError(f"`dvc status --json` printed no JSON: {done.stdout[:300]}") from None
+    return settle_always_changed(status, root)
 
 
 def _lock_stages(root: Path) -> dict:
@@ -349,7 +356,8 @@ def evaluation_inputs(stages: dict) -> dict:
 
 def build_lineage(root: Path) -> dict:
     """Everything needed to rebuild the adapter: code, data and base hashes, params."""
-    from qlora.report import git_state, package_versions
+    from qlora.lineage import git_state
+    from qlora.report import package_versions
 
     stages = _lock_stages(root)
     adapter = next(
@@ -520,18 +528,7 @@ def rollback(reg: Registry, version: str | None = None, reason: str = "") -> dic
         broken = reg.check_version(version)
         if broken:
             raise StageError(f"cannot serve {version}: {'; '.join(broken)}")
-        event = {
-            "event": "alias",
-            "alias": ALIAS,
-            "version": version,
-            "previous": current,
-            "action": "rollback",
-            "reason": reason,
-            "created": _now(),
-            "by": _user(),
-        }
-        reg._append(event)
-        return event
+        return reg.move_alias(version, previous=current, action="rollback", reason=reason)
 
 
 def export_adapter(reg: Registry, version: str, out_dir: Path) -> Path:

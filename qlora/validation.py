@@ -1,10 +1,12 @@
 """Stage `validate`: refuse data that would break fine-tuning, before any training starts.
 
 Each check is a Great Expectations expectation on a column of the table that
-qlora/data_checks.py derives from the rows (empty answers, duplicates, responses cut off by
-truncation, chat turns out of order, test rows that repeat train rows, encoding junk, PII).
+qlora/data_checks.py derives from the rows (empty answers, blank fields, duplicates, chat
+turns out of order, test rows that repeat train rows, encoding junk, PII).
 params.yaml `validate.checks` makes each one an error (stops the pipeline), a warning
-(printed and reported) or off.
+(printed and reported) or off. Rows longer than dataset.max_length are judged by one rule
+(length_policy) in the DAG and for a file: the dataset stage drops them, a warning up to
+validate.max_dropped_fraction of the rows, an error past it.
 
 In the DAG it checks data/prepared/splits/{train,validation,test}.jsonl and train against
 validation and test (leakage), writes reports/validation/result.json and GX Data Docs
@@ -27,12 +29,13 @@ import pandas as pd
 from qlora import artifacts
 from qlora import data_checks as dc
 from qlora.formats import FORMATS, REQUIRED, detect_format, read_records
-from qlora.io import StageError, atomic_dir, write_json
-from qlora.params import DatasetParams, ParamsError, ValidateParams, load_params
+from qlora.io import StageError, atomic_dir, read_json, write_json
+from qlora.params import ParamsError, ValidateParams, load_params, shipped_params
 
 SPLITS_DIR = artifacts.SPLITS_DIR
 OUT_DIR = artifacts.VALIDATION_DIR
 SPLITS = artifacts.SPLITS
+DATASET_REPORT = artifacts.DATASET_REPORT
 N_EXAMPLES = 3  # example rows per failed check: enough to find the pattern, small to read
 
 
@@ -94,6 +97,8 @@ def plan_checks(
         Check("empty_response", "the trained answer has non-whitespace text",
               gxe.ExpectColumnValuesToMatchRegex(column="response", regex=r"\S"),
               col("response")),
+        Check("blank_fields", "no field or turn holds only white space",
+              gxe.ExpectColumnValuesToBeNull(column="blank_fields"), col("blank_fields")),
         Check("exact_duplicates", "no conversation appears twice",
               gxe.ExpectColumnValuesToBeUnique(column="conversation"),
               lambda f, r: _first_other(f, "conversation", r)),
@@ -130,17 +135,14 @@ def plan_checks(
                   column="text", regex_list=list(dc.PII_PATTERNS.values())),
               lambda f, r: dc.pii_found(f.at[r, "text"])),
     ]  # fmt: skip
-    if max_length is not None:
-        checks += [
-            Check("over_max_length", f"prompt + response fit max_length={max_length} tokens",
-                  gxe.ExpectColumnValuesToBeBetween(column="total_tokens", max_value=max_length),
-                  _tokens_shown),
+    if max_length is not None:  # (rows over max_length: length_policy)
+        checks.append(
             Check("no_trained_tokens",
-                  f"truncation to max_length={max_length} tokens leaves at least one "
+                  f"every row within max_length={max_length} tokens has at least one "
                   "response token to train on",
                   gxe.ExpectColumnValuesToBeBetween(column="n_trained_tokens", min_value=1),
-                  _tokens_shown),
-        ]  # fmt: skip
+                  _tokens_shown)
+        )  # fmt: skip
     if "appears_in_train" in frame:
         n, most = v.ngram_overlap.n, v.ngram_overlap.max_fraction
         checks.append(
@@ -154,13 +156,64 @@ def plan_checks(
     return [c for c in checks if severity[c.name] != "off"]
 
 
+def length_policy(
+    label: str,
+    n_rows: int,
+    n_dropped: int,
+    max_length: int,
+    v: ValidateParams,
+    shown: dict[int, str] | None,
+) -> list[dict]:
+    """The check `over_max_length`: one rule for `qlora validate FILE` and the DAG.
+
+    The dataset stage drops a row longer than dataset.max_length (a truncated answer would
+    teach the model to stop mid-sentence), so such rows are "rows that will be dropped": a
+    warning (the configured severity) while they are at most validate.max_dropped_fraction
+    of the rows, an error past it, naming the settings that change the outcome. `shown`:
+    row number -> what shows why (None where the dropped rows are not known by number)."""
+    severity = v.checks.over_max_length
+    if severity == "off":
+        return []
+    share = n_dropped / n_rows if n_rows else 0.0
+    most = v.max_dropped_fraction
+    description = (
+        f"{n_dropped} of {n_rows} rows ({share:.1%}) will be dropped: longer than "
+        f"dataset.max_length={max_length} tokens"
+    )
+    if shown:
+        listed = list(shown)[:20]
+        more = f" and {len(shown) - len(listed)} more" if len(shown) > len(listed) else ""
+        description += f" (rows {', '.join(map(str, listed))}{more})"
+    if share > most:
+        severity = "error"
+        description += (
+            f"; more than validate.max_dropped_fraction={most:g} of the rows: raise "
+            "dataset.max_length (within the base model's context), shorten those rows, or "
+            "raise validate.max_dropped_fraction to accept the loss"
+        )
+    else:
+        description += f"; up to validate.max_dropped_fraction={most:g} of the rows may go"
+    examples = [{"row": r, "value": value} for r, value in (shown or {}).items()]
+    return [{
+        "name": "over_max_length",
+        "split": label,
+        "severity": severity,
+        "success": n_dropped == 0,
+        "failed_rows": n_dropped,
+        "examples": examples[:N_EXAMPLES],
+        "description": description,
+    }]  # fmt: skip
+
+
 def run_checks(
     frames: dict[str, pd.DataFrame],
     v: ValidateParams,
     plans: dict[str, list[Check]],
     docs_dir: Path | None = None,
+    judged: list[dict] | None = None,
 ) -> list[dict]:
-    """Validate each frame with its checks in one GX context; Data Docs under docs_dir."""
+    """Validate each frame with its checks in one GX context; Data Docs under docs_dir.
+    `judged`: results of checks made outside GX (length_policy), reported in order."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
     import great_expectations as gx
     from great_expectations.checkpoint import UpdateDataDocsAction
@@ -186,7 +239,7 @@ def run_checks(
             },
         )
     source = context.data_sources.add_pandas("prepared")
-    results = []
+    results = list(judged or [])
     for split, frame in frames.items():
         by_name = {c.name: c for c in plans[split]}
         suite = gx.ExpectationSuite(name=split)
@@ -268,6 +321,20 @@ def read_split(path: Path) -> tuple[dict[int, dict], list[int]]:
     return dc.read_jsonl_lenient(path)
 
 
+def dropped_by_dataset(v: ValidateParams, max_length: int) -> list[dict]:
+    """length_policy on the rows the dataset stage dropped for length (its report counts
+    them): in the DAG those rows are gone before the splits are checked."""
+    if not DATASET_REPORT.exists():
+        raise StageError(f"{DATASET_REPORT}: not found (run the dataset stage first)")
+    summary = read_json(DATASET_REPORT)
+    rows = summary.get("dropped_over_max_length_rows") or []
+    shown = {int(r): f"over {max_length} tokens: dropped by the dataset stage" for r in rows}
+    return length_policy(
+        Path(summary["source"]).name, summary["raw_rows"], summary["dropped_over_max_length"],
+        max_length, v, shown,
+    )  # fmt: skip
+
+
 def validate_splits(v: ValidateParams, max_length: int) -> dict:
     """Check the prepared splits; write reports/validation (even when checks fail)."""
     frames = {}
@@ -280,7 +347,9 @@ def validate_splits(v: ValidateParams, max_length: int) -> dict:
         dc.add_leakage(frames[split], frames["train"], g.n, g.max_fraction, g.common_fraction)
     plans = {s: plan_checks(v, frames[s], getattr(v.min_rows, s), max_length) for s in SPLITS}
     with atomic_dir(OUT_DIR) as out:
-        checks = run_checks(frames, v, plans, docs_dir=out / "data_docs")
+        checks = run_checks(
+            frames, v, plans, docs_dir=out / "data_docs", judged=dropped_by_dataset(v, max_length)
+        )
         result = {
             "success": not failed(checks, "error"),
             "checks": checks,
@@ -367,20 +436,16 @@ def cli_validate(
     try:
         if fmt not in ("auto", *FORMATS):
             raise StageError(f"--format {fmt!r}: expected auto or one of {list(FORMATS)}")
-        if Path("params.yaml").exists():
-            params = load_params()
-            v, data, trust = params.validate_, params.dataset, params.base.trust_remote_code
-        else:  # outside the project: the schema's defaults
-            v, data, trust = ValidateParams(), None, False
-        limit = max_length or (data.max_length if data else DatasetParams.model_fields[
-            "max_length"].default)  # fmt: skip
+        # Outside a project: the values of the params.yaml that ships with this code.
+        params = load_params() if Path("params.yaml").exists() else shipped_params()
+        v, data = params.validate_, params.dataset
+        limit = max_length or data.max_length
         records, bad_utf8 = load_file(path)
         record_format = _format_of(path, records, fmt)
-        tokenizer = _tokenizer(tokenizer_dir, trust)
+        tokenizer = _tokenizer(tokenizer_dir, params.base.trust_remote_code)
         frame = dc.build_frame(
-            records, record_format, limit if tokenizer else None, tokenizer,
-            data.system_prompt if data else None,
-        )  # fmt: skip
+            records, record_format, limit if tokenizer else None, tokenizer, data.system_prompt
+        )
     except (StageError, ParamsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -392,7 +457,14 @@ def cli_validate(
         print(f"note: {path}: invalid UTF-8 on line(s) {bad_utf8[:10]}, read as U+FFFD")
     label = Path(path).name
     plans = {label: plan_checks(v, frame, v.min_rows.train, limit if tokenizer else None)}
-    checks = run_checks({label: frame}, v, plans)
+    judged = []
+    if tokenizer is not None:
+        # What the dataset stage drops for length: a repeated prompt it drops as such first.
+        first = ~frame["prompt_turns"].duplicated() | frame["prompt_turns"].isna()
+        over = frame[first & (frame["total_tokens"] > limit)]
+        shown = {int(r): _tokens_shown(frame, r) for r in over.index}
+        judged = length_policy(label, len(frame), len(over), limit, v, shown)
+    checks = run_checks({label: frame}, v, plans, judged=judged)
     errors, warnings = failed(checks, "error"), failed(checks, "warning")
     print(f"{path}: {len(frame)} {record_format} rows, {len(checks)} checks")
     if warnings:

@@ -1,15 +1,18 @@
 """Stage `validate`: refuse data that would break fine-tuning, before any training starts.
 
 Each check is a Great Expectations expectation on a column of the table that
-qlora/data_checks.py derives from the rows (empty answers, duplicates, responses cut off by
-truncation, chat turns out of order, test rows that repeat train rows, encoding junk, PII).
+qlora/data_checks.py derives from the rows (empty answers, blank fields, duplicates, chat
+turns out of order, test rows that repeat train rows, encoding junk, PII).
 params.yaml `validate.checks` makes each one an error (stops the pipeline), a warning
 (printed and reported) or off.
 
-In the DAG it checks data/prepared/splits/{train,validation,test}.jsonl and train against
-validation and test (leakage), writes reports/validation/result.json and GX Data Docs
-(reports/validation/data_docs/index.html), then fails if an error check failed. It writes
-nothing else, so a rejected dataset leaves the last good adapter and reports alone.
+In the DAG it checks data/prepared/splits/{train,validation,test}.jsonl, train against
+validation and test (leakage), and the rows the dataset stage dropped as longer than
+dataset.max_length (reports/dataset.json: an error past validate.max_dropped_fraction of
+the rows, as `qlora validate FILE` judges them), writes reports/validation/result.json and
+GX Data Docs (reports/validation/data_docs/index.html), then fails if an error check
+failed. It writes nothing else, so a rejected dataset leaves the last good adapter and
+reports alone.
 
 `qlora validate PATH` (cli_validate) runs the same checks on any dataset file.
 """

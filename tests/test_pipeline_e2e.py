@@ -92,6 +92,8 @@ def pipeline_run(tmp_path_factory, tiny_model_dir) -> tuple[Path, subprocess.Com
     # The real stdlib corpus (extract stage) with the tiny model: every stage as in `make run`.
     params = tiny_params(tiny_model_dir, source="data/raw/stdlib_functions.jsonl")
     params["corpus"]["max_source_chars"] = 400
+    # The tiny max_length (256) drops ~11% of the stdlib rows: accepted here, on purpose.
+    params["validate"]["max_dropped_fraction"] = 0.5
     # A known outcome: a learning rate that moves a random model in 3 steps, and a gate that
     # asks only for no loss on the primary metric (guards may move freely on 8 rows).
     params["finetune"]["learning_rate"] = 2e-3

@@ -24,7 +24,7 @@ from typer.testing import CliRunner
 
 from qlora.cli import EXIT_REJECTED, app
 from qlora.io import StageError, pipeline_env, weights_identity, write_json
-from qlora.registry import TEST_PAUSE_ENV, Registry, dvc_manifest, promote, rollback
+from qlora.registry import Registry, dvc_manifest, promote, rollback
 from tests.conftest import tiny_params
 
 TOY_FINETUNE = """import json, pathlib, shutil
@@ -96,9 +96,11 @@ def repro(repo: Path, **score_args) -> None:
     run([sys.executable, "-m", "dvc", "repro", "-q"], repo)
 
 
-def make_adapter(base_dir: Path, out: Path) -> Path:
+def make_adapter(base_dir: Path, out: Path, scale: float = 1.0) -> Path:
     """A real LoRA adapter on the tiny Llama, randomly initialised on both sides so that it
-    changes the outputs (a fresh one, B = 0, would be invisible to the export check)."""
+    changes the outputs (a fresh one, B = 0, would be invisible to the export check); B
+    times `scale` (< 1: a weaker adapter)."""
+    import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -109,7 +111,12 @@ def make_adapter(base_dir: Path, out: Path) -> Path:
         target_modules=["q_proj", "v_proj", "down_proj"],
         init_lora_weights=False,
     )
-    get_peft_model(model, config).save_pretrained(str(out))
+    model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(scale)
+    model.save_pretrained(str(out))
     write_json(out / "base_identity.json", {"weights_sha256": weights_identity(base_dir)})
     return out
 
@@ -324,14 +331,53 @@ def test_a_changed_file_in_a_version_is_found_and_it_cannot_serve(repo):
 # ---- concurrency and interruption ------------------------------------------------------
 
 
+# `qlora promote` that stops at a step of Registry.add, so a test can SIGKILL it there. The
+# pause is patched in here, in the test's own subprocess: production code has no hook.
+# staged: the version's files are complete in .stage-*, not yet renamed into place;
+# renamed: the folder is in place (the directory synced), its index line not yet written.
+PAUSING_PROMOTE = """import pathlib, sys, time
+from qlora import registry
+from qlora.cli import app
+
+step = sys.argv.pop(1)
+
+
+def pause():
+    print(f"paused at {step}", flush=True)
+    time.sleep(3600)
+
+
+if step == "staged":
+    rename = pathlib.Path.rename
+
+    def rename_after_a_pause(self, target):
+        if self.name.startswith(".stage-"):
+            pause()
+        return rename(self, target)
+
+    pathlib.Path.rename = rename_after_a_pause
+else:
+    fsync_dir = registry._fsync_dir
+
+    def pause_after_the_sync(path):
+        fsync_dir(path)
+        pause()
+
+    registry._fsync_dir = pause_after_the_sync
+app()
+"""
+
+
 def start_promote(repo: Path, pause_at: str | None = None) -> subprocess.Popen:
-    env = pipeline_env()
+    command = [sys.executable, "-m", "qlora.cli"]
     if pause_at:
-        env[TEST_PAUSE_ENV] = pause_at
+        script = repo.parent / "pausing_promote.py"
+        script.write_text(PAUSING_PROMOTE)
+        command = [sys.executable, str(script), pause_at]
     return subprocess.Popen(
-        [sys.executable, "-m", "qlora.cli", "promote", "--registry", "registry"],
+        [*command, "promote", "--registry", "registry"],
         cwd=repo,
-        env=env,
+        env=pipeline_env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -422,6 +468,13 @@ def test_export_writes_a_merged_model_that_plain_transformers_loads(repo):
     assert (out / "model.safetensors").is_file() and not (out / "adapter_config.json").exists()
     check = json.loads((out / "export_check.json").read_text())
     assert check["passed"] and check["reload"]["max_abs_logit_diff"] <= 1e-3
+    # The end-to-end limit is a share of the adapter's own effect; both KLs are recorded.
+    kl = check["kl"]
+    assert kl["export"] == check["end_to_end"]["max_kl"] > 0
+    assert kl["adapter"] == check["adapter_effect"]["max_kl"] > 0
+    assert check["limits"]["kl"] == pytest.approx(0.1 * kl["adapter"])
+    assert kl["fraction_of_adapter"] == pytest.approx(kl["export"] / kl["adapter"])
+    assert kl["fraction_of_adapter"] < 0.1
 
     # Independently of the export's own check: plain transformers against base + adapter.
     merged = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32)
@@ -440,18 +493,37 @@ def test_export_writes_a_merged_model_that_plain_transformers_loads(repo):
     assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
 
 
-def test_export_refuses_a_merge_that_lost_the_adapter_and_writes_nothing(repo, monkeypatch):
+# A lost adapter fails the float32 merge check and, in every dtype, the end-to-end one.
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_export_refuses_a_merge_that_lost_the_adapter_and_writes_nothing(repo, monkeypatch, dtype):
     from peft.tuners.lora import LoraModel
 
     promote(repo, Registry(repo / "registry"))
     # A broken merge: the adapter is dropped instead of folded into the weights.
     monkeypatch.setattr(LoraModel, "merge_and_unload", LoraModel.unload)
     out = repo / "merged"
-    result = CliRunner().invoke(app, ["export", "v1", "--merged", str(out), "--dtype", "float32"])
+    result = CliRunner().invoke(app, ["export", "v1", "--merged", str(out), "--dtype", dtype])
     assert result.exit_code == 1
     assert "failed its check, nothing written" in result.output
-    assert "differ from base + adapter" in result.output
+    assert "of the adapter's own effect" in result.output
     assert not out.exists() and not list(repo.glob(".merged*"))
+
+
+def test_the_export_limit_is_a_share_of_the_adapters_own_effect(tiny_model_dir, tmp_path):
+    """An adapter 10^4 times weaker moves the tiny model's distributions by a KL of ~1e-8,
+    less than bfloat16 rounding costs (~2e-7): the bfloat16 export carries mostly noise and
+    is refused (an absolute limit of 0.25 nats, once tuned on SmolLM2-135M, passed it);
+    float32 keeps it."""
+    from qlora.export import export_merged
+
+    weak = make_adapter(tiny_model_dir, tmp_path / "weak", scale=1e-4)
+    out = tmp_path / "merged"
+    with pytest.raises(StageError, match="0.1 of the adapter's own effect"):
+        export_merged(weak, out, tiny_model_dir, "bfloat16")
+    assert not out.exists()
+    check = export_merged(weak, out, tiny_model_dir, "float32")
+    assert check["passed"] and 0 < check["kl"]["adapter"] < 1e-6
+    assert check["kl"]["export"] <= 1e-3 * check["kl"]["adapter"]
 
 
 def test_export_of_the_adapter_copies_the_checked_version(repo):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO
+from conftest import REPO, alpaca_rows
 from qlora import validation
 from qlora.io import StageError, read_json
 from stages import validate
@@ -150,15 +150,61 @@ def test_invalid_utf8_is_an_encoding_failure_naming_the_line(outside, tiny_model
     assert "ERROR encoding [" in out and "row 11: invalid UTF-8" in out, out
 
 
-def test_truncation_that_leaves_no_response_token(outside, tiny_model_dir, capsys):
-    long_prompt = "Summarise this function.\n\n" + "def f(x):\n    return x\n" * 40
-    rows = with_defect(2, {"prompt": long_prompt, "completion": "Return x."})
-    code, out = check(
-        write_jsonl(outside / "long.jsonl", rows), capsys, tiny_model_dir, max_length=128
-    )
-    assert code == 1
-    assert "ERROR no_trained_tokens [" in out and "row 2: prompt" in out, out
-    assert "WARNING over_max_length [" in out  # a warning: the dataset stage drops such rows
+LONG_PROMPT = "Summarise this function.\n\n" + "def f(x):\n    return x\n" * 40
+
+
+def with_long_rows(rows: list[dict], numbers: list[int]) -> list[dict]:
+    """`rows` with rows `numbers` (1-based) given a prompt far over 128 tokens."""
+    return [
+        {**r, "prompt": f"{LONG_PROMPT}# {n}"} if n in numbers else r
+        for n, r in enumerate(rows, start=1)
+    ]
+
+
+def test_rows_over_max_length_are_rows_that_will_be_dropped(outside, tiny_model_dir, capsys):
+    # One row whose prompt alone exceeds max_length: the dataset stage drops it, so it is
+    # not a truncation that leaves nothing to train on (once an error here, never in the DAG).
+    few = write_jsonl(outside / "few.jsonl", with_long_rows(clean_rows(), [2]))
+    code, out = check(few, capsys, tiny_model_dir, max_length=128)
+    assert code == 0, out
+    assert (
+        "WARNING over_max_length [few.jsonl]: 1 row(s) fail: 1 of 20 rows (5.0%) will be "
+        "dropped: longer than dataset.max_length=128 tokens (rows 2)" in out
+    ), out
+    assert "row 2: prompt" in out and "no_trained_tokens" not in out
+    # Past validate.max_dropped_fraction (0.1): an error naming what to change.
+    many = write_jsonl(outside / "many.jsonl", with_long_rows(clean_rows(), [2, 9, 17]))
+    code, out = check(many, capsys, tiny_model_dir, max_length=128)
+    assert code == 1, out
+    assert "ERROR over_max_length [many.jsonl]: 3 row(s) fail: 3 of 20 rows (15.0%)" in out
+    assert (
+        "(rows 2, 9, 17); more than validate.max_dropped_fraction=0.1 of the rows: raise "
+        "dataset.max_length" in out
+    ), out
+    project_params(outside, max_dropped_fraction=0.2)
+    code, out = check(many, capsys, tiny_model_dir, max_length=128)
+    assert code == 0 and "WARNING over_max_length [" in out, out
+
+
+def test_a_field_of_only_white_space_is_flagged_with_its_rows(outside, tiny_model_dir, capsys):
+    rows = [
+        {"instruction": f"Add {i} to x.", "input": "", "output": f"x + {i}."} for i in range(20)
+    ]
+    rows[4]["input"] = " \t  \t"  # beside a real instruction, so the prompt is not empty
+    rows[11]["instruction"], rows[11]["input"] = "\n ", "Add 11 to x."
+    code, out = check(write_jsonl(outside / "alpaca.jsonl", rows), capsys, tiny_model_dir)
+    assert code == 0, out
+    assert "WARNING blank_fields [alpaca.jsonl]: 2 row(s) fail" in out, out
+    assert "row 5: only white space: 'input' = ' \\t  \\t'" in out, out
+    assert "row 12: only white space: 'instruction' = '\\n '" in out, out
+    turns = clean_chat()
+    turns[3]["messages"].insert(0, {"role": "system", "content": "   "})
+    code, out = check(write_jsonl(outside / "chat.jsonl", turns), capsys, tiny_model_dir)
+    assert "row 4: only white space: messages[0].content (system) = '   '" in out, out
+    # A whole blank turn is reported once, by empty_prompt, not again as a blank field.
+    rows = with_defect(3, {"prompt": " \n\t", "completion": "Hi."})
+    code, out = check(write_jsonl(outside / "empty.jsonl", rows), capsys, tiny_model_dir)
+    assert "ERROR empty_prompt [" in out and "blank_fields" not in out, out
 
 
 @pytest.mark.parametrize(
@@ -195,8 +241,12 @@ def test_warnings_are_reported_but_do_not_fail(rows, name, shown, outside, tiny_
 
 
 def project_params(folder: Path, **validate_overrides) -> None:
+    """The shipped params.yaml in `folder`, with some validate values changed (a dict
+    changes only the keys it names: params.yaml, not code, holds every value)."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["validate"].update(validate_overrides)
+    for key, value in validate_overrides.items():
+        section = params["validate"]
+        section[key] = {**section[key], **value} if isinstance(value, dict) else value
     (folder / "params.yaml").write_text(yaml.safe_dump(params))
 
 
@@ -255,12 +305,51 @@ def test_without_a_tokenizer_length_checks_are_skipped_with_a_note(outside, caps
 # ------------------------------------------------------------------ the DAG stage
 
 
+def long_alpaca_rows(numbers: list[int]) -> list[dict]:
+    """conftest's alpaca_rows, rows `numbers` (1-based) far over the workspace's 256 tokens."""
+    return [
+        {**r, "input": f"def f_{n}(x):\n" + "    x = x + 1\n" * 80} if n in numbers else r
+        for n, r in enumerate(alpaca_rows(), start=1)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("numbers", "verdict"), [([3, 20], "WARNING"), ([3, 7, 11, 20, 33], "ERROR")]
+)
+def test_the_stage_and_qlora_validate_judge_long_rows_alike(numbers, verdict, workspace, capsys):
+    """The dataset stage drops the long rows; the validate stage judges what it dropped by
+    the rule `qlora validate FILE` applies to the raw file: 2 of 40 rows are a warning, 5 of
+    40 more than validate.max_dropped_fraction, an error that stops the pipeline."""
+    from stages import dataset
+
+    raw = write_jsonl(Path("data/raw/train.jsonl"), long_alpaca_rows(numbers))
+    dataset.main()
+    capsys.readouterr()
+    code, file_out = check(raw, capsys, Path("data/prepared/base_model"))
+    assert code == (1 if verdict == "ERROR" else 0), file_out
+    share = f"{len(numbers)} of 40 rows ({len(numbers) / 40:.1%}) will be dropped"
+    header = f"{verdict} over_max_length [train.jsonl]: {len(numbers)} row(s) fail: {share}"
+    assert header in file_out and f"rows {', '.join(map(str, numbers))}" in file_out
+    if verdict == "ERROR":
+        with pytest.raises(StageError) as err:
+            validate.main()
+        stage_out = str(err.value)
+        assert "validate.max_dropped_fraction=0.1" in stage_out
+    else:
+        validate.main()
+        stage_out = capsys.readouterr().out
+    assert header in stage_out, stage_out
+    result = read_json("reports/validation/result.json")
+    assert result["success"] is (verdict == "WARNING")
+
+
 def test_stage_passes_real_splits_and_writes_result_and_data_docs(workspace, capsys):
     validate.main()
     result = read_json("reports/validation/result.json")
     assert result["success"] is True
     names = {(c["name"], c["split"]) for c in result["checks"]}
     assert {("leakage", "test"), ("leakage", "validation"), ("no_trained_tokens", "train")} <= names
+    assert ("over_max_length", "train.jsonl") in names  # the rows the dataset stage dropped
     assert ("leakage", "train") not in names
     docs = Path(result["data_docs"])
     assert docs.is_file() and "Expectation Suites" in docs.read_text()
@@ -347,4 +436,5 @@ def test_every_check_has_a_severity_in_the_shipped_params():
     frame = validation.dc.build_frame({1: prepared("a", "b")}, None, 64)
     validation.dc.add_leakage(frame, frame, 8, 0.5, 0.1)
     planned = {c.name for c in validation.plan_checks(v, frame, 1, 64)}
-    assert planned == set(shipped["checks"])
+    judged = {c["name"] for c in validation.length_policy("f", 1, 0, 64, v, None)}
+    assert planned | judged == set(shipped["checks"])
