@@ -8,8 +8,8 @@ import shutil
 import pytest
 import yaml
 
-from conftest import CHAT_TEMPLATE, tiny_params
-from qlora.io import StageError
+from conftest import CHAT_TEMPLATE, alpaca_rows, tiny_params
+from qlora.io import StageError, write_jsonl
 from stages import base, sources
 
 
@@ -27,9 +27,11 @@ def no_template_model(tmp_path, tiny_model_dir):
 
 
 def write_params(folder, model_dir, **base_overrides) -> None:
+    """Tiny params with `model_dir` as the base, and the dataset file they name."""
     params = tiny_params(model_dir)
     params["base"].update(base_overrides)
     (folder / "params.yaml").write_text(yaml.safe_dump(params))
+    write_jsonl(folder / params["dataset"]["source"], alpaca_rows())
 
 
 def test_a_model_without_a_chat_template_names_the_setting(
