@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import gate_params
 from qlora.gate import decide
 from qlora.io import StageError
 from qlora.lineage import git_state
-from qlora.params import GateParams
 from qlora.report import (
     fmt,
     fmt_bytes,
@@ -67,7 +67,7 @@ def load(root: Path, rel: str):
 
 def regate(root: Path) -> dict:
     """Run the gate again on the (edited) metrics.json, as `dvc repro` would."""
-    params = GateParams.model_validate(yaml.safe_load((root / "params.yaml").read_text())["gate"])
+    params = gate_params(**yaml.safe_load((root / "params.yaml").read_text())["gate"])
     decision = decide(load(root, "eval/metrics.json"), params)
     (root / "reports" / "gate.json").write_text(json.dumps(decision))
     return decision
