@@ -157,8 +157,6 @@ def pipeline_env() -> dict[str, str]:
 
 def run_stage(name: str, main: Callable[[], None]) -> None:
     """Entry point of `python -m stages.<name>`: time it, turn known errors into messages."""
-    from qlora.params import ParamsError  # local: params imports nothing from here
-
     start = time.perf_counter()
     print(f"[{name}] started", flush=True)
     try:
@@ -166,7 +164,7 @@ def run_stage(name: str, main: Callable[[], None]) -> None:
     except TransientStageError as e:
         print(f"[{name}] FAILED (transient, may be retried): {e}", file=sys.stderr, flush=True)
         sys.exit(EX_TEMPFAIL)
-    except (StageError, ParamsError) as e:
+    except StageError as e:  # ParamsError is one too
         print(f"[{name}] FAILED: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
     print(f"[{name}] done in {time.perf_counter() - start:.1f} s", flush=True)

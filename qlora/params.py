@@ -17,6 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from qlora.artifacts import PARAMS_FILE
+from qlora.io import StageError
 
 
 class _Section(BaseModel):
@@ -213,7 +214,7 @@ class Params(_Section):
         return self
 
 
-class ParamsError(ValueError):
+class ParamsError(StageError, ValueError):
     """params.yaml is missing, unreadable or has a bad value; the message names the key."""
 
 
