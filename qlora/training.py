@@ -44,8 +44,6 @@ from qlora.models import (
 )
 from qlora.params import Params
 
-SPLITS_DIR = artifacts.SPLITS_DIR
-TRAIN_DIR = artifacts.TRAIN_DIR
 WORK_DIR = artifacts.FINETUNE_WORK_DIR  # checkpoints: scratch space, not a pipeline output
 COMPLETE = "CHECKPOINT_COMPLETE"  # written after every file of a checkpoint is on disk
 
@@ -113,14 +111,15 @@ def seconds_recorded_in(checkpoint: Path | None) -> float:
         return 0.0
 
 
-def run_fingerprint(params: Params, files: list[Path], base_dir: Path = BASE_MODEL_DIR) -> str:
+def run_fingerprint(params: Params, files: list[Path], base_identity: dict[str, str]) -> str:
     """Checkpoints are reused only by a run with the same params, the same data and the
-    same base weights (LoRA deltas resumed onto another base would be meaningless)."""
+    same base weights (`weights_identity` of the base: LoRA deltas resumed onto another base
+    would be meaningless)."""
     h = hashlib.sha256()
     for section in (params.finetune, params.quantize):
         h.update(section.model_dump_json().encode())
     h.update(str(params.dataset.max_length).encode())
-    h.update(json.dumps(weights_identity(base_dir), sort_keys=True).encode())
+    h.update(json.dumps(base_identity, sort_keys=True).encode())
     for f in files:
         h.update(f.read_bytes())
     return h.hexdigest()[:16]
@@ -243,7 +242,7 @@ def loss_curves(log_history: list[dict]) -> tuple[list[dict], list[dict]]:
     return train, evals
 
 
-def save_adapter(model, out: Path, base_dir: Path = BASE_MODEL_DIR) -> None:
+def save_adapter(model, out: Path, base_identity: dict[str, str]) -> None:
     """The adapter in plain peft format, byte-stable for the same weights: peft writes
     target_modules from a set, whose order changes from process to process, so it is
     rewritten sorted (else DVC sees a new adapter on every rerun). Beside it, the identity
@@ -254,7 +253,7 @@ def save_adapter(model, out: Path, base_dir: Path = BASE_MODEL_DIR) -> None:
     if isinstance(config.get("target_modules"), list):
         config["target_modules"] = sorted(config["target_modules"])
     config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    write_json(out / artifacts.BASE_IDENTITY, {"weights_sha256": weights_identity(base_dir)})
+    write_json(out / artifacts.BASE_IDENTITY, {"weights_sha256": base_identity})
 
 
 @dataclass
@@ -264,6 +263,7 @@ class Trained:
     train_curve: list[dict]
     eval_curve: list[dict]
     run_dir: Path
+    base_identity: dict[str, str]  # sha256 of the base's weight files
 
 
 def train(params: Params) -> Trained:
@@ -278,7 +278,10 @@ def train(params: Params) -> Trained:
     )
     model = lora_model(params, trust)
     trainable, total = model.get_nb_trainable_parameters()
-    run_dir = WORK_DIR / run_fingerprint(params, split_files)
+    # Hashed once: the resume fingerprint and the adapter's base identity both need it, and
+    # reading a multi-GB base twice would cost minutes.
+    base_identity = weights_identity(BASE_MODEL_DIR)
+    run_dir = WORK_DIR / run_fingerprint(params, split_files, base_identity)
     resume = last_complete_checkpoint(run_dir)
     if resume:
         print(f"resuming from {resume}")
@@ -338,4 +341,4 @@ def train(params: Params) -> Trained:
         # fields that differ between two runs.
         "environment": environment(),
     }
-    return Trained(model, metrics, train_curve, eval_curve, run_dir)
+    return Trained(model, metrics, train_curve, eval_curve, run_dir, base_identity)

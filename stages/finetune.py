@@ -23,7 +23,7 @@ from qlora.training import save_adapter, train
 def main() -> None:
     run = train(load_params())
     with atomic_dir(artifacts.ADAPTER_DIR) as out:
-        save_adapter(run.model, out)
+        save_adapter(run.model, out, run.base_identity)
     write_json(artifacts.TRAIN_LOSS, run.train_curve)
     write_json(artifacts.EVAL_LOSS, run.eval_curve)
     write_json(artifacts.TRAIN_METRICS, run.metrics)

@@ -106,11 +106,13 @@ def test_the_adapter_directory_is_byte_identical_across_processes(workspace):
 
 def test_checkpoints_are_not_resumed_onto_another_base(workspace, tmp_path_factory):
     from conftest import make_tiny_model_dir
-    from qlora.artifacts import split_file
+    from qlora.artifacts import BASE_MODEL_DIR, split_file
+    from qlora.io import weights_identity
     from qlora.params import load_params
 
     params, splits = load_params(), [split_file("train"), split_file("validation")]
     other = make_tiny_model_dir(tmp_path_factory.mktemp("other_base"), seed=1)
-    same = training.run_fingerprint(params, splits)
-    assert training.run_fingerprint(params, splits) == same
-    assert training.run_fingerprint(params, splits, base_dir=other) != same
+    base = weights_identity(BASE_MODEL_DIR)
+    same = training.run_fingerprint(params, splits, base)
+    assert training.run_fingerprint(params, splits, base) == same
+    assert training.run_fingerprint(params, splits, weights_identity(other)) != same
