@@ -13,6 +13,7 @@ records those; `differences()` names the ones that differ between two runs.
 
 from __future__ import annotations
 
+import importlib.metadata
 import platform
 import subprocess
 from pathlib import Path
@@ -44,6 +45,29 @@ ISA_FLAGS = (
     "bf16",
     "i8mm",
 )
+
+
+# The libraries whose versions the report and the registry record beside each result.
+PACKAGES = (
+    "torch",
+    "transformers",
+    "peft",
+    "bitsandbytes",
+    "lm-eval",
+    "dvc",
+    "great-expectations",
+    "prefect",
+)
+
+
+def package_versions() -> list[tuple[str, str]]:
+    versions = [("python", platform.python_version())]
+    for name in PACKAGES:
+        try:
+            versions.append((name, importlib.metadata.version(name)))
+        except importlib.metadata.PackageNotFoundError:
+            versions.append((name, "not installed"))
+    return versions
 
 
 def git_state(root: Path) -> dict:

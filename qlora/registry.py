@@ -356,8 +356,7 @@ def evaluation_inputs(stages: dict) -> dict:
 
 def build_lineage(root: Path) -> dict:
     """Everything needed to rebuild the adapter: code, data and base hashes, params."""
-    from qlora.lineage import git_state
-    from qlora.report import package_versions
+    from qlora.lineage import git_state, package_versions
 
     stages = _lock_stages(root)
     adapter = next(

@@ -21,7 +21,6 @@ between the two runs' machines (reports/train/metrics.json "environment") and ad
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 import math
 import os
@@ -39,7 +38,7 @@ from markupsafe import Markup
 from qlora import artifacts
 from qlora.artifacts import ARROWS, DIRECTIONS, EvalMetrics, GateDecision, MetricResult
 from qlora.io import StageError, atomic_write_text, read_json
-from qlora.lineage import differences, git_state
+from qlora.lineage import differences, git_state, package_versions
 from qlora.report_plots import Series, histogram, line_chart
 
 REPORTS_DIR = artifacts.REPORTS_DIR
@@ -70,16 +69,6 @@ VARIANTS = artifacts.VARIANTS
 BASELINE = artifacts.BASELINE  # the gate judges the adapter against the base it was trained on
 CANDIDATE = artifacts.CANDIDATE
 SPLITS = artifacts.SPLITS
-PACKAGES = (
-    "torch",
-    "transformers",
-    "peft",
-    "bitsandbytes",
-    "lm-eval",
-    "dvc",
-    "great-expectations",
-    "prefect",
-)
 # A validation loss this much (relative) above its best is a rise, not logging noise.
 OVERFIT_TOLERANCE = 0.005
 MINUS = "\u2212"
@@ -484,16 +473,6 @@ def _dag_stages(root: Path) -> list[str]:
     except (OSError, yaml.YAMLError):
         return []
     return list(dag.get("stages") or {}) if isinstance(dag, dict) else []
-
-
-def package_versions() -> list[tuple[str, str]]:
-    versions = [("python", platform.python_version())]
-    for name in PACKAGES:
-        try:
-            versions.append((name, importlib.metadata.version(name)))
-        except importlib.metadata.PackageNotFoundError:
-            versions.append((name, "not installed"))
-    return versions
 
 
 def lineage(root: Path) -> dict:
