@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     from qlora.params import Params
 
 Kind = Literal["model", "dataset"]
+# The params.yaml key that configures each kind of source, named in every message.
+SETTING: dict[Kind, str] = {"model": "base.source", "dataset": "dataset.source"}
 
 
 def _hash_files(root: Path, cache: dict) -> dict[str, str]:
@@ -106,11 +108,10 @@ def fingerprint(
 
 def current(params: Params, root: Path = Path(".")) -> dict[Kind, dict]:
     """Fingerprints of the configured sources as they are now."""
+    base, data = params.base, params.dataset
     return {
-        "model": fingerprint(
-            params.base.source, params.base.revision, "model", "base.source", root
-        ),
-        "dataset": fingerprint(params.dataset.source, None, "dataset", "dataset.source", root),
+        "model": fingerprint(base.source, base.revision, "model", SETTING["model"], root),
+        "dataset": fingerprint(data.source, None, "dataset", SETTING["dataset"], root),
     }
 
 
@@ -136,9 +137,8 @@ def settle_always_changed(status: dict, root: Path = Path(".")) -> dict:
     from qlora.params import load_params
 
     params = load_params(root / artifacts.PARAMS_FILE)
-    settings = {"model": "base.source", "dataset": "dataset.source"}
     moved = [
-        settings[kind]
+        SETTING[kind]
         for kind, fp in current(params, root).items()
         if not fingerprint_file(kind, root).is_file() or recorded(kind, root) != fp
     ]

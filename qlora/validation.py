@@ -32,7 +32,6 @@ from qlora.formats import FORMATS, REQUIRED, detect_format, read_records
 from qlora.io import StageError, atomic_dir, read_json, write_json
 from qlora.params import ParamsError, ValidateParams, load_params, shipped_params
 
-SPLITS_DIR = artifacts.SPLITS_DIR
 OUT_DIR = artifacts.VALIDATION_DIR
 SPLITS = artifacts.SPLITS
 DATASET_REPORT = artifacts.DATASET_REPORT
@@ -339,7 +338,7 @@ def validate_splits(v: ValidateParams, max_length: int) -> dict:
     """Check the prepared splits; write reports/validation (even when checks fail)."""
     frames = {}
     for split in SPLITS:
-        rows, bad_utf8 = read_split(SPLITS_DIR / f"{split}.jsonl")
+        rows, bad_utf8 = read_split(artifacts.split_file(split))
         frames[split] = dc.build_frame(rows, None, max_length)
         frames[split].attrs["invalid_utf8_rows"] = bad_utf8
     for split in ("validation", "test"):
