@@ -143,13 +143,12 @@ def promote(
     Exit 0: promoted; 3: registered but rejected, the champion stays; 1: nothing registered.
     """
     from qlora.io import StageError
-    from qlora.params import ParamsError
     from qlora.registry import promote as register
 
     reg = _registry(registry)
     try:
         event = register(".", reg, ignore_champion)
-    except (StageError, ParamsError) as e:
+    except StageError as e:  # ParamsError is one too
         _fail(e)
     where = reg.path(event["version"])
     typer.echo(event["summary"])

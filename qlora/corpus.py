@@ -1,4 +1,4 @@
-"""Stage `extract`: the embedded default corpus, from CPython's standard library.
+"""The `extract` stage's library: the embedded default corpus, from CPython's stdlib.
 
 Every public function with a docstring becomes one Alpaca-style record: the instruction
 asks for a one-line docstring summary, the input is the function's source with its

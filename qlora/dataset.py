@@ -1,4 +1,4 @@
-"""Stage `dataset`: raw records -> train / validation / test splits in the model's chat format.
+"""The `dataset` stage's library: raw records -> train / validation / test in chat format.
 
 Rows sharing `dataset.group_field` (the module, for the default corpus) land in one split,
 so no module is in two splits. Each row is rendered with the base model's chat template

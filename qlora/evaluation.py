@@ -1,4 +1,4 @@
-"""Stage `evaluate`: the base and the adapter benchmarked side by side with lm-eval.
+"""The `evaluate` stage's library: the base and the adapter benchmarked with lm-eval.
 
 Three variants, one at a time (each is freed before the next loads), with the same tasks,
 batch size, few-shot count and limit:

@@ -1,4 +1,4 @@
-"""Stage `gate`: does the adapter beat its base enough, without breaking anything else?
+"""The `gate` stage's library: does the adapter beat its base, breaking nothing else?
 
 Compares the 4-bit base + adapter against the 4-bit base (same quantization, same evaluation
 settings: the only difference is the adapter). The primary metric must gain at least

@@ -1,4 +1,4 @@
-"""Stage `quantize`: what 4-bit quantization does to the base model, measured.
+"""The `quantize` stage's library: what 4-bit quantization does to the base, measured.
 
 Loads the base in 16 bits and in 4 bits through qlora/models.py (the very loader
 finetune and evaluate use) and reports the parameter count, the memory of each, the bits

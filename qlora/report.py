@@ -1,4 +1,4 @@
-"""Stage `report`: the run on one page, for a reviewer deciding whether to trust the adapter.
+"""The `report` stage's library: the run on one page, for a reviewer of the adapter.
 
 Reads what the other stages wrote under reports/ and renders two templates from
 stages/templates/:

@@ -1,4 +1,4 @@
-"""Stage `validate`: refuse data that would break fine-tuning, before any training starts.
+"""The `validate` stage's library: refuse data that would break fine-tuning, early.
 
 Each check is a Great Expectations expectation on a column of the table that
 qlora/data_checks.py derives from the rows (empty answers, blank fields, duplicates, chat
@@ -30,7 +30,7 @@ from qlora import artifacts
 from qlora import data_checks as dc
 from qlora.formats import FORMATS, REQUIRED, detect_format, read_records
 from qlora.io import StageError, atomic_dir, read_json, write_json
-from qlora.params import ParamsError, ValidateParams, load_params, shipped_params
+from qlora.params import ValidateParams, load_params, shipped_params
 
 OUT_DIR = artifacts.VALIDATION_DIR
 SPLITS = artifacts.SPLITS
@@ -445,7 +445,7 @@ def cli_validate(
         frame = dc.build_frame(
             records, record_format, limit if tokenizer else None, tokenizer, data.system_prompt
         )
-    except (StageError, ParamsError) as e:
+    except StageError as e:  # ParamsError is one too
         print(f"error: {e}", file=sys.stderr)
         return 2
     except Exception as e:  # a reader library's own error (corrupt parquet, bad CSV quoting)
