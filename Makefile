@@ -40,7 +40,7 @@ lock:
 	$(PY) -m qlora.lockfile
 
 bench: install
-	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.train
 
 clean-venv:
 	rm -rf $(VENV)

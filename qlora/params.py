@@ -139,7 +139,11 @@ class FinetuneParams(_Section):
     max_steps: int = Field(ge=-1)
     batch_size: int = Field(ge=1)
     gradient_accumulation_steps: int = Field(ge=1)
-    gradient_checkpointing: bool
+    # auto: on where one batch's activations would crowd the device (qlora/training.py).
+    gradient_checkpointing: bool | Literal["auto"]
+    # auto: the chunked loss (qlora/loss.py) where the model allows it, else the model's own.
+    loss: Literal["auto", "chunked", "liger", "standard"]
+    batching: Literal["packed", "group_by_length", "padded"]
     optimizer: Literal["auto", "adamw_torch", "paged_adamw_32bit", "paged_adamw_8bit"]
     weight_decay: float = Field(ge=0)
     max_grad_norm: float = Field(gt=0)

@@ -21,9 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+from peft import LoraConfig, get_peft_model
 from transformers import (
-    DataCollatorForSeq2Seq,
     Trainer,
     TrainerCallback,
     TrainingArguments,
@@ -32,14 +31,17 @@ from transformers import (
 
 from qlora import artifacts
 from qlora.artifacts import BASE_MODEL_DIR
+from qlora.batching import BatchPlan, batch_plan
 from qlora.chat import encode
 from qlora.io import StageError, read_jsonl, weights_identity, write_json
 from qlora.lineage import environment
+from qlora.loss import unsupported_reason, use_chunked_loss
 from qlora.models import (
     compute_dtype,
     device,
     keep_4bit_layout_trainable,
     load_4bit,
+    load_full,
     load_tokenizer,
 )
 from qlora.params import Params
@@ -159,18 +161,114 @@ def optimizer_name(choice: str) -> str:
     return "paged_adamw_32bit" if torch.cuda.is_available() else "adamw_torch"
 
 
-def lora_model(params: Params, trust_remote_code: bool, base_dir: Path = BASE_MODEL_DIR):
-    p = params.finetune
-    model = load_4bit(params.quantize, base_dir, trust_remote_code)
-    # The validation loss runs before and between training steps: without this, on CPUs
-    # with AVX512-BF16 it would switch the base to a layout that drops gradients.
-    keep_4bit_layout_trainable(model)
-    # Casts norms to fp32 and makes inputs require grads, as QLoRA needs for checkpointing.
-    model = prepare_model_for_kbit_training(
-        model,
-        use_gradient_checkpointing=p.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False},
+@dataclass(frozen=True)
+class TrainingPlan:
+    """The choices finetune.* leaves to the device, resolved once and recorded in metrics."""
+
+    checkpointing: bool
+    checkpointing_reason: str
+    loss: str  # chunked | liger | standard
+    loss_reason: str
+
+
+def activation_bytes(config, tokens: int, element_size: int) -> int:
+    """Rough bytes a decoder keeps for backward without checkpointing, for `tokens` tokens
+    at once. Per token and layer: about ten hidden-size tensors (norm outputs, q/k/v, rotated
+    q/k, attention output, residuals) and four intermediate-size ones (gate, up, activation,
+    product) in the compute dtype, plus the two norms' fp32 inputs."""
+    hidden, inner = config.hidden_size, getattr(config, "intermediate_size", 4 * config.hidden_size)
+    per_token_layer = (10 * hidden + 4 * inner) * element_size + 2 * hidden * 4
+    return tokens * config.num_hidden_layers * per_token_layer
+
+
+def available_memory_bytes() -> int:
+    if torch.cuda.is_available():
+        return int(torch.cuda.mem_get_info()[0])
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def resolve_checkpointing(choice: bool | str, model, params: Params) -> tuple[bool, str]:
+    """`auto`: recompute activations (about a third more compute) only where keeping them
+    would crowd the device: when one batch's estimated activations exceed half of the memory
+    still free after loading the model."""
+    if choice != "auto":
+        return bool(choice), "set in params.yaml"
+    tokens = params.finetune.batch_size * params.dataset.max_length
+    need = activation_bytes(
+        model.config, tokens, compute_dtype(params.quantize.compute_dtype).itemsize
     )
+    free = available_memory_bytes()
+    on = need > free / 2
+    verdict = "above" if on else "within"
+    return on, (
+        f"auto: ~{need / 2**30:.1f} GiB of activations per batch, {verdict} half of the "
+        f"{free / 2**30:.1f} GiB free"
+    )
+
+
+def resolve_loss(choice: str, model) -> tuple[str, str]:
+    if choice == "liger":
+        if not torch.cuda.is_available():
+            raise StageError(
+                "finetune.loss=liger needs a CUDA GPU (Liger-Kernel runs Triton kernels)"
+            )
+        try:
+            import liger_kernel  # noqa: F401
+        except ImportError:
+            raise StageError(
+                "finetune.loss=liger needs the liger-kernel package: pip install liger-kernel"
+            ) from None
+        return "liger", "set in params.yaml"
+    if choice == "standard":
+        return "standard", "set in params.yaml"
+    why_not = unsupported_reason(model)
+    if why_not is None:
+        return "chunked", f"{choice}: labelled positions only, in chunks (qlora/loss.py)"
+    if choice == "chunked":
+        raise StageError(f"finetune.loss=chunked does not fit this model: {why_not}")
+    return "standard", f"auto: the model's own loss, because {why_not}"
+
+
+def prepare_for_training(model, checkpointing: bool) -> None:
+    """Freeze the base and switch on checkpointing, keeping every tensor in the dtype it was
+    loaded in. peft's prepare_model_for_kbit_training would cast the embeddings, lm_head and
+    norms to fp32: on Llama-3-8B that is 2.4 GiB more weights, and an fp32 embedding output
+    turns the whole residual stream fp32. The QLoRA method needs the norms computed in fp32,
+    which transformers' RMSNorm/LayerNorm already do internally whatever their weights'
+    dtype."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    model.config.use_cache = False  # a cache is for generation; training only wastes memory
+    if checkpointing:
+        # Non-reentrant checkpointing needs no input that requires grad (reentrant does).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def lora_model(
+    params: Params,
+    trust_remote_code: bool,
+    base_dir: Path = BASE_MODEL_DIR,
+    quantized: bool = True,
+) -> tuple[torch.nn.Module, TrainingPlan]:
+    """The model to train: LoRA adapters on the 4-bit base (or, `quantized=False`, on the
+    16-bit base, the comparison the benchmark draws), and the plan it trains under."""
+    p = params.finetune
+    if quantized:
+        model = load_4bit(params.quantize, base_dir, trust_remote_code)
+        # The validation loss runs before and between training steps: without this, on CPUs
+        # with AVX512-BF16 it would switch the base to a layout that drops gradients.
+        keep_4bit_layout_trainable(model)
+    else:
+        model = load_full(base_dir, params.quantize.compute_dtype, trust_remote_code)
+    checkpointing, checkpointing_reason = resolve_checkpointing(
+        p.gradient_checkpointing, model, params
+    )
+    loss, loss_reason = resolve_loss(p.loss, model)
+    prepare_for_training(model, checkpointing)
+    if loss == "chunked":
+        use_chunked_loss(model)
     config = LoraConfig(
         r=p.lora.r,
         lora_alpha=p.lora.alpha,
@@ -180,12 +278,15 @@ def lora_model(params: Params, trust_remote_code: bool, base_dir: Path = BASE_MO
     )
     set_seed(p.seed)  # LoRA's A matrices are initialised randomly: seed them first
     try:
-        return get_peft_model(model, config)
+        model = get_peft_model(model, config)
     except ValueError as e:
         raise StageError(f"finetune.lora.target_modules={p.lora.target_modules!r}: {e}") from None
+    return model, TrainingPlan(checkpointing, checkpointing_reason, loss, loss_reason)
 
 
-def training_args(params: Params, run_dir: Path) -> TrainingArguments:
+def training_args(
+    params: Params, run_dir: Path, plan: TrainingPlan, batches: BatchPlan
+) -> TrainingArguments:
     p = params.finetune
     dtype = compute_dtype(params.quantize.compute_dtype)
     return TrainingArguments(
@@ -201,28 +302,52 @@ def training_args(params: Params, run_dir: Path) -> TrainingArguments:
         weight_decay=p.weight_decay,
         max_grad_norm=p.max_grad_norm,
         optim=optimizer_name(p.optimizer),
-        activation_checkpointing=p.gradient_checkpointing,
+        # Enabled on the model by prepare_for_training already; the Trainer re-applies it.
+        activation_checkpointing=plan.checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False},
+        use_liger_kernel=plan.loss == "liger",
         bf16=dtype == torch.bfloat16 and torch.cuda.is_available(),
         fp16=dtype == torch.float16 and torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(),
         eval_strategy="steps",
         eval_steps=p.eval_steps,
+        prediction_loss_only=True,  # the chunked loss returns no logits, none are needed
         logging_steps=p.logging_steps,
         logging_first_step=True,
         save_strategy="steps",
         save_steps=p.checkpoint_steps,
         save_total_limit=2,
-        # Batches of similar length waste little compute on padding (rows of the default
-        # corpus range from 60 to 314 tokens).
-        train_sampling_strategy="group_by_length",
+        train_sampling_strategy=batches.sampling,
         seed=p.seed,
         data_seed=p.seed,
         full_determinism=p.deterministic,
-        include_num_input_tokens_seen="non_padding",
+        include_num_input_tokens_seen=batches.token_count,
         report_to="none",
         dataloader_num_workers=0,
         remove_unused_columns=False,
+    )
+
+
+def build_trainer(
+    params: Params,
+    model,
+    plan: TrainingPlan,
+    tokenizer,
+    train_rows: list[dict],
+    valid_rows: list[dict],
+    run_dir: Path,
+    callbacks: list[TrainerCallback],
+) -> Trainer:
+    """The Trainer the finetune stage runs, shared with the benchmark (benchmarks/train.py)
+    so that what is measured is what ships."""
+    batches = batch_plan(params.finetune.batching, tokenizer)
+    return Trainer(
+        model=model,
+        args=training_args(params, run_dir, plan, batches),
+        train_dataset=train_rows,
+        eval_dataset=valid_rows,
+        data_collator=batches.collator,
+        callbacks=[DivergenceGuard(), *callbacks],
     )
 
 
@@ -276,7 +401,7 @@ def train(params: Params) -> Trained:
     train_rows, valid_rows = (
         encode_split(tokenizer, read_jsonl(f), max_length) for f in split_files
     )
-    model = lora_model(params, trust)
+    model, plan = lora_model(params, trust)
     trainable, total = model.get_nb_trainable_parameters()
     # Hashed once: the resume fingerprint and the adapter's base identity both need it, and
     # reading a multi-GB base twice would cost minutes.
@@ -286,13 +411,15 @@ def train(params: Params) -> Trained:
     if resume:
         print(f"resuming from {resume}")
     clock = RunClock(seconds_recorded_in(resume))
-    trainer = Trainer(
-        model=model,
-        args=training_args(params, run_dir),
-        train_dataset=train_rows,
-        eval_dataset=valid_rows,
-        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
-        callbacks=[DivergenceGuard(), clock, CheckpointSealer(clock)],
+    trainer = build_trainer(
+        params,
+        model,
+        plan,
+        tokenizer,
+        train_rows,
+        valid_rows,
+        run_dir,
+        [clock, CheckpointSealer(clock)],
     )
     initial_eval = trainer.evaluate()["eval_loss"]  # the curve's starting point, step 0
     try:
@@ -332,6 +459,9 @@ def train(params: Params) -> Trained:
         "device": device(),
         "compute_dtype": str(compute_dtype(params.quantize.compute_dtype)).split(".")[-1],
         "optimizer": optimizer_name(p.optimizer),
+        "gradient_checkpointing": {"on": plan.checkpointing, "why": plan.checkpointing_reason},
+        "loss": {"kind": plan.loss, "why": plan.loss_reason},
+        "batching": p.batching,
         "lora": p.lora.model_dump(),
         "learning_rate": p.learning_rate,
         "train_rows": len(train_rows),

@@ -55,6 +55,11 @@ def test_finetune_trains_an_adapter_in_standard_peft_format(workspace):
     metrics = json.loads((workspace / "reports/train/metrics.json").read_text())
     assert metrics["steps"] == 3 and metrics["tokens_per_s"] > 0
     assert metrics["optimizer"] == "adamw_torch" and metrics["compute_dtype"] == "float32"
+    # The lean path as shipped: the chunked loss, and no checkpointing where memory is ample.
+    assert metrics["loss"]["kind"] == "chunked"
+    assert metrics["batching"] == "group_by_length"
+    assert metrics["gradient_checkpointing"]["on"] is False
+    assert metrics["gradient_checkpointing"]["why"].startswith("auto: ")
     evals = json.loads((workspace / "reports/train/eval_loss.json").read_text())
     assert evals[0]["step"] == 0 and evals[-1]["step"] == 3
     assert all(math.isfinite(e["loss"]) for e in evals)

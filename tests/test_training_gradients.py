@@ -90,9 +90,9 @@ def no_grad_evaluation(model, inputs) -> None:
 
 def test_lora_gradients_after_an_evaluation_equal_a_fresh_models(base_dir, cpu):
     params, inputs = params_for(base_dir), batch(base_dir)
-    expected = lora_gradients(training.lora_model(params, False, base_dir), inputs)
+    expected = lora_gradients(training.lora_model(params, False, base_dir)[0], inputs)
 
-    model = training.lora_model(params, False, base_dir)
+    model, _ = training.lora_model(params, False, base_dir)
     no_grad_evaluation(model, inputs)
     got = lora_gradients(model, inputs)
 
@@ -105,7 +105,7 @@ def test_lora_gradients_after_an_evaluation_equal_a_fresh_models(base_dir, cpu):
 
 def test_the_training_models_4bit_layers_never_switch_to_the_packed_layout(base_dir, cpu):
     params, inputs = params_for(base_dir), batch(base_dir)
-    model = training.lora_model(params, False, base_dir)
+    model, _ = training.lora_model(params, False, base_dir)
     no_grad_evaluation(model, inputs)
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers, "the training model has no 4-bit layers"

@@ -1,0 +1,225 @@
+"""One side of the training benchmark, in a process of its own so that its peak memory is
+its own: `python -m benchmarks.side SIDE MODEL_DIR ROWS_JSON OUT_JSON --batch N`.
+benchmarks/train.py runs every side this way and compares them.
+
+Sides:
+- qlora: the finetune stage's own path as shipped (qlora.training.lora_model and
+  build_trainer, params.yaml's finetune and quantize sections).
+- qlora-ckpt: the same with gradient checkpointing forced on (where `auto` leaves it off:
+  the comparison with the reference recipe at equal memory).
+- lora16: the qlora side on the 16-bit base instead of the 4-bit one.
+- reference: the reference QLoRA recipe in plain Hugging Face code (peft's
+  prepare_model_for_kbit_training, r=64, alpha=16, dropout 0.1 on q/k/v/o, gradient
+  checkpointing, AdamW at 2e-4, rows in random order padded to the longest).
+- previous: the finetune stage's path before the lean path (issue 12): peft's fp32
+  preparation, r=16, alpha=32, dropout 0.05 on all linear layers, no checkpointing, rows
+  grouped by length, the model's own loss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+STARTED = time.perf_counter()
+
+
+class StepClock(TrainerCallback):
+    """When each optimizer step ended and how many trained tokens the run had seen by then."""
+
+    def __init__(self):
+        self.marks: list[tuple[float, int]] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.marks.append((time.perf_counter(), int(state.num_input_tokens_seen)))
+
+
+def project_trainer(side: str, model_dir: Path, rows: list[dict], batch: int, out: Path):
+    from qlora.models import compute_dtype, load_tokenizer
+    from qlora.params import shipped_params
+    from qlora.training import build_trainer, lora_model
+
+    params = shipped_params()
+    never = 10**9  # no evaluation, checkpoint or log line inside the timed steps
+    finetune = params.finetune.model_copy(
+        update=dict(
+            batch_size=batch,
+            max_steps=-1,
+            epochs=1,
+            eval_steps=never,
+            checkpoint_steps=never,
+            logging_steps=never,
+        )
+    )
+    if side == "qlora-ckpt":
+        finetune.gradient_checkpointing = True
+    longest = max(len(r["input_ids"]) for r in rows)
+    dataset = params.dataset.model_copy(update={"max_length": longest})
+    params = params.model_copy(update={"finetune": finetune, "dataset": dataset})
+    model, plan = lora_model(params, False, model_dir, quantized=side != "lora16")
+    clock = StepClock()
+    trainer = build_trainer(
+        params, model, plan, load_tokenizer(model_dir), rows, rows[:batch], out, [clock]
+    )
+    settings = {
+        "lora": params.finetune.lora.model_dump(),
+        "gradient_checkpointing": plan.checkpointing,
+        "loss": plan.loss,
+        "batching": params.finetune.batching,
+        "compute_dtype": str(compute_dtype(params.quantize.compute_dtype)).removeprefix("torch."),
+    }
+    return trainer, clock, settings
+
+
+# The reference recipe and the project's previous default, as (r, alpha, dropout, targets,
+# gradient checkpointing, sampling) in plain Hugging Face code.
+RECIPES = {
+    "reference": (64, 16, 0.1, ["q_proj", "k_proj", "v_proj", "o_proj"], True, "random"),
+    "previous": (16, 32, 0.05, "all-linear", False, "group_by_length"),
+}
+
+
+def recipe_trainer(recipe: str, model_dir: Path, rows: list[dict], batch: int, out: Path):
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        BitsAndBytesConfig,
+        DataCollatorForSeq2Seq,
+    )
+
+    r, alpha, dropout, targets, checkpointing, sampling = RECIPES[recipe]
+    cuda = torch.cuda.is_available()
+    # The reference recipe computes in fp16 on a GPU; the previous default in bf16 where the
+    # GPU has it. A CPU computes in fp32 (bf16 is ~7x slower there).
+    if not cuda:
+        dtype = torch.float32
+    elif recipe == "reference" or not torch.cuda.is_bf16_supported():
+        dtype = torch.float16
+    else:
+        dtype = torch.bfloat16
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_dir),
+        dtype=dtype,
+        device_map="cuda" if cuda else "cpu",
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype,
+        ),
+    )
+    if not cuda:
+        from qlora.models import keep_4bit_layout_trainable
+
+        keep_4bit_layout_trainable(model)  # correct gradients on AVX512-BF16 CPUs too
+    model = prepare_model_for_kbit_training(
+        model,
+        use_gradient_checkpointing=checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+    )
+    model = get_peft_model(
+        model,
+        LoraConfig(
+            r=r,
+            lora_alpha=alpha,
+            lora_dropout=dropout,
+            target_modules=targets,
+            task_type="CAUSAL_LM",
+        ),
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    clock = StepClock()
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=batch,
+        learning_rate=2e-4,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.3,
+        num_train_epochs=1,
+        optim="paged_adamw_32bit" if cuda else "adamw_torch",
+        activation_checkpointing=checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False},
+        fp16=cuda and dtype == torch.float16,
+        bf16=cuda and dtype == torch.bfloat16,
+        use_cpu=not cuda,
+        train_sampling_strategy=sampling,
+        include_num_input_tokens_seen="non_padding",
+        save_strategy="no",
+        eval_strategy="no",
+        logging_strategy="no",
+        report_to="none",
+        remove_unused_columns=False,
+        seed=42,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=rows,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100),
+        callbacks=[clock],
+    )
+    settings = {
+        "lora": {"r": r, "alpha": alpha, "dropout": dropout, "target_modules": targets},
+        "gradient_checkpointing": checkpointing,
+        "loss": "standard",
+        "batching": "group_by_length" if sampling == "group_by_length" else "padded",
+        "compute_dtype": str(dtype).removeprefix("torch."),
+    }
+    return trainer, clock, settings
+
+
+def peak_memory() -> dict[str, int]:
+    if torch.cuda.is_available():
+        return {
+            "max_allocated": int(torch.cuda.max_memory_allocated()),
+            "max_reserved": int(torch.cuda.max_memory_reserved()),
+        }
+    return {"max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("side", choices=["qlora", "qlora-ckpt", "lora16", *RECIPES])
+    ap.add_argument("model_dir", type=Path)
+    ap.add_argument("rows", type=Path)
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--batch", type=int, required=True)
+    args = ap.parse_args()
+    rows = json.loads(args.rows.read_text())
+    with tempfile.TemporaryDirectory() as scratch:
+        if args.side in RECIPES:
+            trainer, clock, settings = recipe_trainer(
+                args.side, args.model_dir, rows, args.batch, Path(scratch)
+            )
+        else:
+            trainer, clock, settings = project_trainer(
+                args.side, args.model_dir, rows, args.batch, Path(scratch)
+            )
+        trainer.train()
+    (first_end, first_tokens), (last_end, last_tokens) = clock.marks[0], clock.marks[-1]
+    result = {
+        "side": args.side,
+        "settings": settings,
+        "steps": len(clock.marks),
+        "trained_tokens": last_tokens,
+        # Steps after the first: the first one also pays for warm-up (kernel choice,
+        # allocator growth), which time_to_first_step_s reports instead.
+        "tokens_per_s": (last_tokens - first_tokens) / (last_end - first_end),
+        "time_to_first_step_s": first_end - STARTED,
+        "peak_memory_bytes": peak_memory(),
+    }
+    args.out.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
