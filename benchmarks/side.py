@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import tempfile
 import time
 from pathlib import Path
@@ -179,12 +178,16 @@ def recipe_trainer(recipe: str, model_dir: Path, rows: list[dict], batch: int, o
 
 
 def peak_memory() -> dict[str, int]:
+    """The finetune stage's own measure (max allocated on a GPU, peak RSS on a CPU), plus
+    what the CUDA allocator reserved on a GPU."""
+    from qlora.training import peak_memory_bytes
+
     if torch.cuda.is_available():
         return {
-            "max_allocated": int(torch.cuda.max_memory_allocated()),
+            "max_allocated": peak_memory_bytes(),
             "max_reserved": int(torch.cuda.max_memory_reserved()),
         }
-    return {"max_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    return {"max_rss": peak_memory_bytes()}
 
 
 def main() -> None:

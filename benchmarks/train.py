@@ -21,7 +21,6 @@ the command that produced each.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import random
 import subprocess
@@ -31,6 +30,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from qlora.lineage import package_versions
 
 HERE = Path(__file__).parent
 RESULTS_DIR = HERE / "results"
@@ -127,16 +128,6 @@ def device_name() -> str:
 
     model, flags = cpu_info()
     return f"{model} ({torch.get_num_threads()} threads; {' '.join(flags) or 'no AVX512'})"
-
-
-def versions() -> dict[str, str]:
-    out = {"python": sys.version.split()[0]}
-    for name in ("torch", "transformers", "peft", "bitsandbytes", "accelerate"):
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
 
 
 def run_side(side: str, model_dir: Path, rows_file: Path, batch: int, scratch: Path) -> dict:
@@ -285,7 +276,7 @@ def main() -> None:
         "rows": len(rows),
         "cuda": cuda,
         "device": device_name(),
-        "versions": versions(),
+        "versions": dict(package_versions()),
         "command": " ".join(["python -m benchmarks.train", *sys.argv[1:]]),
         "date": time.strftime("%Y-%m-%d"),
         "sides": args.sides,

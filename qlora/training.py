@@ -190,9 +190,10 @@ def available_memory_bytes() -> int:
 
 
 def resolve_checkpointing(choice: bool | str, model, params: Params) -> tuple[bool, str]:
-    """`auto`: recompute activations (about a third more compute) only where keeping them
-    would crowd the device: when one batch's estimated activations exceed half of the memory
-    still free after loading the model."""
+    """`auto`: recompute activations (124 -> 84 tokens/s on the default model's shape on a
+    2-core CPU: benchmarks/RESULTS.md) only where keeping them would crowd the device: when
+    one batch's estimated activations exceed half of the memory still free after loading
+    the model."""
     if choice != "auto":
         return bool(choice), "set in params.yaml"
     tokens = params.finetune.batch_size * params.dataset.max_length
@@ -234,16 +235,20 @@ def resolve_loss(choice: str, model) -> tuple[str, str]:
 def prepare_for_training(model, checkpointing: bool) -> None:
     """Freeze the base and switch on checkpointing, keeping every tensor in the dtype it was
     loaded in. peft's prepare_model_for_kbit_training would cast the embeddings, lm_head and
-    norms to fp32: on Llama-3-8B that is 2.4 GiB more weights, and an fp32 embedding output
-    turns the whole residual stream fp32. The QLoRA method needs the norms computed in fp32,
-    which transformers' RMSNorm/LayerNorm already do internally whatever their weights'
-    dtype."""
+    norms to fp32 (on Llama-3-8B, 7.43 GiB of weights instead of about 5: FINDINGS), and an
+    fp32 embedding output turns the whole residual stream fp32. The QLoRA method needs the
+    norms computed in fp32, which transformers' RMSNorm/LayerNorm already do internally
+    whatever their weights' dtype."""
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     model.config.use_cache = False  # a cache is for generation; training only wastes memory
     if checkpointing:
-        # Non-reentrant checkpointing needs no input that requires grad (reentrant does).
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # On the model rather than through TrainingArguments, so that the plan holds wherever
+        # the model is used (the Trainer, the benchmark, the tests). Non-reentrant
+        # checkpointing needs no input that requires grad (reentrant does).
+        model.activation_checkpointing_enable(
+            activation_checkpointing_kwargs={"use_reentrant": False}
+        )
 
 
 def lora_model(
@@ -302,9 +307,6 @@ def training_args(
         weight_decay=p.weight_decay,
         max_grad_norm=p.max_grad_norm,
         optim=optimizer_name(p.optimizer),
-        # Enabled on the model by prepare_for_training already; the Trainer re-applies it.
-        activation_checkpointing=plan.checkpointing,
-        activation_checkpointing_kwargs={"use_reentrant": False},
         use_liger_kernel=plan.loss == "liger",
         bf16=dtype == torch.bfloat16 and torch.cuda.is_available(),
         fp16=dtype == torch.float16 and torch.cuda.is_available(),

@@ -173,3 +173,22 @@ def test_liger_is_refused_with_the_reason_where_it_cannot_run(model_dir):
         pytest.skip("on a GPU liger may be usable; this checks the CPU refusal")
     with pytest.raises(StageError, match="finetune.loss=liger needs a CUDA GPU"):
         training.resolve_loss("liger", fresh(model_dir))
+
+
+def test_checkpointing_is_on_when_planned_and_leaves_the_gradients_unchanged(model_dir):
+    """`auto` decides by the memory free on the machine, which no DVC input records: that is
+    sound only because recomputing activations gives the same gradients. Ground truth: the
+    same model trained without checkpointing."""
+    tokenizer = load_tokenizer(model_dir)
+    inputs = padded(rows(), tokenizer)
+    found = {}
+    for on in (False, True):
+        model, plan = training.lora_model(params_with(gradient_checkpointing=on), False, model_dir)
+        assert plan.checkpointing is on
+        assert model.is_activation_checkpointing is on
+        model.train()
+        model(**inputs).loss.backward()
+        found[on] = torch.cat(
+            [p.grad.flatten() for n, p in model.named_parameters() if "lora_" in n]
+        )
+    assert relative(found[True], found[False]) < 1e-6
