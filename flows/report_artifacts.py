@@ -1,6 +1,7 @@
 """What a flow run shows in Prefect's UI, built from the files the stages wrote.
 
 - `qlora-stages`: every stage of the run, what DVC did with it, its time and attempts;
+- `qlora-training`: the fine-tune's numbers from DVCLive's summary (reports/train/metrics.json);
 - `qlora-eval-metrics`: base (16-bit), base (NF4) and NF4 + adapter side by side;
 - `qlora-gate`: the promotion decision with every check and reason;
 - `qlora-report`: reports/report.md, and `qlora-report-html`: a link to reports/report.html.
@@ -15,10 +16,11 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from qlora import artifacts
+from qlora import artifacts, train_log
 from qlora.artifacts import BASELINE, CANDIDATE, EVAL_METRICS, REPORT_HTML, REPORT_MD
 from qlora.artifacts import GATE_REPORT as GATE
 from qlora.gate import relative_gain
@@ -67,6 +69,30 @@ def metrics_table(metrics: dict) -> list[dict[str, str]]:
             change = f"{gain:+.2%}" if base.value else f"{gain:+.4g}"
         row["adapter vs NF4 base"] = change
         rows.append(row)
+    return rows
+
+
+TRAINING_ROWS = (
+    ("optimizer steps", "step"),
+    ("final train loss", train_log.TRAIN_LOSS),
+    ("validation loss before training", train_log.INITIAL_EVAL_LOSS),
+    ("final validation loss", train_log.EVAL_LOSS),
+    ("best validation loss", train_log.BEST_EVAL_LOSS),
+    ("tokens / s (whole run)", train_log.TOKENS_PER_S),
+    ("training time, s", train_log.RUNTIME_S),
+    ("peak memory, GB", train_log.PEAK_MEMORY_GB),
+)
+
+
+def training_table(summary: dict) -> list[dict[str, str]]:
+    """DVCLive's summary as rows; a metric the run did not log is left out."""
+    rows = []
+    for label, name in TRAINING_ROWS:
+        value = train_log.summary_value(summary, name)
+        if value is not None:
+            rows.append({"metric": label, "value": _fmt(value), "dvclive": name})
+    if not rows:
+        raise ValueError("no metric of the training log found")
     return rows
 
 
@@ -150,6 +176,22 @@ def _read_json(path: Path, notes: list[str]) -> dict | None:
     return data
 
 
+def _built(
+    repo_dir: Path, path: Path, build: Callable[[dict], Any], notes: list[str], data=None
+) -> Any:
+    """`build` applied to the JSON object in `path` (or to `data`, already read), or None
+    with a note saying why there is no artifact."""
+    if data is None:
+        data = _read_json(repo_dir / path, notes)
+        if data is None:
+            return None
+    try:
+        return build(data)
+    except (ValueError, TypeError, AttributeError, KeyError) as e:
+        notes.append(f"{path}: unexpected shape ({e}), no artifact")
+        return None
+
+
 def publish_stage_table(outcomes: list[dict], description: str) -> None:
     from prefect.artifacts import create_table_artifact
 
@@ -170,30 +212,25 @@ def publish_results(
 
     made: dict[str, str] = {}
     notes: list[str] = []
-    metrics = _read_json(repo_dir / EVAL_METRICS, notes)
-    if metrics is not None:
-        try:
-            table = metrics_table(metrics)
-        except (ValueError, TypeError, AttributeError, KeyError) as e:
-            notes.append(f"{EVAL_METRICS}: unexpected shape ({e}), no artifact")
-        else:
-            create_table_artifact(
-                table,
-                key="qlora-eval-metrics",
-                description="lm-eval: base (16-bit), base (NF4), NF4 base + adapter",
-            )
-            made["qlora-eval-metrics"] = f"{len(table)} metric(s)"
+    training = _built(repo_dir, artifacts.TRAIN_METRICS, training_table, notes)
+    if training is not None:
+        create_table_artifact(
+            training, key="qlora-training", description="fine-tune, from DVCLive's summary"
+        )
+        made["qlora-training"] = f"{len(training)} number(s)"
+    table = _built(repo_dir, EVAL_METRICS, metrics_table, notes)
+    if table is not None:
+        create_table_artifact(
+            table,
+            key="qlora-eval-metrics",
+            description="lm-eval: base (16-bit), base (NF4), NF4 base + adapter",
+        )
+        made["qlora-eval-metrics"] = f"{len(table)} metric(s)"
     gate = _read_json(repo_dir / GATE, notes)
-    if gate is not None:
-        try:
-            gate_md = gate_markdown(gate)
-        except ValueError as e:
-            notes.append(f"{GATE}: unexpected shape ({e}), no artifact")
-        else:
-            create_markdown_artifact(
-                gate_md, key="qlora-gate", description="promotion gate decision"
-            )
-            made["qlora-gate"] = str(gate.get("decision"))
+    gate_md = None if gate is None else _built(repo_dir, GATE, gate_markdown, notes, gate)
+    if gate_md is not None:
+        create_markdown_artifact(gate_md, key="qlora-gate", description="promotion gate decision")
+        made["qlora-gate"] = str(gate.get("decision"))
     html = repo_dir / REPORT_HTML
     link = report_link(repo_dir, report_base_url) if html.is_file() else None
     if link:

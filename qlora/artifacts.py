@@ -46,9 +46,10 @@ VALIDATION_RESULT = VALIDATION_DIR / "result.json"
 DATA_DOCS_DIR = VALIDATION_DIR / "data_docs"
 QUANTIZE_REPORT = REPORTS_DIR / "quantize.json"
 TRAIN_DIR = REPORTS_DIR / "train"
+# Written by DVCLive (qlora/train_log.py): its summary and its per-step plots.
 TRAIN_METRICS = TRAIN_DIR / "metrics.json"
-TRAIN_LOSS = TRAIN_DIR / "train_loss.json"
-EVAL_LOSS = TRAIN_DIR / "eval_loss.json"
+TRAIN_PLOTS = TRAIN_DIR / "plots" / "metrics"
+TRAIN_RUN = TRAIN_DIR / "run.json"  # how the run was made: device, dtypes, environment
 EVAL_DIR = REPORTS_DIR / "eval"
 EVAL_METRICS = EVAL_DIR / "metrics.json"
 EVAL_EXAMPLES = EVAL_DIR / "examples.json"

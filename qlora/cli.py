@@ -6,6 +6,8 @@ qlora flow run [--set k=v]  run the pipeline as a Prefect flow
 qlora promote             register the adapter; make it champion if it passes its gates
 qlora registry list|show VERSION|rollback [VERSION]|verify
 qlora export VERSION --merged DIR   a merged 16-bit model that plain transformers loads
+qlora chat [VERSION]      talk to an adapter (default: the one just trained; champion, v3)
+qlora generate FILE.jsonl [VERSION]   answer a file of prompts, written as JSONL
 """
 
 from __future__ import annotations
@@ -327,6 +329,62 @@ def export(
             )
     except StageError as e:
         _fail(e)
+
+
+VERSION_ARG = typer.Argument(
+    None, help="champion or a registered version (v3); default: the adapter just trained"
+)
+BASE_OPTION = typer.Option(False, "--base", help="the 4-bit base alone, without an adapter")
+
+
+@app.command()
+def chat(
+    version: str = VERSION_ARG,
+    base: bool = BASE_OPTION,
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="longest answer, tokens"),
+    registry: Path = REGISTRY_OPTION,
+) -> None:
+    """Talk to an adapter: a message per line, answers streamed as they are generated."""
+    from qlora.io import StageError
+    from qlora.params import load_params
+    from qlora.talk import chat as chat_loop
+    from qlora.talk import load_speaker
+
+    try:
+        speaker = load_speaker(load_params(), version, base, registry)
+        chat_loop(speaker, sys.stdin, sys.stdout, max_new_tokens)
+    except StageError as e:
+        _fail(e)
+
+
+@app.command()
+def generate(
+    prompts: Path = typer.Argument(
+        ...,
+        help='JSONL, a row per prompt: {"prompt": ..}, {"instruction": ..} or {"messages": [..]}',
+    ),
+    version: str = VERSION_ARG,
+    base: bool = BASE_OPTION,
+    output: Path = typer.Option(
+        None, "--output", "-o", help="where the answers go (default: FILE.answers.jsonl)"
+    ),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="longest answer, tokens"),
+    batch_size: int = typer.Option(8, "--batch-size", min=1, help="prompts generated at once"),
+    registry: Path = REGISTRY_OPTION,
+) -> None:
+    """Answer every prompt of a JSONL file; each row is written back with its "answer"."""
+    from qlora.io import StageError
+    from qlora.params import load_params
+    from qlora.talk import generate_file, load_speaker, read_prompts
+
+    output = output or prompts.with_name(prompts.name.removesuffix(".jsonl") + ".answers.jsonl")
+    try:
+        rows = read_prompts(prompts)  # every row checked before a model is loaded
+        speaker = load_speaker(load_params(), version, base, registry)
+        count = generate_file(speaker, rows, output, max_new_tokens, batch_size)
+    except StageError as e:
+        _fail(e)
+    typer.echo(f"{count} answers from {speaker.label} in {output}")
 
 
 if __name__ == "__main__":

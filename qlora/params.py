@@ -152,6 +152,21 @@ class FinetuneParams(_Section):
     checkpoint_steps: int = Field(ge=1)
     deterministic: bool
     seed: int
+    # Experiment trackers the Trainer also logs to (DVCLive always does: qlora/live_logger.py).
+    report_to: list[
+        Literal[
+            "tensorboard",
+            "mlflow",
+            "wandb",
+            "comet_ml",
+            "neptune",
+            "clearml",
+            "trackio",
+            "azure_ml",
+            "swanlab",
+            "codecarbon",
+        ]
+    ]
 
 
 class EvaluateParams(_Section):

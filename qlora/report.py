@@ -16,7 +16,7 @@ autoescapes everything.
 
 `python -m stages.report --compare REV` adds a column with the adapter's metrics at git
 revision REV (read with `git show REV:reports/eval/metrics.json`) and names what differs
-between the two runs' machines (reports/train/metrics.json "environment") and adapters.
+between the two runs' machines (reports/train/run.json "environment") and adapters.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import jinja2
 import yaml
 from markupsafe import Markup
 
-from qlora import artifacts
+from qlora import artifacts, train_log
 from qlora.artifacts import ARROWS, DIRECTIONS, EvalMetrics, GateDecision, MetricResult
 from qlora.io import StageError, atomic_write_text, read_json
 from qlora.lineage import differences, git_state, package_versions
@@ -52,9 +52,9 @@ INPUTS: dict[str, tuple[Path, tuple[str, ...]]] = {
     "dataset": (artifacts.DATASET_REPORT, ("rows", "tokens", "max_length")),
     "validation": (artifacts.VALIDATION_RESULT, ("success", "checks")),
     "quantize": (artifacts.QUANTIZE_REPORT, ()),
-    "train": (artifacts.TRAIN_METRICS, ("steps", "train_runtime_s", "tokens_per_s")),
-    "train_loss": (artifacts.TRAIN_LOSS, ()),
-    "eval_loss": (artifacts.EVAL_LOSS, ()),
+    # DVCLive's summary and the run's record; read together by qlora.train_log.
+    "train_summary": (artifacts.TRAIN_METRICS, ("step",)),
+    "train": (artifacts.TRAIN_RUN, ()),
     "eval": (artifacts.EVAL_METRICS, ()),
     "examples": (artifacts.EVAL_EXAMPLES, ()),
     "gate": (artifacts.GATE_REPORT, ()),
@@ -64,7 +64,7 @@ SCHEMAS = {
     "eval": artifacts.EvalMetrics,
     "gate": artifacts.GateDecision,
 }
-LIST_INPUTS = {"train_loss", "eval_loss", "examples"}
+LIST_INPUTS = {"examples"}
 VARIANTS = artifacts.VARIANTS
 BASELINE = artifacts.BASELINE  # the gate judges the adapter against the base it was trained on
 CANDIDATE = artifacts.CANDIDATE
@@ -213,6 +213,10 @@ def load_inputs(reports_dir: Path) -> dict[str, Any]:
         if absent:
             raise StageError(f"{path}: missing key(s) {absent}")
         data[key] = value
+    train_dir = _input_path(reports_dir, "train").parent
+    data["train"] = train_log.training_view(train_dir)
+    data["train_loss"] = train_log.train_curve(train_dir)
+    data["eval_loss"] = train_log.eval_curve(train_dir)
     return data
 
 
@@ -536,7 +540,7 @@ def load_compare(rev: str, root: Path = Path(".")) -> dict:
     except json.JSONDecodeError as e:
         raise StageError(f"--compare {rev}: {path} there is not valid JSON ({e})") from e
     metrics = artifacts.validated(EvalMetrics, data, f"{rev}:{path}")
-    train = _git_show(rev, artifacts.TRAIN_METRICS, root)
+    train = _git_show(rev, artifacts.TRAIN_RUN, root)
     lock = _git_show(rev, Path("dvc.lock"), root)
     try:
         environment = json.loads(train).get("environment") if train else None

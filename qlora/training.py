@@ -5,8 +5,8 @@ response tokens are trained (the prompt is masked in the labels, qlora/chat.py).
 transformers Trainer runs the loop: progress bar, validation loss every `eval_steps`,
 paged AdamW on CUDA, gradient checkpointing when asked.
 Outputs: data/prepared/adapter/ (standard peft format: adapter_config.json +
-adapter_model.safetensors, loadable with plain `PeftModel.from_pretrained`),
-reports/train/metrics.json, reports/train/{train,eval}_loss.json (DVC plots).
+adapter_model.safetensors, loadable with plain `PeftModel.from_pretrained`), and
+reports/train/: DVCLive's per-step log and summary, and run.json (qlora/train_log.py).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import resource
 import shutil
 import time
@@ -29,12 +30,13 @@ from transformers import (
     set_seed,
 )
 
-from qlora import artifacts
+from qlora import artifacts, train_log
 from qlora.artifacts import BASE_MODEL_DIR
 from qlora.batching import BatchPlan, batch_plan
 from qlora.chat import encode
 from qlora.io import StageError, read_jsonl, weights_identity, write_json
 from qlora.lineage import environment
+from qlora.live_logger import LiveLogger
 from qlora.loss import unsupported_reason, use_chunked_loss
 from qlora.models import (
     compute_dtype,
@@ -47,6 +49,7 @@ from qlora.models import (
 from qlora.params import Params
 
 WORK_DIR = artifacts.FINETUNE_WORK_DIR  # checkpoints: scratch space, not a pipeline output
+TRACKING_DIR = Path("tracking")  # local stores of finetune.report_to trackers (not DVC's)
 COMPLETE = "CHECKPOINT_COMPLETE"  # written after every file of a checkpoint is on disk
 
 
@@ -324,10 +327,33 @@ def training_args(
         data_seed=p.seed,
         full_determinism=p.deterministic,
         include_num_input_tokens_seen=batches.token_count,
-        report_to="none",
+        report_to=list(p.report_to) or "none",
         dataloader_num_workers=0,
         remove_unused_columns=False,
     )
+
+
+class QLoRATrainer(Trainer):
+    """The Trainer, with speed and memory added to each training log, so that DVCLive and
+    every tracker of `finetune.report_to` (whose callbacks run before ours) receive them."""
+
+    def __init__(self, *args, clock: RunClock | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.clock = clock
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        seconds = self.clock.total_seconds() if self.clock else 0.0
+        if "loss" in logs and seconds > 0:
+            logs["tokens_per_s"] = int(self.state.num_input_tokens_seen) / seconds
+            logs["peak_memory_gb"] = peak_memory_bytes() / 1e9
+        super().log(logs, start_time)
+
+
+def tracker_environment(run_dir: Path) -> None:
+    """TensorBoard's default folder is inside the checkpoint folder, deleted after a run:
+    point it at tracking/tensorboard/ unless the user chose one."""
+    name = f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(TRACKING_DIR / "tensorboard" / name))
 
 
 def build_trainer(
@@ -339,34 +365,33 @@ def build_trainer(
     valid_rows: list[dict],
     run_dir: Path,
     callbacks: list[TrainerCallback],
+    clock: RunClock | None = None,
 ) -> Trainer:
     """The Trainer the finetune stage runs, shared with the benchmark (benchmarks/train.py)
     so that what is measured is what ships."""
     batches = batch_plan(params.finetune.batching, tokenizer)
-    return Trainer(
-        model=model,
-        args=training_args(params, run_dir, plan, batches),
-        train_dataset=train_rows,
-        eval_dataset=valid_rows,
-        data_collator=batches.collator,
-        callbacks=[DivergenceGuard(), *callbacks],
-    )
+    if params.finetune.report_to:
+        tracker_environment(run_dir)
+    try:
+        return QLoRATrainer(
+            model=model,
+            args=training_args(params, run_dir, plan, batches),
+            train_dataset=train_rows,
+            eval_dataset=valid_rows,
+            data_collator=batches.collator,
+            callbacks=[DivergenceGuard(), *callbacks],
+            clock=clock,
+        )
+    except (RuntimeError, ImportError, ModuleNotFoundError) as e:
+        if params.finetune.report_to and "install" in str(e):
+            raise StageError(f"finetune.report_to={params.finetune.report_to}: {e}") from None
+        raise
 
 
 def peak_memory_bytes() -> int:
     if torch.cuda.is_available():
         return int(torch.cuda.max_memory_allocated())
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def loss_curves(log_history: list[dict]) -> tuple[list[dict], list[dict]]:
-    train = [
-        {"step": e["step"], "loss": e["loss"], "learning_rate": e.get("learning_rate")}
-        for e in log_history
-        if "loss" in e and "step" in e
-    ]
-    evals = [{"step": e["step"], "loss": e["eval_loss"]} for e in log_history if "eval_loss" in e]
-    return train, evals
 
 
 def save_adapter(model, out: Path, base_identity: dict[str, str]) -> None:
@@ -386,9 +411,9 @@ def save_adapter(model, out: Path, base_identity: dict[str, str]) -> None:
 @dataclass
 class Trained:
     model: torch.nn.Module
-    metrics: dict
-    train_curve: list[dict]
-    eval_curve: list[dict]
+    record: dict  # how the run was made: reports/train/run.json
+    summary: dict  # DVCLive's metrics.json, the run's numbers
+    live_dir: Path  # DVCLive's files, to move into reports/train
     run_dir: Path
     base_identity: dict[str, str]  # sha256 of the base's weight files
 
@@ -413,6 +438,7 @@ def train(params: Params) -> Trained:
     if resume:
         print(f"resuming from {resume}")
     clock = RunClock(seconds_recorded_in(resume))
+    live = LiveLogger(run_dir / "dvclive")
     trainer = build_trainer(
         params,
         model,
@@ -421,7 +447,8 @@ def train(params: Params) -> Trained:
         train_rows,
         valid_rows,
         run_dir,
-        [clock, CheckpointSealer(clock)],
+        [clock, CheckpointSealer(clock), live],
+        clock,
     )
     initial_eval = trainer.evaluate()["eval_loss"]  # the curve's starting point, step 0
     try:
@@ -429,33 +456,34 @@ def train(params: Params) -> Trained:
     except (torch.OutOfMemoryError, MemoryError) as e:
         raise StageError(out_of_memory_advice(params, e)) from None
     session_seconds, total_seconds = clock.session_seconds(), clock.total_seconds()
-    final_eval = trainer.evaluate()["eval_loss"]
-    train_curve, eval_curve = loss_curves(trainer.state.log_history)
-    eval_curve.insert(0, {"step": 0, "loss": initial_eval})
-    eval_curve.append({"step": trainer.state.global_step, "loss": final_eval})
-    eval_curve = list({e["step"]: e for e in eval_curve}.values())  # final may repeat a step
+    step = trainer.state.global_step
+    evals = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e]
+    if not any(e.get("step") == step and "eval_loss" in e for e in trainer.state.log_history):
+        evals.append(trainer.evaluate()["eval_loss"])  # the final point, unless just logged
     tokens = int(trainer.state.num_input_tokens_seen)
-    metrics = {
-        "steps": trainer.state.global_step,
+    # Whole run: every step and token since step 0, over the training seconds of every
+    # process that worked on it (a killed and resumed run counts both).
+    live.write_summary(
+        {
+            train_log.RUNTIME_S: total_seconds,
+            train_log.TRAINED_TOKENS: tokens,
+            train_log.TOKENS_PER_S: tokens / total_seconds,
+            train_log.PEAK_MEMORY_BYTES: peak_memory_bytes(),
+            train_log.MEAN_TRAIN_LOSS: result.training_loss,
+            train_log.INITIAL_EVAL_LOSS: initial_eval,
+            train_log.BEST_EVAL_LOSS: min([initial_eval, *evals]),
+        }
+    )
+    record = {
         "epochs": trainer.state.epoch,
-        # Whole run: every step and token since step 0, over the training seconds of every
-        # process that worked on it (a killed and resumed run counts both).
-        "train_runtime_s": total_seconds,
-        "trained_tokens": tokens,
-        "tokens_per_s": tokens / total_seconds,
         # This process alone: after a resume, the steps since the checkpoint.
         "resumed_from_step": clock.start_step or None,
         "session": {
-            "steps": trainer.state.global_step - clock.start_step,
+            "steps": step - clock.start_step,
             "runtime_s": session_seconds,
             "tokens": tokens - clock.start_tokens,
             "tokens_per_s": (tokens - clock.start_tokens) / session_seconds,
         },
-        "peak_memory_bytes": peak_memory_bytes(),
-        "final_train_loss": train_curve[-1]["loss"] if train_curve else result.training_loss,
-        "mean_train_loss": result.training_loss,
-        "final_eval_loss": final_eval,
-        "best_eval_loss": min(e["loss"] for e in eval_curve),
         "trainable_parameters": trainable,
         "total_parameters": total,
         "device": device(),
@@ -464,6 +492,7 @@ def train(params: Params) -> Trained:
         "gradient_checkpointing": {"on": plan.checkpointing, "why": plan.checkpointing_reason},
         "loss": {"kind": plan.loss, "why": plan.loss_reason},
         "batching": p.batching,
+        "report_to": list(p.report_to),
         "lora": p.lora.model_dump(),
         "learning_rate": p.learning_rate,
         "train_rows": len(train_rows),
@@ -473,4 +502,4 @@ def train(params: Params) -> Trained:
         # fields that differ between two runs.
         "environment": environment(),
     }
-    return Trained(model, metrics, train_curve, eval_curve, run_dir, base_identity)
+    return Trained(model, record, live.live.summary, live.directory, run_dir, base_identity)

@@ -6,8 +6,9 @@ transformers Trainer runs the loop: progress bar, validation loss every `eval_st
 paged AdamW on CUDA, gradient checkpointing when asked. A killed run resumes from its
 last sealed checkpoint (.cache/finetune/<fingerprint>/).
 Outputs: data/prepared/adapter/ (standard peft format: adapter_config.json +
-adapter_model.safetensors, loadable with plain `PeftModel.from_pretrained`),
-reports/train/metrics.json, reports/train/{train,eval}_loss.json (DVC plots).
+adapter_model.safetensors, loadable with plain `PeftModel.from_pretrained`), and
+reports/train/: DVCLive's metrics.json and plots/metrics/*.tsv, and run.json
+(qlora/train_log.py). Each output appears only once training has succeeded.
 """
 
 from __future__ import annotations
@@ -24,15 +25,16 @@ def main() -> None:
     run = train(load_params())
     with atomic_dir(artifacts.ADAPTER_DIR) as out:
         save_adapter(run.model, out, run.base_identity)
-    write_json(artifacts.TRAIN_LOSS, run.train_curve)
-    write_json(artifacts.EVAL_LOSS, run.eval_curve)
-    write_json(artifacts.TRAIN_METRICS, run.metrics)
+    with atomic_dir(artifacts.TRAIN_DIR) as out:
+        shutil.copytree(run.live_dir, out, dirs_exist_ok=True)
+        write_json(out / artifacts.TRAIN_RUN.name, run.record)
     shutil.rmtree(run.run_dir, ignore_errors=True)  # the adapter is safe: checkpoints are spent
-    m = run.metrics
+    summary = run.summary
     print(
-        f"trained {m['steps']} steps in {m['train_runtime_s']:.0f} s "
-        f"({m['tokens_per_s']:.0f} tokens/s); validation loss {run.eval_curve[0]['loss']:.3f} "
-        f"-> {m['final_eval_loss']:.3f}; adapter in {artifacts.ADAPTER_DIR}"
+        f"trained {summary['step']} steps in {summary['train']['runtime_s']:.0f} s "
+        f"({summary['train']['tokens_per_s']:.0f} tokens/s); validation loss "
+        f"{summary['eval']['initial_loss']:.3f} -> {summary['eval']['loss']:.3f}; adapter in "
+        f"{artifacts.ADAPTER_DIR}"
     )
 
 

@@ -737,3 +737,16 @@ def test_missing_report_files_give_notes_not_a_failed_run(tmp_path, caplog):
     assert made == {}
     assert "metrics.json: not found" in caplog.text
     assert "gate.json: not found" in caplog.text
+
+
+def test_the_training_artifact_reads_dvclives_summary():
+    fixture = Path(__file__).parent / "fixtures/report/reports/train/metrics.json"
+    rows = ra.training_table(json.loads(fixture.read_text()))
+    values = {row["metric"]: row["value"] for row in rows}
+    assert values["optimizer steps"] == "80"
+    assert values["validation loss before training"] == "2.211"
+    assert values["final validation loss"] == "1.579"
+    assert values["tokens / s (whole run)"] == "106.9"
+    assert {row["dvclive"] for row in rows} >= {"eval/loss", "train/tokens_per_s"}
+    with pytest.raises(ValueError, match="no metric of the training log"):
+        ra.training_table({"unrelated": 1})

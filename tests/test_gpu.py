@@ -12,6 +12,8 @@ import shutil
 import pytest
 import torch
 
+from qlora.train_log import training_view
+
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(
@@ -37,7 +39,7 @@ def test_qlora_trains_on_the_gpu_with_its_gpu_settings(trained):
     from qlora.models import load_4bit
     from qlora.params import load_params
 
-    metrics = json.loads((trained / "reports/train/metrics.json").read_text())
+    metrics = training_view(trained / "reports/train")
     assert metrics["device"] == "cuda"
     assert metrics["optimizer"] == "paged_adamw_32bit"
     expected = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"

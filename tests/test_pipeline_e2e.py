@@ -21,6 +21,7 @@ import yaml
 from conftest import REPO, alpaca_rows, make_tiny_model_dir, tiny_params
 from qlora.io import pipeline_env, write_jsonl
 from qlora.sources import settle_always_changed
+from qlora.train_log import training_view
 
 pytestmark = pytest.mark.slow
 # Outputs of the developer's own runs: the copy must build them itself.
@@ -116,7 +117,7 @@ def test_every_stage_runs_and_writes_its_outputs(pipeline_run):
     gate = json.loads((work / "reports/gate.json").read_text())
     assert gate["decision"] == "promoted", gate["reasons"]
     assert gate["primary"]["relative_change"] > 0, "training did not lower bits per byte"
-    for name in ("metrics.json", "train_loss.json", "eval_loss.json"):
+    for name in ("metrics.json", "run.json", "plots/metrics/train/loss.tsv"):
         assert (work / "reports/train" / name).stat().st_size > 0
     assert "<html" in (work / "reports/report.html").read_text().lower()
 
@@ -154,6 +155,45 @@ def test_second_repro_runs_nothing_and_a_param_change_reruns_only_downstream(pip
     # `dvc status` names the first stage that reads the changed param.
     assert "finetune" in stale
     assert stale.isdisjoint({"base", "extract", "dataset", "validate", "quantize"})
+
+
+def test_an_experiment_shows_dvclive_columns_and_plots_beside_the_baseline(pipeline_run):
+    """`dvc exp run -S ...` then `dvc exp show` and `dvc plots diff`, as a user compares two
+    trainings: DVCLive's summary as columns, its per-step curves of both on one chart."""
+    work, _ = pipeline_run
+    git(work, "add", "-A")
+    git(work, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline run")
+    done = dvc(work, "exp", "run", "-n", "rank8", "-S", "finetune.lora.r=8")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "[finetune] done in" in done.stdout
+
+    shown = dvc(work, "exp", "show", "--json")
+    assert shown.returncode == 0, shown.stderr
+    rows = json.loads(shown.stdout)
+    baseline = next(r for r in rows if r["rev"] != "workspace")
+    experiment = next(e for e in baseline["experiments"] if e["name"] == "rank8")
+    columns = {}
+    for name, row in (("baseline", baseline), ("rank8", experiment["revs"][0])):
+        data = row["data"]
+        summary = data["metrics"]["reports/train/metrics.json"]["data"]
+        columns[name] = (
+            data["params"]["params.yaml"]["data"]["finetune"]["lora"]["r"],
+            summary["train"]["loss"],
+            summary["eval"]["loss"],
+            summary["train"]["tokens_per_s"],
+        )
+    assert columns["rank8"][0] == 8 and columns["baseline"][0] != 8
+    assert all(math.isfinite(v) for row in columns.values() for v in row[1:])
+    assert columns["rank8"][2] != columns["baseline"][2]  # another adapter, another loss
+
+    plots = dvc(work, "plots", "diff", "HEAD", "rank8", "--json")
+    assert plots.returncode == 0, plots.stderr
+    (chart,) = json.loads(plots.stdout)["data"]["reports/train/plots/metrics/eval/loss.tsv"]
+    assert chart["revisions"] == ["HEAD", "rank8"]
+    points = chart["content"]["data"]["values"]
+    for rev in ("HEAD", "rank8"):
+        steps = [int(p["step"]) for p in points if p["rev"] == rev]
+        assert steps[0] == 0 and steps[-1] == 3, (rev, steps)  # the whole curve, each run
 
 
 def test_a_token_in_the_environment_reaches_no_output(pipeline_run):
@@ -206,7 +246,7 @@ def test_a_qwen2_model_with_biased_projections_and_untied_embeddings_runs_the_da
     adapter = work / "data/prepared/adapter"
     targets = json.loads((adapter / "adapter_config.json").read_text())["target_modules"]
     assert {"q_proj", "k_proj", "v_proj", "o_proj"} <= {t.rsplit(".", 1)[-1] for t in targets}
-    train = json.loads((work / "reports/train/metrics.json").read_text())
+    train = training_view(work / "reports/train")
     assert train["steps"] == 3 and math.isfinite(train["final_eval_loss"])
     metrics = json.loads((work / "reports/eval/metrics.json").read_text())
     assert set(metrics["variants"]) == {"base_full", "base_4bit", "adapter_4bit"}

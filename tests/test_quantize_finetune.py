@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qlora import training
+from qlora import train_log, training
 from qlora.io import StageError
 from qlora.params import shipped_params
 from qlora.quantization import measure
@@ -52,7 +52,7 @@ def test_finetune_trains_an_adapter_in_standard_peft_format(workspace):
     lora_b = [t for name, t in weights.items() if "lora_B" in name]
     # LoRA initialises B to zero: a non-zero B proves the optimizer stepped.
     assert lora_b and any(t.abs().sum() > 0 for t in lora_b)
-    metrics = json.loads((workspace / "reports/train/metrics.json").read_text())
+    metrics = train_log.training_view(workspace / "reports/train")
     assert metrics["steps"] == 3 and metrics["tokens_per_s"] > 0
     assert metrics["optimizer"] == "adamw_torch" and metrics["compute_dtype"] == "float32"
     # The lean path as shipped: the chunked loss, and no checkpointing where memory is ample.
@@ -60,11 +60,39 @@ def test_finetune_trains_an_adapter_in_standard_peft_format(workspace):
     assert metrics["batching"] == "group_by_length"
     assert metrics["gradient_checkpointing"]["on"] is False
     assert metrics["gradient_checkpointing"]["why"].startswith("auto: ")
-    evals = json.loads((workspace / "reports/train/eval_loss.json").read_text())
-    assert evals[0]["step"] == 0 and evals[-1]["step"] == 3
+
+
+def test_dvclive_logs_each_metric_at_its_optimizer_step(workspace):
+    """DVCLive's files, as `dvc plots` and `dvc exp show` read them: every series on the
+    Trainer's global step (validation at 0 and at the end), the summary's last values
+    equal to the series' last rows, and the run totals beside them."""
+    from qlora.params import load_params
+
+    finetune.main()
+    train_dir = workspace / "reports/train"
+    evals = train_log.eval_curve(train_dir)
+    every = load_params().finetune.eval_steps
+    assert [e["step"] for e in evals] == sorted({0, *range(every, 4, every), 3})
     assert all(math.isfinite(e["loss"]) for e in evals)
-    train = json.loads((workspace / "reports/train/train_loss.json").read_text())
-    assert [e["step"] for e in train] == [1, 2, 3]
+    for name in (train_log.TRAIN_LOSS, train_log.LEARNING_RATE, train_log.TOKENS_PER_S):
+        assert [r["step"] for r in train_log.read_curve(train_dir, name)] == [1, 2, 3], name
+    memory = train_log.read_curve(train_dir, train_log.PEAK_MEMORY_GB)
+    assert all(r["peak_memory_gb"] > 0.01 for r in memory)  # a Python process alone is more
+    summary = json.loads((train_dir / "metrics.json").read_text())
+    assert summary["step"] == 3
+    assert summary["eval"]["loss"] == evals[-1]["loss"]
+    assert summary["eval"]["initial_loss"] == evals[0]["loss"]
+    assert summary["eval"]["best_loss"] == min(e["loss"] for e in evals)
+    last_train = train_log.read_curve(train_dir, train_log.TRAIN_LOSS)[-1]["loss"]
+    assert summary["train"]["loss"] == last_train
+    # The whole run's speed: every trained token over the training seconds.
+    assert summary["train"]["tokens_per_s"] == pytest.approx(
+        summary["train"]["tokens"] / summary["train"]["runtime_s"]
+    )
+    # No hand-written copy of DVCLive's numbers: run.json holds only how the run was made.
+    run = json.loads((train_dir / "run.json").read_text())
+    assert not {"steps", "tokens_per_s", "final_eval_loss", "train_runtime_s"} & set(run)
+    assert not (train_dir / "dvc.yaml").exists()  # dvc.yaml of the project declares them
 
 
 def test_a_target_module_that_matches_no_layer_is_named(workspace, monkeypatch):

@@ -559,3 +559,107 @@ def test_the_flow_promotes_after_a_passing_gate_and_only_then(repo, tmp_path, mo
     ]
     assert second["promotion"]["version"] is None and "REJECTED" in second["promotion"]["summary"]
     assert list(reg.versions()) == ["v1"] and reg.champion() == "v1"
+
+
+# ---- talking to a version: qlora chat / qlora generate ---------------------------------
+
+
+def independent_answers(base_dir: Path, adapter_dir: Path | None, conversations, tokens: int):
+    """Greedy answers from plain transformers + peft, loaded here without qlora's code: NF4
+    with double quantization and a float32 compute dtype, as the tiny params ask."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    tokenizer = AutoTokenizer.from_pretrained(str(base_dir))
+    nf4 = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        str(base_dir), quantization_config=nf4, dtype=torch.float32
+    )
+    if adapter_dir is not None:
+        model = PeftModel.from_pretrained(model, str(adapter_dir))
+    answers = []
+    for messages in conversations:
+        enc = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+        )
+        out = model.generate(
+            **enc, max_new_tokens=tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+        answers.append(
+            tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        )
+    return answers
+
+
+PROMPTS = [
+    {"prompt": "def add(a, b):"},
+    {"instruction": "Summarise the function.", "input": "def f(x): return x * 2"},
+    {"messages": [{"role": "user", "content": "What does os.path.join do?"}]},
+]
+CONVERSATIONS = [
+    [{"role": "user", "content": "def add(a, b):"}],
+    [{"role": "user", "content": "Summarise the function.\n\ndef f(x): return x * 2"}],
+    [{"role": "user", "content": "What does os.path.join do?"}],
+]
+
+
+def test_generate_answers_as_an_independent_load_of_the_champion_does(repo):
+    promote(repo, Registry(repo / "registry"))
+    prompts = repo / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    args = ["generate", str(prompts), "champion", "--max-new-tokens", "6", "--batch-size", "1"]
+    done = CliRunner().invoke(app, args)
+    assert done.exit_code == 0, done.output
+    assert "3 answers from adapter v1 (champion)" in done.output
+    rows = [json.loads(line) for line in (repo / "prompts.answers.jsonl").read_text().splitlines()]
+    assert [{k: r[k] for k in p} for r, p in zip(rows, PROMPTS, strict=True)] == PROMPTS
+    base = repo / "data/prepared/base_model"
+    expected = independent_answers(base, repo / "registry/v1", CONVERSATIONS, 6)
+    assert [r["answer"] for r in rows] == expected
+    # The adapter changes what is said: the base alone answers otherwise.
+    assert expected != independent_answers(base, None, CONVERSATIONS, 6)
+
+
+def test_chat_streams_each_answer_and_starts_over_on_reset(repo):
+    promote(repo, Registry(repo / "registry"))
+    said = "def add(a, b):\n/reset\nWhat does os.path.join do?\n/exit\nnever read\n"
+    done = CliRunner().invoke(app, ["chat", "v1", "--max-new-tokens", "6"], input=said)
+    assert done.exit_code == 0, done.output
+    assert "Talking to adapter v1. Type a message" in done.output
+    turns = done.output.split("assistant> ")[1:]
+    assert len(turns) == 2 and "(new conversation)" in turns[0]
+    expected = independent_answers(
+        repo / "data/prepared/base_model",
+        repo / "registry/v1",
+        [CONVERSATIONS[0], CONVERSATIONS[2]],
+        6,
+    )
+    for turn, answer in zip(turns, expected, strict=True):
+        assert turn.startswith(answer), (turn, answer)
+
+
+def test_chat_and_generate_name_what_they_cannot_find(repo):
+    runner = CliRunner()
+    done = runner.invoke(app, ["chat", "v9"], input="hi\n")
+    assert done.exit_code == 1 and "no version 'v9'" in done.output
+    done = runner.invoke(app, ["chat", "champion"], input="hi\n")
+    assert done.exit_code == 1 and "no champion yet" in done.output
+    bad = repo / "bad.jsonl"
+    bad.write_text('{"prompt": "fine"}\n{"question": "no known key"}\n')
+    done = runner.invoke(app, ["generate", str(bad)])
+    assert done.exit_code == 1 and "bad.jsonl, line 2: expected" in done.output
+    assert not (repo / "bad.answers.jsonl").exists()
+
+
+def test_chat_with_the_base_alone_and_the_adapter_just_trained(repo):
+    runner = CliRunner()
+    for args, label in ((["--base"], "base alone"), ([], "adapter in data/prepared/adapter")):
+        done = runner.invoke(app, ["chat", *args, "--max-new-tokens", "4"], input="hello\n")
+        assert done.exit_code == 0, done.output
+        assert f"Talking to {label}" in done.output and "assistant> " in done.output

@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from conftest import gate_params
+from qlora import train_log
 from qlora.gate import decide
 from qlora.io import StageError
 from qlora.lineage import git_state
@@ -54,6 +55,13 @@ def render(root: Path, **kwargs) -> tuple[str, str]:
     html, md = root / "reports" / "report.html", root / "reports" / "report.md"
     render_report(root / "reports", html, md, **kwargs)
     return html.read_text(encoding="utf-8"), md.read_text(encoding="utf-8")
+
+
+def write_curve(root: Path, name: str, rows: list[list]) -> None:
+    """A per-step series in DVCLive's layout (plots/metrics/<name>.tsv: step, value)."""
+    path = root / "reports" / "train" / "plots" / "metrics" / f"{name}.tsv"
+    column = name.rsplit("/", 1)[-1]
+    path.write_text(f"step\t{column}\n" + "".join(f"{s}\t{v}\n" for s, v in rows))
 
 
 def edit_json(path: Path, change) -> None:
@@ -206,7 +214,9 @@ def test_quantization_keeps_share_is_direction_aware(root: Path):
 
 def test_loss_chart_is_inline_svg_with_every_point(root: Path):
     html, _ = render(root)
-    train, evals = load(root, "train/train_loss.json"), load(root, "train/eval_loss.json")
+    train_dir = root / "reports" / "train"
+    train, evals = train_log.train_curve(train_dir), train_log.eval_curve(train_dir)
+    assert len(train) == 16 and len(evals) == 5  # the fixture, as DVCLive wrote it
     chart = re.search(
         r'<svg class="chart"[^>]*aria-label="Training and validation loss.*?</svg>', html, re.S
     ).group(0)
@@ -233,9 +243,7 @@ def test_no_overfitting_warning_when_validation_loss_keeps_falling(root: Path):
 
 def test_overfitting_warning_when_validation_rises_and_train_falls(root: Path):
     rising = [[0, 2.21], [20, 1.74], [40, 1.62], [60, 1.69], [80, 1.81]]
-    (root / "reports" / "train" / "eval_loss.json").write_text(
-        json.dumps([{"step": s, "loss": v} for s, v in rising])
-    )
+    write_curve(root, train_log.EVAL_LOSS, rising)
     html, md = render(root)
     warning = re.search(r'<div class="callout warn" id="overfit-warning">(.*?)</div>', html, re.S)
     assert warning, "overfitting warning missing"
@@ -244,14 +252,8 @@ def test_overfitting_warning_when_validation_rises_and_train_falls(root: Path):
 
 
 def test_no_overfitting_warning_when_train_loss_rises_too(root: Path):
-    (root / "reports" / "train" / "eval_loss.json").write_text(
-        json.dumps([{"step": 0, "loss": 2.0}, {"step": 40, "loss": 1.6}, {"step": 80, "loss": 1.9}])
-    )
-    (root / "reports" / "train" / "train_loss.json").write_text(
-        json.dumps(
-            [{"step": s, "loss": 1.3 + s / 100, "learning_rate": 1e-4} for s in range(5, 85, 5)]
-        )
-    )
+    write_curve(root, train_log.EVAL_LOSS, [[0, 2.0], [40, 1.6], [80, 1.9]])
+    write_curve(root, train_log.TRAIN_LOSS, [[s, 1.3 + s / 100] for s in range(5, 85, 5)])
     html, _ = render(root)
     assert 'id="overfit-warning"' not in html  # diverging, not overfitting
 
@@ -410,7 +412,7 @@ def test_the_training_machine_is_shown_where_it_is_recorded(root: Path):
     html, _ = render(root)
     assert 'id="environment"' not in html  # older runs did not record it
     edit_json(
-        root / "reports" / "train" / "metrics.json", lambda t: t.update(environment=environment())
+        root / "reports" / "train" / "run.json", lambda t: t.update(environment=environment())
     )
     html, md = render(root)
     lineage = html[html.index('id="lineage"') :]
@@ -425,7 +427,7 @@ def test_the_training_machine_is_shown_where_it_is_recorded(root: Path):
 
 @pytest.mark.skipif(shutil.which("git") is None, reason="git not installed")
 def test_compare_names_what_differs_between_the_two_runs_machines_and_adapters(root: Path):
-    train = root / "reports" / "train" / "metrics.json"
+    train = root / "reports" / "train" / "run.json"
     edit_json(train, lambda t: t.update(environment=environment()))
     commit_all(root, "a run on a Sapphire Rapids machine")
     html, _ = render(root, compare=load_compare("HEAD", root))
@@ -449,7 +451,7 @@ def test_compare_names_what_differs_between_the_two_runs_machines_and_adapters(r
 def test_compare_says_when_the_other_run_recorded_no_machine(root: Path):
     compare = {"label": "adapter @ old", "metrics": {}, "environment": None, "adapter_md5": None}
     edit_json(
-        root / "reports" / "train" / "metrics.json", lambda t: t.update(environment=environment())
+        root / "reports" / "train" / "run.json", lambda t: t.update(environment=environment())
     )
     html, _ = render(root, compare=compare)
     assert "the runs differ in: environment (recorded for this run only)" in html
@@ -467,10 +469,17 @@ def test_missing_input_names_the_file_and_writes_nothing(root: Path):
 
 
 def test_missing_key_names_file_and_key(root: Path):
-    edit_json(root / "reports" / "train" / "metrics.json", lambda m: m.pop("tokens_per_s") and None)
+    summary = root / "reports" / "train" / "metrics.json"
+    edit_json(summary, lambda m: m["train"].pop("tokens_per_s") and None)
     with pytest.raises(
-        StageError, match=r"train/metrics\.json: missing key\(s\) \['tokens_per_s'\]"
+        StageError, match=r"train/metrics\.json: missing metric\(s\) \['train/tokens_per_s'\]"
     ):
+        render(root)
+
+
+def test_a_bad_row_of_a_dvclive_curve_names_the_file_and_line(root: Path):
+    write_curve(root, train_log.EVAL_LOSS, [[0, 2.0], [40, "nan?"]])
+    with pytest.raises(StageError, match=r"eval/loss\.tsv, line 3: expected a step and a number"):
         render(root)
 
 

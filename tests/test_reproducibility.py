@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import signal
 import subprocess
@@ -14,7 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qlora import training
+from qlora import train_log, training
+from qlora.train_log import read_curve
 from stages import finetune
 
 ADAPTER = Path("data/prepared/adapter/adapter_model.safetensors")
@@ -52,6 +52,8 @@ def test_sigkill_mid_training_then_rerun_resumes_to_the_same_adapter(workspace):
     finetune.main()
     uninterrupted = sha256(workspace / ADAPTER)
     (workspace / ADAPTER).unlink()
+    train_dir = workspace / "reports/train"
+    curves = {n: read_curve(train_dir, n) for n in (train_log.TRAIN_LOSS, train_log.EVAL_LOSS)}
 
     cmd = [sys.executable, "-m", "stages.finetune"]
     env = {**os.environ, "PYTHONPATH": str(Path(finetune.__file__).parents[1])}
@@ -67,6 +69,8 @@ def test_sigkill_mid_training_then_rerun_resumes_to_the_same_adapter(workspace):
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "training ended before a checkpoint was sealed"
     assert not (workspace / ADAPTER).exists()
+    # The killed run logged to DVCLive's scratch folder: the last good log is untouched.
+    assert {n: read_curve(train_dir, n) for n in curves} == curves
 
     rerun = subprocess.run(cmd, cwd=workspace, env=env, capture_output=True, text=True)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -75,7 +79,9 @@ def test_sigkill_mid_training_then_rerun_resumes_to_the_same_adapter(workspace):
 
     # The speed describes the whole run: every token over the seconds of both processes,
     # and the resumed process's own share is reported apart.
-    m = json.loads((workspace / "reports/train/metrics.json").read_text())
+    # DVCLive's curves read as one uninterrupted run: each step once, the same losses.
+    assert {n: read_curve(train_dir, n) for n in curves} == curves
+    m = train_log.training_view(train_dir)
     assert m["steps"] == 12 and 0 < m["resumed_from_step"] < 12
     assert m["session"]["steps"] == 12 - m["resumed_from_step"]
     assert m["session"]["tokens"] < m["trained_tokens"]

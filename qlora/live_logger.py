@@ -1,0 +1,71 @@
+"""The finetune stage's per-step log, written by DVCLive (layout: qlora/train_log.py).
+
+Why not transformers' own DVCLiveCallback: it numbers DVCLive's steps by log call, so the
+validation loss of optimizer step 20 lands at DVCLive step 5 and the train and validation
+curves no longer share an x axis; it also logs every TrainingArguments field (the scratch
+checkpoint path among them) as params. Here each value is logged at the Trainer's global
+step, and only the metrics of qlora.train_log.FROM_TRAINER.
+
+DVCLive writes into a scratch folder beside the run's checkpoints; the stage moves the
+folder into reports/train only once training has succeeded, so a failed or killed run
+leaves the last good log in place. A resumed run replays the Trainer's restored log
+history, so its files read as those of one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+from qlora.train_log import FROM_TRAINER
+
+
+class LiveLogger(TrainerCallback):
+    def __init__(self, directory: Path):
+        self.directory = directory
+        self.live = None
+        self.before_training: list[tuple[int, dict]] = []  # the step-0 evaluation
+
+    def _open(self) -> None:
+        from dvclive import Live
+
+        # dvcyaml=None: dvc.yaml declares the stage's metrics and plots itself. No
+        # experiment of its own: `dvc exp run` makes it, and `dvc repro` needs none.
+        self.live = Live(
+            dir=str(self.directory), save_dvc_exp=False, dvcyaml=None, report=None, resume=False
+        )
+
+    def write(self, step: int, values: dict, plot: bool = True) -> None:
+        if self.live is None:
+            self._open()
+        self.live.step = step
+        for key, name in FROM_TRAINER.items():
+            if key in values:
+                self.live.log_metric(name, values[key], plot=plot)
+        self.live.make_summary()
+
+    def write_summary(self, values: dict[str, float]) -> None:
+        """Run totals: into metrics.json only, not plotted."""
+        if self.live is None:
+            self._open()
+        for name, value in values.items():
+            self.live.log_metric(name, value, plot=False)
+        self.live.make_summary()
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step > 0 and state.is_world_process_zero:
+            # Resumed: start the files afresh from the checkpoint's history, so that steps
+            # logged after that checkpoint by the killed run appear once, not twice.
+            self._open()
+            for step, values in self.before_training:
+                self.write(step, values)
+            for entry in state.log_history:
+                self.write(entry["step"], entry)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs:
+            return
+        if state.global_step == 0:  # only the evaluation before training logs at step 0
+            self.before_training.append((0, dict(logs)))
+        self.write(state.global_step, logs)
