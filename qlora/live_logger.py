@@ -36,22 +36,23 @@ class LiveLogger(TrainerCallback):
             dir=str(self.directory), save_dvc_exp=False, dvcyaml=None, report=None, resume=False
         )
 
-    def write(self, step: int, values: dict, plot: bool = True) -> None:
+    def _log(self, metrics: dict[str, float], plot: bool) -> None:
+        if self.live is None:
+            self._open()
+        for name, value in metrics.items():
+            self.live.log_metric(name, value, plot=plot)
+        self.live.make_summary()
+
+    def write(self, step: int, values: dict) -> None:
+        """The Trainer's log `values` at `step`, each as its qlora.train_log name."""
         if self.live is None:
             self._open()
         self.live.step = step
-        for key, name in FROM_TRAINER.items():
-            if key in values:
-                self.live.log_metric(name, values[key], plot=plot)
-        self.live.make_summary()
+        self._log({name: values[key] for key, name in FROM_TRAINER.items() if key in values}, True)
 
     def write_summary(self, values: dict[str, float]) -> None:
         """Run totals: into metrics.json only, not plotted."""
-        if self.live is None:
-            self._open()
-        for name, value in values.items():
-            self.live.log_metric(name, value, plot=False)
-        self.live.make_summary()
+        self._log(values, plot=False)
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.global_step > 0 and state.is_world_process_zero:

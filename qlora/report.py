@@ -213,8 +213,14 @@ def load_inputs(reports_dir: Path) -> dict[str, Any]:
         if absent:
             raise StageError(f"{path}: missing key(s) {absent}")
         data[key] = value
-    train_dir = _input_path(reports_dir, "train").parent
-    data["train"] = train_log.training_view(train_dir)
+    # Read above; merged here into the view the templates use.
+    data["train"] = train_log.merged_view(
+        data["train"],
+        data.pop("train_summary"),
+        paths["train"],
+        paths["train_summary"],
+    )
+    train_dir = paths["train"].parent
     data["train_loss"] = train_log.train_curve(train_dir)
     data["eval_loss"] = train_log.eval_curve(train_dir)
     return data

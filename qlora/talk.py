@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
+from transformers import TextStreamer
+
 from qlora import artifacts
 from qlora.formats import to_messages
 from qlora.io import StageError, read_jsonl_numbered
@@ -83,24 +85,27 @@ def prompt_text(speaker: Speaker, messages: list[dict]) -> str:
     )
 
 
+class StreamTo(TextStreamer):
+    """transformers' streamer, writing each finished piece of text to `out` (it prints)."""
+
+    def __init__(self, tokenizer, out: TextIO):
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.out = out
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        self.out.write(text + ("\n" if stream_end else ""))
+        self.out.flush()
+
+
 def reply(speaker: Speaker, messages: list[dict], max_new_tokens: int, stream: TextIO | None):
     """One answer to the conversation, greedy; printed to `stream` token by token as it
     is generated when one is given."""
     import torch
-    from transformers import TextStreamer
 
     tok = speaker.tokenizer
     enc = tok(prompt_text(speaker, messages), return_tensors="pt", add_special_tokens=False)
     enc = enc.to(speaker.model.device)
-    streamer = None
-    if stream is not None:
-
-        class _To(TextStreamer):
-            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
-                stream.write(text + ("\n" if stream_end else ""))
-                stream.flush()
-
-        streamer = _To(tok, skip_prompt=True, skip_special_tokens=True)
+    streamer = None if stream is None else StreamTo(tok, stream)
     with torch.no_grad():
         out = speaker.model.generate(
             **enc,

@@ -83,10 +83,14 @@ def eval_curve(train_dir: Path) -> list[dict[str, float]]:
 
 
 def training_view(train_dir: Path) -> dict[str, Any]:
-    """What the report shows of a run: run.json's record with the DVCLive summary's numbers
-    under the names the report uses. Raises StageError naming a missing file or metric."""
+    """What the report shows of a run, read from `train_dir` (see merged_view)."""
     run_file, summary_file = train_dir / "run.json", train_dir / "metrics.json"
-    run, summary = read_json(run_file), read_json(summary_file)
+    return merged_view(read_json(run_file), read_json(summary_file), run_file, summary_file)
+
+
+def merged_view(run: Any, summary: Any, run_file: Path, summary_file: Path) -> dict[str, Any]:
+    """run.json's record with the DVCLive summary's numbers under the names the report
+    uses. Raises StageError naming a file that is not an object, or a missing metric."""
     if not isinstance(run, dict) or not isinstance(summary, dict):
         raise StageError(f"{run_file} and {summary_file} must each hold a JSON object")
     names = {

@@ -349,7 +349,7 @@ class QLoRATrainer(Trainer):
         super().log(logs, start_time)
 
 
-def tracker_environment(run_dir: Path) -> None:
+def tensorboard_default(run_dir: Path) -> None:
     """TensorBoard's default folder is inside the checkpoint folder, deleted after a run:
     point it at tracking/tensorboard/ unless the user chose one."""
     name = f"{run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -370,8 +370,8 @@ def build_trainer(
     """The Trainer the finetune stage runs, shared with the benchmark (benchmarks/train.py)
     so that what is measured is what ships."""
     batches = batch_plan(params.finetune.batching, tokenizer)
-    if params.finetune.report_to:
-        tracker_environment(run_dir)
+    if "tensorboard" in params.finetune.report_to:
+        tensorboard_default(run_dir)
     try:
         return QLoRATrainer(
             model=model,
@@ -457,9 +457,9 @@ def train(params: Params) -> Trained:
         raise StageError(out_of_memory_advice(params, e)) from None
     session_seconds, total_seconds = clock.session_seconds(), clock.total_seconds()
     step = trainer.state.global_step
-    evals = [e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e]
-    if not any(e.get("step") == step and "eval_loss" in e for e in trainer.state.log_history):
-        evals.append(trainer.evaluate()["eval_loss"])  # the final point, unless just logged
+    evals = {e["step"]: e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e}
+    if step not in evals:  # the final point, unless eval_steps just logged it
+        evals[step] = trainer.evaluate()["eval_loss"]
     tokens = int(trainer.state.num_input_tokens_seen)
     # Whole run: every step and token since step 0, over the training seconds of every
     # process that worked on it (a killed and resumed run counts both).
@@ -471,7 +471,7 @@ def train(params: Params) -> Trained:
             train_log.PEAK_MEMORY_BYTES: peak_memory_bytes(),
             train_log.MEAN_TRAIN_LOSS: result.training_loss,
             train_log.INITIAL_EVAL_LOSS: initial_eval,
-            train_log.BEST_EVAL_LOSS: min([initial_eval, *evals]),
+            train_log.BEST_EVAL_LOSS: min(initial_eval, *evals.values()),
         }
     )
     record = {
