@@ -3,13 +3,16 @@
 Loads the base in 16 bits and in 4 bits through qlora/models.py (the very loader
 finetune and evaluate use) and reports the parameter count, the memory of each, the bits
 per parameter actually achieved (the quantization constants included), and the error of
-the dequantized weights for NF4 and FP4 side by side. The 4-bit model is not saved:
+the dequantized weights for NF4 and FP4 side by side. The per-layer pieces (which layers
+bitsandbytes quantizes, deq(q(W)) for nf4 / fp4 / int8, the error summary) are shared with
+qlora/weight_analysis.py, which ranks the layers. The 4-bit model is not saved:
 quantizing on load takes seconds and keeps one copy of the weights on disk.
 Output: reports/quantize.json (a DVC metric)
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import bitsandbytes as bnb
@@ -47,25 +50,80 @@ def four_bit_layout(model: torch.nn.Module) -> dict:
     return {"packed_bytes": packed, "constant_bytes": consts, "quantized_weights": n_weights}
 
 
-def quantization_error(model: torch.nn.Module, quant_type: str, double_quant: bool) -> dict:
-    """Relative error ||W - deq(q(W))|| / ||W|| over every linear weight bnb would quantize."""
-    errors, sq_err, sq_norm = [], 0.0, 0.0
+# bitsandbytes' 4-bit block size (Params4bit and quantize_4bit default to 64 on a CPU and a
+# CUDA GPU): one absmax scale per 64 consecutive weights of the row-major weight.
+BLOCK_SIZE = 64
+FORMATS = ("nf4", "fp4", "int8")  # the 4-bit types, and LLM.int8()'s storage for comparison
+
+
+def skipped_by_default(model: torch.nn.Module) -> list[str]:
+    """Module names transformers' bitsandbytes quantizer leaves in 16 bits when no
+    `llm_int8_skip_modules` is given: the output embeddings (lm_head), tied weights, the last
+    module, and the model's `_keep_in_fp32_modules`. A plain nn.Module: just lm_head."""
+    from transformers import PreTrainedModel
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    if not isinstance(model, PreTrainedModel):
+        return ["lm_head"]
+    return sorted(set(get_keys_to_not_convert(model)) | set(model._keep_in_fp32_modules or ()))
+
+
+def quantizable_linears(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Linear]]:
+    """(name, module) of every linear layer bitsandbytes quantizes on a 4-bit load, matched by
+    transformers' own rule (`replace_with_bnb_linear`: exactly nn.Linear, not skipped)."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    skipped = skipped_by_default(model)
     for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or name.endswith("lm_head"):
-            continue  # transformers keeps lm_head in 16 bits
-        w = module.weight.detach().float()
-        q, state = bnbf.quantize_4bit(w, quant_type=quant_type, compress_statistics=double_quant)
-        diff = (bnbf.dequantize_4bit(q, state).float() - w).pow(2).sum().item()
-        norm = w.pow(2).sum().item()
-        errors.append((diff / norm) ** 0.5)
-        sq_err += diff
-        sq_norm += norm
+        if type(module) is torch.nn.Linear and should_convert_module(name, skipped):
+            yield name, module
+
+
+def dequantized(w: torch.Tensor, fmt: str, double_quant: bool = False) -> torch.Tensor:
+    """deq(q(W)) in fp32 for `fmt` nf4 / fp4 (bitsandbytes' 4-bit blocks, double quantization
+    of the scales per `double_quant`) or int8 (LLM.int8()'s row-wise absmax weights)."""
+    w = w.detach().float()
+    if fmt == "int8":
+        # Int8Params quantizes the fp16 weight with this very op (bitsandbytes' CPU backend
+        # runs it); double quantization does not exist for int8.
+        q, row_absmax, _ = bnbf.int8_vectorwise_quant(w.half())
+        return bnbf.int8_vectorwise_dequant(q, row_absmax).float()
+    q, state = bnbf.quantize_4bit(
+        w, blocksize=BLOCK_SIZE, quant_type=fmt, compress_statistics=double_quant
+    )
+    return bnbf.dequantize_4bit(q, state).float()
+
+
+def squared_norm(t: torch.Tensor) -> float:
+    """||t||^2. vector_norm is one pass without a temporary (a float64 sum is ~10x slower),
+    and its fp32 accumulation is exact to ~1e-6 relative over millions of weights."""
+    return torch.linalg.vector_norm(t.float()).item() ** 2
+
+
+def squared_error(w: torch.Tensor, fmt: str, double_quant: bool = False) -> float:
+    """||W - deq(q(W))||^2 of one weight for one format (see `dequantized`)."""
+    return squared_norm(dequantized(w, fmt, double_quant) - w.detach().float())
+
+
+def error_summary(squared_errors: list[float], squared_norms: list[float]) -> dict:
+    """Per-layer relative errors ||W - deq(q(W))|| / ||W|| summarised: their mean and max, and
+    the error of all layers taken as one vector (large layers weigh more)."""
+    errors = [(e / n) ** 0.5 for e, n in zip(squared_errors, squared_norms, strict=True)]
     return {
         "mean_relative_error": sum(errors) / len(errors),
         "max_relative_error": max(errors),
-        "overall_relative_error": (sq_err / sq_norm) ** 0.5,
+        "overall_relative_error": (sum(squared_errors) / sum(squared_norms)) ** 0.5,
         "layers": len(errors),
     }
+
+
+def quantization_error(model: torch.nn.Module, quant_type: str, double_quant: bool) -> dict:
+    """Relative error ||W - deq(q(W))|| / ||W|| over every linear weight bnb would quantize."""
+    weights = [module.weight for _, module in quantizable_linears(model)]
+    return error_summary(
+        [squared_error(w, quant_type, double_quant) for w in weights],
+        [squared_norm(w) for w in weights],
+    )
 
 
 def footprint_at_16bit(model: torch.nn.Module) -> int:
@@ -102,6 +160,8 @@ def measure(q: QuantizeParams, path: Path | str = BASE_MODEL_DIR, trust: bool = 
         "compute_dtype": str(compute_dtype(q.compute_dtype)).removeprefix("torch."),
         "full_dtype": "bfloat16",
         "bytes": {"full": full_bytes, q.quant_type: four_bytes},
+        # The weights stored in 4 bits; the rest (embeddings, norms) stays 16-bit.
+        "quantized_weights": layout["quantized_weights"],
         # As loaded here: unquantized tensors in the compute dtype (fp32 on a CPU).
         "bytes_as_loaded": {q.quant_type: loaded_bytes},
         "bits_per_parameter": {

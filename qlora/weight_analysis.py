@@ -1,0 +1,321 @@
+"""What the base's weights look like to a 4-bit quantizer, layer by layer.
+
+For every linear layer bitsandbytes quantizes (quantization.quantizable_linears: every
+nn.Linear but the ones transformers keeps in 16 bits, lm_head among them) this measures
+- the distribution: range, absmax, standard deviation, excess kurtosis, the share of
+  weights beyond 3 and 6 standard deviations, and the absmax of each 64-weight block
+  bitsandbytes scales by (median, max and max/median: one outlier sets its block's scale
+  and leaves the other 63 weights few of the 16 code points);
+- the relative error ||W - deq(q(W))|| / ||W|| that NF4, FP4 and LLM.int8()'s row-wise
+  int8 leave (quantization.squared_error: the same function the quantize report uses);
+- a ranking, most damaged first, and the module names to give `llm_int8_skip_modules` to
+  keep the worst ones in 16 bits;
+- a histogram of one layer's weights as NF4 sees them (divided by their block's absmax)
+  beside the 16 NF4 code points;
+- with LoftQ (peft), how much of the NF4 error a rank-r correction takes back.
+Everything returned is JSON-serialisable (plain dicts, lists, numbers and strings).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import bitsandbytes.functional as bnbf
+import torch
+
+from qlora.quantization import (
+    BLOCK_SIZE,
+    FORMATS,
+    dequantized,
+    error_summary,
+    quantizable_linears,
+    skipped_by_default,
+    squared_error,
+    squared_norm,
+)
+
+HISTOGRAM_BINS = 128  # 8 bins between neighbouring NF4 code points on average: gaps show
+TOP_K = 5  # layers named as most sensitive in the summary
+
+
+@contextmanager
+def one_cpu_thread() -> Iterator[None]:
+    """Run torch's CPU ops on one thread, then restore the setting. The analysis is ~200
+    small passes a model; on the 2-core CPU with other work running, two threads made it
+    6x slower in wall time (SmolLM2's shape: 125 s, 60 s of CPU, against 21 s, 14 s of
+    CPU on one thread): idle OpenMP threads spin while they wait for a core. Weights on a
+    GPU are unaffected."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+# ---------------------------------------------------------------- distribution
+
+
+def blocks(w: torch.Tensor, block_size: int = BLOCK_SIZE) -> torch.Tensor:
+    """The weight as bitsandbytes blocks it: row-major, `block_size` consecutive weights a
+    block, shape (blocks, block_size); a last partial block is padded with zeros, which
+    leave its absmax as it is."""
+    flat = w.detach().float().flatten()
+    pad = -flat.numel() % block_size
+    return (torch.nn.functional.pad(flat, (0, pad)) if pad else flat).view(-1, block_size)
+
+
+def distribution(w: torch.Tensor, block_size: int = BLOCK_SIZE) -> dict:
+    """Range, spread and tails of one weight, and the absmax of its quantization blocks.
+
+    Moments are the population ones (divided by n; fp32 sums, exact to ~1e-6); excess
+    kurtosis is 0 for a normal distribution, large when a few weights sit far out. The tail
+    shares count weights further than 3 (6) standard deviations from the mean: 0.27 % (2e-9)
+    for a normal distribution. Each statistic is one pass over the weight: this runs on
+    ~100 M weights for the default model."""
+    flat = w.detach().float().flatten()
+    n = flat.numel()
+    sq = (flat - flat.mean()).square_()
+    var = sq.mean().item()
+    lowest, highest = torch.aminmax(flat)
+    block_absmax = blocks(flat, block_size).abs().amax(dim=1)
+    absmax = block_absmax.max().item()
+    median_block = torch.quantile(block_absmax, 0.5).item()
+    return {
+        "min": lowest.item(),
+        "max": highest.item(),
+        "absmax": absmax,
+        "std": var**0.5,
+        "excess_kurtosis": torch.dot(sq, sq).item() / n / var**2 - 3,
+        "beyond_3_std": torch.count_nonzero(sq > 9 * var).item() / n,
+        "beyond_6_std": torch.count_nonzero(sq > 36 * var).item() / n,
+        "block_absmax_median": median_block,
+        "block_absmax_max": absmax,
+        "block_absmax_ratio": absmax / median_block,
+    }
+
+
+def layer_row(name: str, w: torch.Tensor, double_quant: bool) -> dict:
+    """One layer's row: shape, norm, distribution and the relative error of each format."""
+    w = w.detach().float()
+    norm_sq = squared_norm(w)
+    errors = {
+        f"{fmt}_error": (squared_error(w, fmt, double_quant) / norm_sq) ** 0.5 for fmt in FORMATS
+    }
+    return {"name": name, "shape": list(w.shape), "norm": norm_sq**0.5, **distribution(w), **errors}
+
+
+# ---------------------------------------------------------------- ranking and skip names
+
+
+def rank_layers(rows: list[dict]) -> list[dict]:
+    """Rows most damaged by NF4 first (ties: the heavier-tailed first), numbered from 1."""
+    ranked = sorted(rows, key=lambda r: (-r["nf4_error"], -r["excess_kurtosis"]))
+    return [{**row, "rank": i} for i, row in enumerate(ranked, start=1)]
+
+
+def sensitive_layers(ranked: list[dict], k: int = TOP_K) -> list[str]:
+    """Names of the k layers NF4 damages most: the candidates to keep in 16 bits."""
+    return [row["name"] for row in ranked[:k]]
+
+
+def skip_suffix(name: str, module_names: list[str]) -> str:
+    """The shortest suffix of `name`, starting at a named (not numbered) part, that under
+    transformers' rule for `llm_int8_skip_modules` keeps exactly `name` and its children in
+    16 bits. The rule (should_convert_module): a key matches a module whose name starts
+    with it at a module boundary (read as a regex) or that simply ends with it, so
+    "mlp.down_proj" would catch every layer's and is lengthened to "layers.1.mlp.down_proj",
+    which layer 11's does not end with."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    parts = name.split(".")
+    for start in range(len(parts) - 1, -1, -1):
+        key = ".".join(parts[start:])
+        if parts[start].isdigit():
+            continue  # "1.mlp.down_proj" is unambiguous too, but reads as a typo
+        caught = [m for m in module_names if not should_convert_module(m, [key])]
+        if all(m == name or m.startswith(name + ".") for m in caught):
+            return key
+    return name
+
+
+def skip_modules(model: torch.nn.Module, names: list[str]) -> list[str]:
+    """The `llm_int8_skip_modules` list that keeps `names` in 16 bits on a 4-bit load.
+
+    Giving that list replaces transformers' default skips (measured with transformers 5.23:
+    lm_head is then quantized too, tied or not), so the defaults are added back."""
+    module_names = [n for n, _ in model.named_modules()]
+    keys = [skip_suffix(name, module_names) for name in names]
+    return keys + [k for k in skipped_by_default(model) if k not in keys]
+
+
+# ---------------------------------------------------------------- histogram
+
+
+def nf4_code_points(device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 16 NF4 levels in [-1, 1] (bitsandbytes' table; its default device is CUDA)."""
+    return bnbf.get_4bit_type("nf4", device=device).float()
+
+
+def histogram(name: str, w: torch.Tensor, bins: int = HISTOGRAM_BINS) -> dict:
+    """One layer's weights divided by their block's absmax (the [-1, 1] values NF4 rounds to
+    its nearest code point), binned, and the share of weights each code point receives.
+    NF4's levels are quantiles of a normal distribution, so for Gaussian weights each code
+    point gets a similar share; heavy tails crowd the middle codes."""
+    grouped = blocks(w)
+    absmax = grouped.abs().amax(dim=1, keepdim=True)
+    # An all-zero block has absmax 0: its weights are 0 whatever the scale.
+    scaled = (grouped / absmax.clamp_min(torch.finfo(torch.float32).tiny)).flatten()[: w.numel()]
+    codes = nf4_code_points(scaled.device)
+    nearest = torch.bucketize(scaled, (codes[1:] + codes[:-1]) / 2)
+    return {
+        "layer": name,
+        "bin_edges": torch.linspace(-1, 1, bins + 1).tolist(),
+        "counts": torch.histc(scaled, bins=bins, min=-1, max=1).long().tolist(),
+        "code_points": codes.tolist(),
+        "code_point_share": (torch.bincount(nearest, minlength=16) / w.numel()).tolist(),
+    }
+
+
+# ---------------------------------------------------------------- the whole model
+
+
+def summary(ranked: list[dict], top_k: int = TOP_K) -> dict:
+    """For a metrics JSON: each format's mean / max / overall error, and the worst layers."""
+    norms_sq = [row["norm"] ** 2 for row in ranked]
+    return {
+        "layers": len(ranked),
+        "weights": sum(r["shape"][0] * r["shape"][1] for r in ranked),
+        "errors": {
+            fmt: error_summary([(r[f"{fmt}_error"] * r["norm"]) ** 2 for r in ranked], norms_sq)
+            for fmt in FORMATS
+        },
+        "max_excess_kurtosis": max(r["excess_kurtosis"] for r in ranked),
+        "max_block_absmax_ratio": max(r["block_absmax_ratio"] for r in ranked),
+        "most_sensitive": sensitive_layers(ranked, top_k),
+    }
+
+
+def analyse(
+    model: torch.nn.Module,
+    double_quant: bool = True,
+    top_k: int = TOP_K,
+    bins: int = HISTOGRAM_BINS,
+) -> dict:
+    """Every quantizable layer of `model` (full precision) analysed: {"summary", "layers"
+    (ranked rows), "histogram" (of the most sensitive layer), "skip_modules" (the
+    `llm_int8_skip_modules` value that keeps the top_k layers in 16 bits), "seconds"}.
+
+    The histogram shows the most sensitive layer rather than a typical one: a median layer
+    of a trained model looks like any other bell curve, while the worst one shows how its
+    weights sit against the code points (crowded in the middle when the tails are heavy)."""
+    start = time.perf_counter()
+    with one_cpu_thread():
+        rows = [layer_row(name, m.weight, double_quant) for name, m in quantizable_linears(model)]
+        ranked = rank_layers(rows)
+        worst = ranked[0]["name"]
+        hist = histogram(worst, model.get_submodule(worst).weight, bins)
+    return {
+        "summary": {**summary(ranked, top_k), "double_quant": double_quant},
+        "layers": ranked,
+        "histogram": hist,
+        "skip_modules": skip_modules(model, sensitive_layers(ranked, top_k)),
+        "seconds": time.perf_counter() - start,
+    }
+
+
+# ---------------------------------------------------------------- LoftQ
+
+
+def loftq_init(
+    w: torch.Tensor, rank: int, iterations: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dequantized NF4 base, lora_A, lora_B) as peft's LoftQ initialises them: peft's own
+    `loftq_init` on a GPU, `loftq_init_cpu` (the same loop) on a CPU, where peft 0.21.2
+    fails: it moves the weight to a hard-coded "cuda" (or "xpu") device."""
+    if torch.cuda.is_available():
+        from peft.utils.loftq_utils import loftq_init as peft_loftq_init
+
+        return peft_loftq_init(
+            w.detach().float(), num_bits=4, reduced_rank=rank, num_iter=iterations
+        )
+    return loftq_init_cpu(w, rank, iterations)
+
+
+def loftq_init_cpu(
+    w: torch.Tensor, rank: int, iterations: int = 1
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """peft's `loftq_init` loop, with peft's own SVD step, on any device: quantize to NF4
+    (no double quantization, as peft), split the residual W - deq(q) into its best rank-r
+    product B @ A, quantize W - B @ A again, `iterations` times. With iterations=1 it is
+    what `replace_lora_weights_loftq` adds to a model loaded in NF4 without double quant."""
+    from peft.utils.loftq_utils import _low_rank_decomposition
+
+    weight = w.detach().float()
+    target = weight
+    for i in range(iterations):
+        base = dequantized(target, "nf4")
+        factors = _low_rank_decomposition(weight - base, reduced_rank=rank)
+        if i + 1 < iterations:
+            target = weight - factors["L"] @ factors["R"]
+    return base, factors["R"], factors["L"]
+
+
+def loftq_layer(name: str, w: torch.Tensor, rank: int, iterations: int, scaling: float) -> dict:
+    """One layer's relative errors: NF4 alone (what plain QLoRA starts from), LoftQ's base
+    plus B @ A (the correction LoftQ solves for), and plus scaling * B @ A: what the LoRA
+    forward adds (lora_alpha / r, or alpha / sqrt(r) with rslora), since peft writes A and B
+    unscaled. At scaling 2 (alpha = 2r, this project's default) the correction overshoots
+    by exactly its own size: ||R - 2LR|| = ||R|| for the best rank-r approximation LR of
+    the residual R = W - base, so the error is the base's alone: NF4's after one iteration,
+    more after several (the base is then NF4 of W - B @ A)."""
+    start = time.perf_counter()
+    weight = w.detach().float()
+    base, lora_a, lora_b = loftq_init(weight, rank, iterations)
+    # peft returns A and B on its compute device, the base on the weight's.
+    base, correction = base.float().to(weight.device), (lora_b @ lora_a).float().to(weight.device)
+    norm_sq = squared_norm(weight)
+    seconds = time.perf_counter() - start
+
+    def relative(approx: torch.Tensor) -> float:
+        return (squared_norm(weight - approx) / norm_sq) ** 0.5
+
+    return {
+        "name": name,
+        "shape": list(weight.shape),
+        "nf4_error": (squared_error(weight, "nf4") / norm_sq) ** 0.5,
+        "loftq_error": relative(base + correction),
+        "loftq_scaled_error": relative(base + scaling * correction),
+        "seconds": seconds,
+    }
+
+
+def loftq_errors(
+    model: torch.nn.Module,
+    rank: int = 16,
+    iterations: int = 1,
+    scaling: float = 1.0,
+    every: int = 1,
+) -> dict:
+    """LoftQ's effect on every `every`-th quantizable layer (every=1: all of them; an SVD a
+    layer is the cost): {"layers": rows, "summary": mean errors and seconds per layer}."""
+    layers = list(quantizable_linears(model))[::every]
+    with one_cpu_thread():  # the SVDs too: 1.5 s a q_proj on two threads, 0.6 s on one
+        rows = [loftq_layer(name, m.weight, rank, iterations, scaling) for name, m in layers]
+
+    def mean(key: str) -> float:
+        return sum(r[key] for r in rows) / len(rows)
+
+    return {
+        "summary": {
+            "rank": rank,
+            "iterations": iterations,
+            "scaling": scaling,
+            "layers": len(rows),
+            **{key: mean(key) for key in ("nf4_error", "loftq_error", "loftq_scaled_error")},
+            "seconds_per_layer": mean("seconds"),
+        },
+        "layers": rows,
+    }
