@@ -77,15 +77,24 @@ TRANSIENT_EXCEPTIONS = frozenset(
         "ClientOSError",
         "ServiceUnavailable",
         "TooManyRequests",
+        # botocore (an S3 DVC remote): the endpoint is unreachable or did not answer.
+        "EndpointConnectionError",
     }
 )
 # Network and lock trouble in the text of an exception or of a DVC "ERROR:" line. Only those
 # lines are read: a stage's own output may quote data that happens to contain these words.
+# An S3 remote's failures reach DVC's "ERROR:" line as botocore's text only (no exception
+# type): "Could not connect to the endpoint URL: ..." (measured with dvc-s3 3.3.0 against a
+# closed port; without this a `dvc push` to an unreachable remote was a real failure and never
+# retried), and "An error occurred (SlowDown) when calling the PutObject operation", S3's codes
+# for "retry later" once botocore's own retries are spent.
 _TRANSIENT_TEXT = re.compile(
-    r"connection (?:reset|refused|aborted|timed out|error)|cannot connect|"
+    r"connection (?:reset|refused|aborted|timed out|error)|cannot connect|could not connect|"
     r"temporary failure in name resolution|name or service not known|network is unreachable|"
     r"timed out|\b(?:429|500|502|503|504)\b[^\n]*error|too many requests|service unavailable|"
-    r"bad gateway|gateway time-?out|unable to acquire lock|is busy, it is being blocked by",
+    r"bad gateway|gateway time-?out|unable to acquire lock|is busy, it is being blocked by|"
+    r"an error occurred \((?:SlowDown|InternalError|ServiceUnavailable|RequestTimeout|"
+    r"Throttling|ThrottlingException|RequestLimitExceeded)\)",
     re.IGNORECASE,
 )
 

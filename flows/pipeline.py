@@ -42,6 +42,11 @@ from qlora.io import StageError
 from qlora.sources import settle_always_changed
 
 NOTHING_TO_DO = "nothing to do: no data, code or params changed since the last run"
+# Seconds the temporary Prefect server (a run without PREFECT_API_URL) may take to start.
+# Prefect's default, 20, is too short for a 2-core CPU: a start took 17.7 s here, and one
+# made while other work shared the cores failed ("Timed out while attempting to connect to
+# ephemeral Prefect API server") before the flow began.
+EPHEMERAL_SERVER_STARTUP_S = 120
 
 
 def retry_if_transient(_task, _task_run, state) -> bool:
@@ -275,12 +280,28 @@ def run_pipeline_flow(
     # SQLite database at start-up and logs a spurious "database is locked").
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
-    return qlora_pipeline(
-        overrides=list(overrides or []),
-        only_if_changed=only_if_changed,
-        repo_dir=str(repo_dir) if repo_dir is not None else None,
-        **options,
+    from prefect.settings import (
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS,
+        get_current_settings,
+        temporary_settings,
     )
+
+    # Prefect read its settings when it was imported, so an environment variable set now
+    # would come too late: a settings context it is, unless the user set a value (in the
+    # environment or a Prefect profile).
+    chosen = get_current_settings().server.ephemeral.model_fields_set
+    updates = (
+        {}
+        if "startup_timeout_seconds" in chosen
+        else {PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: EPHEMERAL_SERVER_STARTUP_S}
+    )
+    with temporary_settings(updates=updates):
+        return qlora_pipeline(
+            overrides=list(overrides or []),
+            only_if_changed=only_if_changed,
+            repo_dir=str(repo_dir) if repo_dir is not None else None,
+            **options,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
