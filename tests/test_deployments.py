@@ -322,9 +322,13 @@ def flow_run_problems(body: dict[str, Any], flow: Any) -> list[str]:
 
 
 def deploy(
-    prefect_file: Path, monkeypatch: pytest.MonkeyPatch, names: list[str] | None = None
+    prefect_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    names: list[str] | None = None,
+    options: dict[str, Any] | None = None,
 ) -> DeployRun:
-    """`prefect deploy --all` (or `-n NAME ...`) on `prefect_file`, in the current directory
+    """`prefect deploy --all` (or `-n NAME ...`, with the CLI's `options` such as
+    {"variables": ["env.KEY=value"]} for `-jv`) on `prefect_file`, in the current directory
     (a checkout)."""
     run = DeployRun()
     console = Console(file=run.console, width=200)
@@ -372,6 +376,7 @@ def deploy(
                 await _core._run_single_deploy(
                     config,
                     actions,
+                    options=options,
                     client=api,  # type: ignore[arg-type]
                     prefect_file=prefect_file,
                     console=console,
@@ -391,7 +396,10 @@ def deploy(
                 run.problems.append(f"deployment {name!r}: {missing} name no build step output")
             pool = api.pools[body["work_pool_name"]]
             allowed = set(pool.base_job_template["variables"]["properties"])
-            for key in sorted(set(body.get("job_variables") or {}) - allowed):
+            # `env.NAME` (as `prefect deploy -jv env.NAME=value` writes it) is Prefect's
+            # dotted form of a key inside `env`: the worker nests it.
+            used = {key.split(".")[0] for key in body.get("job_variables") or {}}
+            for key in sorted(used - allowed):
                 run.problems.append(
                     f"deployment {name!r}: job variable {key!r} is not one of the "
                     f"{pool.type} pool's: {sorted(allowed)}"
@@ -736,6 +744,43 @@ def test_the_registry_variant_deploys_too(
     image = f"{namespace}/qlora-pipeline"
     assert run.requests[DOCKER]["job_variables"]["image"] == f"{image}:{commit}"
     assert [(p["repository"], p["tag"]) for p in run.docker.api.pushes] == [(image, commit)]
+
+
+def test_the_remotes_credentials_come_from_the_work_pool(deployed: DeployRun):
+    """README: the DVC remote's credentials are the pool's default `env` (kept out of git and
+    of each deployment); the Docker worker merges them with the deployment's image."""
+    template = DockerWorker.get_default_base_job_template()
+    secrets = {"AWS_ACCESS_KEY_ID": "key-id", "AWS_SECRET_ACCESS_KEY": "se/cr=et="}
+    template["variables"]["properties"]["env"]["default"] = secrets
+    body = deployed.requests[DOCKER]
+
+    job = asyncio.run(
+        DockerWorker.job_configuration.from_template_and_values(
+            template,
+            body["job_variables"],
+            client=StubPrefectApi(),  # type: ignore[arg-type]
+        )
+    )
+
+    assert job.env == secrets
+    assert job.image == body["job_variables"]["image"]
+
+
+def test_job_variables_given_to_prefect_deploy_would_drop_the_image(
+    pushed_checkout: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """Why README does not say `prefect deploy -n qlora-nightly-docker -jv env.KEY=...`:
+    prefect 3.8.8's `_apply_cli_options_to_deploy_config` looks for `work_pool.variables`
+    (a key prefect.yaml no longer has), so any `-jv` replaces prefect.yaml's job variables,
+    the built image included, and the run would start Prefect's own image. When this test
+    fails, Prefect has fixed it and README may offer `-jv` again."""
+    monkeypatch.chdir(pushed_checkout)
+    options = {"variables": ["env.AWS_ACCESS_KEY_ID=key-id"]}
+
+    run = deploy(pushed_checkout / "prefect.yaml", monkeypatch, [DOCKER], options)
+
+    assert run.problems == [], "\n".join(run.problems)
+    assert run.requests[DOCKER]["job_variables"] == {"env.AWS_ACCESS_KEY_ID": "key-id"}
 
 
 def test_the_gpu_variant_deploys_too(
