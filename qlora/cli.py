@@ -112,13 +112,22 @@ def flow_run(
     promote_: bool = typer.Option(
         False, "--promote", help="register the adapter after a passing gate"
     ),
+    pull: bool = typer.Option(
+        False, "--pull", help="fetch unchanged stages' outputs from the DVC remote"
+    ),
+    push: bool = typer.Option(False, "--push", help="dvc push the results at the end"),
 ) -> None:
     """Run the pipeline as a Prefect flow; overrides run as a recorded DVC experiment."""
     from flows.pipeline import main as flow_main
 
     argv = [f"--set={kv}" for kv in set_ or []]
-    argv += ["--only-if-changed"] if only_if_changed else []
-    raise typer.Exit(flow_main(argv + (["--promote"] if promote_ else [])))
+    flags = {
+        "--only-if-changed": only_if_changed,
+        "--promote": promote_,
+        "--pull": pull,
+        "--push": push,
+    }
+    raise typer.Exit(flow_main(argv + [flag for flag, on in flags.items() if on]))
 
 
 def _fail(e: Exception) -> None:

@@ -25,7 +25,6 @@ class LiveLogger(TrainerCallback):
     def __init__(self, directory: Path):
         self.directory = directory
         self.live = None
-        self.before_training: list[tuple[int, dict]] = []  # the step-0 evaluation
 
     def _open(self) -> None:
         from dvclive import Live
@@ -59,14 +58,9 @@ class LiveLogger(TrainerCallback):
             # Resumed: start the files afresh from the checkpoint's history, so that steps
             # logged after that checkpoint by the killed run appear once, not twice.
             self._open()
-            for step, values in self.before_training:
-                self.write(step, values)
-            for entry in state.log_history:
+            for entry in state.log_history:  # the step-0 evaluation included
                 self.write(entry["step"], entry)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not state.is_world_process_zero or not logs:
-            return
-        if state.global_step == 0:  # only the evaluation before training logs at step 0
-            self.before_training.append((0, dict(logs)))
-        self.write(state.global_step, logs)
+        if state.is_world_process_zero and logs:
+            self.write(state.global_step, logs)

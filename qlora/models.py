@@ -7,6 +7,7 @@ load through here, so the benchmark measures exactly the model that was trained.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -26,7 +27,25 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """Where this process computes. One of several training processes (finetune.processes)
+    on a GPU machine takes its own GPU, the one its launcher numbered LOCAL_RANK."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    local_rank = os.environ.get("LOCAL_RANK")
+    return f"cuda:{local_rank}" if local_rank is not None else "cuda"
+
+
+def device_map() -> str | None:
+    """Where from_pretrained puts the weights. None under FSDP: each process then loads on
+    the CPU (the first one only, with fsdp_cpu_ram_efficient_loading) and FSDP moves its
+    shard to its GPU, as the peft and bitsandbytes FSDP-QLoRA guides load. Needs GPUs: not
+    run on this project's CPU machines."""
+    return None if uses_fsdp() else device()
+
+
+def uses_fsdp() -> bool:
+    """True in a process that accelerate launched with an FSDP config."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("true", "1")
 
 
 def compute_dtype(name: str = "auto") -> torch.dtype:
@@ -39,6 +58,14 @@ def compute_dtype(name: str = "auto") -> torch.dtype:
     return torch.float32
 
 
+STORAGE_DTYPES = {
+    "uint8": torch.uint8,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "float32": torch.float32,
+}
+
+
 def bnb_config(q: QuantizeParams, quant_type: str | None = None) -> BitsAndBytesConfig:
     # BitsAndBytesConfig's own defaults are fp4 without double quant: spell out every field.
     return BitsAndBytesConfig(
@@ -46,7 +73,10 @@ def bnb_config(q: QuantizeParams, quant_type: str | None = None) -> BitsAndBytes
         bnb_4bit_quant_type=quant_type or q.quant_type,
         bnb_4bit_use_double_quant=q.double_quant,
         bnb_4bit_compute_dtype=compute_dtype(q.compute_dtype),
-        bnb_4bit_quant_storage=torch.uint8,
+        # uint8 by default. FSDP shards every tensor of a wrapped module as one flat
+        # buffer of one dtype, so FSDP + QLoRA stores the packed 4-bit weights in the
+        # 16-bit dtype of the other parameters (quantize.quant_storage: bfloat16).
+        bnb_4bit_quant_storage=STORAGE_DTYPES[q.quant_storage],
     )
 
 
@@ -64,7 +94,7 @@ def _load(path: Path | str, dtype: torch.dtype, trust_remote_code: bool, **extra
     model = AutoModelForCausalLM.from_pretrained(
         str(path),
         dtype=dtype,
-        device_map=device(),
+        device_map=device_map(),
         trust_remote_code=trust_remote_code,
         use_safetensors=True,  # never a pickle: loading one can run arbitrary code
         **extra,

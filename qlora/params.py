@@ -11,7 +11,7 @@ the value and what is allowed, before any model is loaded.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -115,6 +115,9 @@ class QuantizeParams(_Section):
     quant_type: Literal["nf4", "fp4"]
     double_quant: bool
     compute_dtype: DtypeName
+    # The dtype the packed 4-bit weights are stored in: uint8, or the model's 16-bit dtype
+    # for FSDP, which shards each module's tensors as one buffer of one dtype.
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"]
 
 
 class LoraParams(_Section):
@@ -137,8 +140,13 @@ class FinetuneParams(_Section):
     warmup_ratio: float = Field(ge=0, lt=1)
     epochs: float = Field(gt=0)
     max_steps: int = Field(ge=-1)
+    # The batch of one forward pass over all processes together (qlora/distributed.py).
     batch_size: int = Field(ge=1)
     gradient_accumulation_steps: int = Field(ge=1)
+    # Data-parallel training processes; auto: one per CUDA GPU (one on a CPU).
+    processes: Annotated[int, Field(ge=1)] | Literal["auto"]
+    # An accelerate config file (FSDP, DeepSpeed, ...) for the launcher; null: plain DDP.
+    accelerate_config: str | None
     # auto: on where one batch's activations would crowd the device (qlora/training.py).
     gradient_checkpointing: bool | Literal["auto"]
     # auto: the chunked loss (qlora/loss.py) where the model allows it, else the model's own.

@@ -30,7 +30,7 @@ from transformers import (
     set_seed,
 )
 
-from qlora import artifacts, train_log
+from qlora import artifacts, distributed, train_log
 from qlora.artifacts import BASE_MODEL_DIR
 from qlora.batching import BatchPlan, batch_plan
 from qlora.chat import encode
@@ -82,6 +82,30 @@ class CheckpointSealer(TrainerCallback):
             (folder / COMPLETE).write_text(json.dumps(mark))
 
 
+class UntouchedRandomness(TrainerCallback):
+    """The validation loss at step 0 (eval_on_start) leaves the random state as it found it.
+    Every DataLoader iterator draws its base seed from torch's global generator, and the
+    length-grouped sampler draws the epoch's order from it right after: without this, a run
+    resumed from a checkpoint (which does not evaluate at step 0 again) would train on
+    another order than the run that was killed, and end on another adapter."""
+
+    def __init__(self) -> None:
+        self.saved: tuple | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step == 0:
+            cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+            self.saved = (torch.get_rng_state(), cuda)
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if state.global_step == 0 and self.saved is not None:
+            cpu, cuda = self.saved
+            torch.set_rng_state(cpu)
+            if cuda is not None:
+                torch.cuda.set_rng_state_all(cuda)
+            self.saved = None
+
+
 class RunClock(TrainerCallback):
     """Training seconds of the whole run, across resumes: the seconds recorded in the
     checkpoint resumed from, plus this process's. Also remembers where this process began
@@ -131,12 +155,13 @@ def run_fingerprint(params: Params, files: list[Path], base_identity: dict[str, 
 
 
 def last_complete_checkpoint(run_dir: Path) -> Path | None:
-    """The newest sealed checkpoint; unsealed ones (killed while saving) are deleted."""
+    """The newest sealed checkpoint; unsealed ones (killed while saving) are deleted (by the
+    main process: every process of a multi-process run resumes from the same one)."""
     found = []
     for ckpt in run_dir.glob("checkpoint-*"):
         if (ckpt / COMPLETE).exists():
             found.append((int(ckpt.name.split("-")[-1]), ckpt))
-        else:
+        elif distributed.is_main_process():
             print(f"skipping incomplete checkpoint {ckpt} (cut off while saving)")
             shutil.rmtree(ckpt, ignore_errors=True)
     return max(found)[1] if found else None
@@ -199,7 +224,8 @@ def resolve_checkpointing(choice: bool | str, model, params: Params) -> tuple[bo
     the model."""
     if choice != "auto":
         return bool(choice), "set in params.yaml"
-    tokens = params.finetune.batch_size * params.dataset.max_length
+    rows = distributed.layout(params.finetune, distributed.world_size()).per_process_batch
+    tokens = rows * params.dataset.max_length
     need = activation_bytes(
         model.config, tokens, compute_dtype(params.quantize.compute_dtype).itemsize
     )
@@ -293,15 +319,23 @@ def lora_model(
 
 
 def training_args(
-    params: Params, run_dir: Path, plan: TrainingPlan, batches: BatchPlan
+    params: Params,
+    run_dir: Path,
+    plan: TrainingPlan,
+    batches: BatchPlan,
+    evaluate_first: bool = False,
 ) -> TrainingArguments:
     p = params.finetune
     dtype = compute_dtype(params.quantize.compute_dtype)
+    spread = distributed.layout(p, distributed.world_size())
     return TrainingArguments(
         output_dir=str(run_dir),
-        per_device_train_batch_size=p.batch_size,
-        per_device_eval_batch_size=p.batch_size,
-        gradient_accumulation_steps=p.gradient_accumulation_steps,
+        per_device_train_batch_size=spread.per_process_batch,
+        per_device_eval_batch_size=spread.per_process_batch,
+        gradient_accumulation_steps=spread.accumulation,
+        # Every LoRA weight takes part in every forward pass: DDP need not search the graph
+        # for unused ones (a whole extra traversal per step).
+        ddp_find_unused_parameters=False,
         learning_rate=p.learning_rate,
         lr_scheduler_type=p.lr_scheduler,
         warmup_steps=p.warmup_ratio,  # a float below 1 is a fraction of all steps
@@ -316,6 +350,12 @@ def training_args(
         use_cpu=not torch.cuda.is_available(),
         eval_strategy="steps",
         eval_steps=p.eval_steps,
+        # The validation loss at step 0, the curve's start. Evaluated inside train(), after
+        # the model is wrapped: a trainer.evaluate() before train() marks the model as
+        # prepared by accelerate, and train() then never wraps it in DDP, so with several
+        # processes each would step on its own gradients (measured: the two processes'
+        # gradient norms 0.78 and 0.84 at the first step, one process 0.72).
+        eval_on_start=evaluate_first,
         prediction_loss_only=True,  # the chunked loss returns no logits, none are needed
         logging_steps=p.logging_steps,
         logging_first_step=True,
@@ -366,6 +406,7 @@ def build_trainer(
     run_dir: Path,
     callbacks: list[TrainerCallback],
     clock: RunClock | None = None,
+    evaluate_first: bool = False,
 ) -> Trainer:
     """The Trainer the finetune stage runs, shared with the benchmark (benchmarks/train.py)
     so that what is measured is what ships."""
@@ -375,11 +416,11 @@ def build_trainer(
     try:
         return QLoRATrainer(
             model=model,
-            args=training_args(params, run_dir, plan, batches),
+            args=training_args(params, run_dir, plan, batches, evaluate_first),
             train_dataset=train_rows,
             eval_dataset=valid_rows,
             data_collator=batches.collator,
-            callbacks=[DivergenceGuard(), *callbacks],
+            callbacks=[DivergenceGuard(), UntouchedRandomness(), *callbacks],
             clock=clock,
         )
     except (RuntimeError, ImportError, ModuleNotFoundError) as e:
@@ -439,6 +480,7 @@ def train(params: Params) -> Trained:
         print(f"resuming from {resume}")
     clock = RunClock(seconds_recorded_in(resume))
     live = LiveLogger(run_dir / "dvclive")
+    spread = distributed.layout(p, distributed.world_size())
     trainer = build_trainer(
         params,
         model,
@@ -449,8 +491,8 @@ def train(params: Params) -> Trained:
         run_dir,
         [clock, CheckpointSealer(clock), live],
         clock,
+        evaluate_first=resume is None,  # a resumed run has step 0's in its restored history
     )
-    initial_eval = trainer.evaluate()["eval_loss"]  # the curve's starting point, step 0
     try:
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     except (torch.OutOfMemoryError, MemoryError) as e:
@@ -458,22 +500,23 @@ def train(params: Params) -> Trained:
     session_seconds, total_seconds = clock.session_seconds(), clock.total_seconds()
     step = trainer.state.global_step
     evals = {e["step"]: e["eval_loss"] for e in trainer.state.log_history if "eval_loss" in e}
+    initial_eval = evals[0]
     if step not in evals:  # the final point, unless eval_steps just logged it
         evals[step] = trainer.evaluate()["eval_loss"]
-    tokens = int(trainer.state.num_input_tokens_seen)
+    tokens = int(trainer.state.num_input_tokens_seen)  # summed over the processes
     # Whole run: every step and token since step 0, over the training seconds of every
     # process that worked on it (a killed and resumed run counts both).
-    live.write_summary(
-        {
-            train_log.RUNTIME_S: total_seconds,
-            train_log.TRAINED_TOKENS: tokens,
-            train_log.TOKENS_PER_S: tokens / total_seconds,
-            train_log.PEAK_MEMORY_BYTES: peak_memory_bytes(),
-            train_log.MEAN_TRAIN_LOSS: result.training_loss,
-            train_log.INITIAL_EVAL_LOSS: initial_eval,
-            train_log.BEST_EVAL_LOSS: min(initial_eval, *evals.values()),
-        }
-    )
+    summary = {
+        train_log.RUNTIME_S: total_seconds,
+        train_log.TRAINED_TOKENS: tokens,
+        train_log.TOKENS_PER_S: tokens / total_seconds,
+        train_log.PEAK_MEMORY_BYTES: peak_memory_bytes(),
+        train_log.MEAN_TRAIN_LOSS: result.training_loss,
+        train_log.INITIAL_EVAL_LOSS: initial_eval,
+        train_log.BEST_EVAL_LOSS: min(initial_eval, *evals.values()),
+    }
+    if distributed.is_main_process():  # one writer: the others' files would collide
+        live.write_summary(summary)
     record = {
         "epochs": trainer.state.epoch,
         # This process alone: after a resume, the steps since the checkpoint.
@@ -492,6 +535,13 @@ def train(params: Params) -> Trained:
         "gradient_checkpointing": {"on": plan.checkpointing, "why": plan.checkpointing_reason},
         "loss": {"kind": plan.loss, "why": plan.loss_reason},
         "batching": p.batching,
+        # Effective batch = per process x processes x accumulation: what params.yaml says.
+        "batch": {
+            "processes": spread.processes,
+            "per_process": spread.per_process_batch,
+            "accumulation_steps": spread.accumulation,
+            "effective": spread.effective_batch,
+        },
         "report_to": list(p.report_to),
         "lora": p.lora.model_dump(),
         "learning_rate": p.learning_rate,
@@ -502,4 +552,5 @@ def train(params: Params) -> Trained:
         # fields that differ between two runs.
         "environment": environment(),
     }
-    return Trained(model, record, live.live.summary, live.directory, run_dir, base_identity)
+    live_summary = live.live.summary if live.live is not None else {}
+    return Trained(model, record, live_summary, live.directory, run_dir, base_identity)

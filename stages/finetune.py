@@ -9,20 +9,30 @@ Outputs: data/prepared/adapter/ (standard peft format: adapter_config.json +
 adapter_model.safetensors, loadable with plain `PeftModel.from_pretrained`), and
 reports/train/: DVCLive's metrics.json and plots/metrics/*.tsv, and run.json
 (qlora/train_log.py). Each output appears only once training has succeeded.
+With finetune.processes > 1 (or an accelerate config) this command relaunches itself in
+that many processes through accelerate (qlora/distributed.py); the first one writes.
 """
 
 from __future__ import annotations
 
 import shutil
 
-from qlora import artifacts
+from qlora import artifacts, distributed
 from qlora.io import atomic_dir, run_stage, write_json
 from qlora.params import load_params
 from qlora.training import save_adapter, train
 
 
 def main() -> None:
-    run = train(load_params())
+    params = load_params()
+    if distributed.needs_launch(params.finetune):
+        distributed.relaunch(params, __spec__.name)
+        return
+    if distributed.world_size() > 1:
+        distributed.die_with_parent()  # a killed job leaves no training process behind
+    run = train(params)
+    if not distributed.is_main_process():
+        return  # the main process holds the same adapter (DDP keeps them in sync)
     with atomic_dir(artifacts.ADAPTER_DIR) as out:
         save_adapter(run.model, out, run.base_identity)
     with atomic_dir(artifacts.TRAIN_DIR) as out:

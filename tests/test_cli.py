@@ -28,3 +28,16 @@ def test_qlora_run_prints_stage_times_then_nothing_to_run(tmp_path, monkeypatch)
     second = CliRunner().invoke(app, ["run"])
     assert second.exit_code == 0
     assert "nothing to run: every stage is up to date" in second.output
+
+
+def test_flow_run_passes_its_options_to_the_flow(monkeypatch):
+    import flows.pipeline
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(flows.pipeline, "main", lambda argv: seen.append(argv) or 0)
+    result = CliRunner().invoke(
+        app, ["flow", "run", "--pull", "--push", "--only-if-changed", "-S", "finetune.lora.r=8"]
+    )
+    assert result.exit_code == 0, result.output
+    # The flow's own parser (tests/test_remote.py runs it against an S3 server) takes these.
+    assert seen == [["--set=finetune.lora.r=8", "--only-if-changed", "--pull", "--push"]]

@@ -425,6 +425,19 @@ def test_the_training_machine_is_shown_where_it_is_recorded(root: Path):
     assert "where it ran (training): cpu_model Intel(R) Xeon(R) Platinum 8480+" in md
 
 
+def test_the_batch_split_over_processes_is_shown(root: Path):
+    html, md = render(root)
+    assert "effective batch" not in html  # older runs did not record it
+    batch = {"processes": 2, "per_process": 3, "accumulation_steps": 4, "effective": 24}
+    edit_json(root / "reports" / "train" / "run.json", lambda t: t.update(batch=batch))
+    html, md = render(root)
+    assert (
+        "<dt>effective batch</dt><dd>24 rows per optimizer step = 3 per process &times; "
+        "2 processes &times; 4 accumulation steps</dd>"
+    ) in html
+    assert "Effective batch: 24 rows per optimizer step = 3 per process × 2 processes" in md
+
+
 @pytest.mark.skipif(shutil.which("git") is None, reason="git not installed")
 def test_compare_names_what_differs_between_the_two_runs_machines_and_adapters(root: Path):
     train = root / "reports" / "train" / "run.json"

@@ -47,8 +47,14 @@ def test_incomplete_checkpoint_is_skipped(tmp_path):
     assert not cut.exists()
 
 
-def test_sigkill_mid_training_then_rerun_resumes_to_the_same_adapter(workspace):
-    set_finetune(workspace, max_steps=12, checkpoint_steps=2, eval_steps=100)
+@pytest.mark.parametrize("processes", [1, 2])
+def test_sigkill_mid_training_then_rerun_resumes_to_the_same_adapter(
+    workspace, processes, monkeypatch
+):
+    """Killed as a job is killed (its whole process group: with 2 processes, the launcher
+    and both trainers), then rerun: the same adapter as a run never killed."""
+    set_finetune(workspace, max_steps=12, checkpoint_steps=2, eval_steps=100, processes=processes)
+    monkeypatch.setenv("PYTHONPATH", str(Path(finetune.__file__).parents[1]))
     finetune.main()
     uninterrupted = sha256(workspace / ADAPTER)
     (workspace / ADAPTER).unlink()
@@ -58,12 +64,17 @@ def test_sigkill_mid_training_then_rerun_resumes_to_the_same_adapter(workspace):
     cmd = [sys.executable, "-m", "stages.finetune"]
     env = {**os.environ, "PYTHONPATH": str(Path(finetune.__file__).parents[1])}
     proc = subprocess.Popen(
-        cmd, cwd=workspace, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        cmd,
+        cwd=workspace,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its own process group, as a job runner gives it
     )
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 180
     while time.monotonic() < deadline and proc.poll() is None:
         if list((workspace / training.WORK_DIR).glob(f"*/checkpoint-*/{training.COMPLETE}")):
-            proc.send_signal(signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)
             break
         time.sleep(0.01)
     proc.wait()
