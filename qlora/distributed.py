@@ -66,13 +66,6 @@ class Layout:
     def effective_batch(self) -> int:
         return self.per_process_batch * self.processes * self.accumulation
 
-    def describe(self) -> str:
-        return (
-            f"{self.effective_batch} rows per optimizer step = {self.per_process_batch} per "
-            f"process x {self.processes} process{'es' if self.processes > 1 else ''} x "
-            f"{self.accumulation} accumulation step{'s' if self.accumulation > 1 else ''}"
-        )
-
 
 def layout(p: FinetuneParams, processes: int) -> Layout:
     if p.batch_size % processes:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -170,3 +171,14 @@ def gate_params(**values):
         "champion": {"min_gain": 0.0, "max_regression": 0.05, "significance": False},
     }
     return GateParams.model_validate({**rules, **values})
+
+
+def git(cwd: Path, *args: str) -> str:
+    """Run git in `cwd` (with a committer identity, which a CI machine may lack); stdout."""
+    return subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
+        cwd=cwd,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout

@@ -82,6 +82,8 @@ from prefect_docker.worker import DockerWorker
 from pydantic import BaseModel, ValidationError
 from rich.console import Console
 
+from conftest import git
+
 REPO = Path(__file__).resolve().parents[1]
 PREFECT_YAML = REPO / "prefect.yaml"
 DEPLOYMENTS = {"qlora-on-demand", "qlora-nightly", "qlora-nightly-docker"}
@@ -92,16 +94,6 @@ POOL_WORKERS: dict[str, type[BaseWorker]] = {
 }
 FAKE_IMAGE_ID = "sha256:" + "0" * 64
 STEP_SECTIONS = ("build", "push", "pull")
-
-
-def git(cwd: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
-        cwd=cwd,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
 
 
 # ---- stand-ins for the Prefect API and the Docker daemon ------------------------------

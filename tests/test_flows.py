@@ -23,6 +23,7 @@ import psutil
 import pytest
 import yaml
 
+from conftest import git
 from flows import dvc_workspace as ws
 from flows import report_artifacts as ra
 
@@ -138,16 +139,6 @@ def gate_fixture(metrics: dict) -> dict:
 
     params = gate_params(min_gain=0.02, max_regression=0.10)
     return decide(metrics, params)
-
-
-def git(cwd: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
-        cwd=cwd,
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
 
 
 def dvc(cwd: Path, *args: str) -> subprocess.CompletedProcess:

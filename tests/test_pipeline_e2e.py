@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import REPO, alpaca_rows, make_tiny_model_dir, tiny_params
+from conftest import REPO, alpaca_rows, git, make_tiny_model_dir, tiny_params
 from qlora.io import pipeline_env, write_jsonl
 from qlora.sources import settle_always_changed
 from qlora.train_log import training_view
@@ -39,10 +39,6 @@ STAGES = [
     "gate",
     "report",
 ]
-
-
-def git(cwd: Path, *args: str) -> None:
-    subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True)
 
 
 # A token planted in the environment must not reach any output, log or report.
@@ -83,7 +79,7 @@ def repro_in_copy(work: Path, params: dict) -> subprocess.CompletedProcess:
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     git(work, "init", "-q")
     git(work, "add", "-A")
-    git(work, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "tiny")
+    git(work, "commit", "-qm", "tiny")
     return dvc(work, "repro")
 
 
@@ -162,7 +158,7 @@ def test_an_experiment_shows_dvclive_columns_and_plots_beside_the_baseline(pipel
     trainings: DVCLive's summary as columns, its per-step curves of both on one chart."""
     work, _ = pipeline_run
     git(work, "add", "-A")
-    git(work, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "baseline run")
+    git(work, "commit", "-qm", "baseline run")
     done = dvc(work, "exp", "run", "-n", "rank8", "-S", "finetune.lora.r=8")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "[finetune] done in" in done.stdout

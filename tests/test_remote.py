@@ -29,7 +29,7 @@ import pytest
 import yaml
 from test_pipeline_e2e import files_under, repro_in_copy
 
-from conftest import REPO, alpaca_rows, tiny_params
+from conftest import REPO, alpaca_rows, git, tiny_params
 from flows import dvc_workspace as ws
 from qlora.io import pipeline_env, write_jsonl
 from qlora.sources import settle_always_changed
@@ -46,15 +46,9 @@ FAKE_CREDENTIALS = {
 }
 
 
-def git(work: Path, *args: str) -> str:
-    return subprocess.run(
-        ["git", *args], cwd=work, check=True, capture_output=True, text=True
-    ).stdout
-
-
 def commit(work: Path, message: str) -> None:
     git(work, "add", "-A")
-    git(work, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", message)
+    git(work, "commit", "-qm", message)
 
 
 def aws_env(home: Path, credentials: bool = True) -> dict[str, str]:

@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from conftest import gate_params
+from conftest import git as run_git
 from qlora import train_log
 from qlora.gate import decide
 from qlora.io import StageError
@@ -311,13 +312,7 @@ def commit_all(root: Path, message: str) -> str:
     """`git init` (once), commit every file; returns the commit."""
 
     def git(*args: str) -> str:
-        return subprocess.run(
-            ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args],
-            cwd=root,
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
+        return run_git(root, *args).strip()
 
     if not (root / ".git").exists():
         git("init", "-q")
