@@ -20,7 +20,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from benchmarks.train import ARCHS
-from qlora.models import compute_dtype, footprint_bytes, load_4bit, load_full
+from qlora.models import compute_dtype, footprint_bytes, load_full, load_quantized
 from qlora.params import QuantizeParams, shipped_params
 
 
@@ -68,7 +68,7 @@ def main() -> None:
         rows.append((f"forward, full ({ref_dtype})", ref_fwd, ref_mem))
         del full
         for dtype in ("float32", "bfloat16"):
-            model = load_4bit(quantize_params(dtype), tmp)
+            model = load_quantized(quantize_params(dtype), tmp)
             rows.append((f"forward, NF4 + {dtype} compute", forward(model), footprint_bytes(model)))
             del model
     print(f"\n{'forward pass':<42} {'s/batch':>8} {'vs ref':>7} {'memory MB':>10} {'vs ref':>7}")

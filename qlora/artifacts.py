@@ -45,6 +45,8 @@ VALIDATION_DIR = REPORTS_DIR / "validation"
 VALIDATION_RESULT = VALIDATION_DIR / "result.json"
 DATA_DOCS_DIR = VALIDATION_DIR / "data_docs"
 QUANTIZE_REPORT = REPORTS_DIR / "quantize.json"
+# The per-layer analysis behind quantize.json's summary: too long for a DVC metric.
+QUANTIZE_LAYERS = REPORTS_DIR / "quantize_layers.json"
 TRAIN_DIR = REPORTS_DIR / "train"
 # Written by DVCLive (qlora/train_log.py): its summary and its per-step plots.
 TRAIN_METRICS = TRAIN_DIR / "metrics.json"
@@ -54,6 +56,7 @@ EVAL_DIR = REPORTS_DIR / "eval"
 EVAL_METRICS = EVAL_DIR / "metrics.json"
 EVAL_EXAMPLES = EVAL_DIR / "examples.json"
 GATE_REPORT = REPORTS_DIR / "gate.json"
+CLAIMS_REPORT = REPORTS_DIR / "claims.json"  # the 4-bit method's claims against this run
 REPORT_HTML = REPORTS_DIR / "report.html"
 REPORT_MD = REPORTS_DIR / "report.md"
 

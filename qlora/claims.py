@@ -11,7 +11,8 @@ Inputs, as the pipeline writes them:
 - speed: {"device": "cpu" | "cuda" ..., "tokens_per_s": {variant: float}} or, for the same
   work timed on both models, {"device", "seconds": {variant: float}}; variants are
   evaluate's names, artifacts.REFERENCE ("base_full") and artifacts.BASELINE ("base_4bit").
-  `speed_from_eval` builds the "seconds" form from reports/eval/metrics.json.
+  `speed_from_eval` builds it from reports/eval/metrics.json: the generation speed each
+  variant was timed at, or lm-eval's seconds where a file has none (older revisions).
 - eval_metrics: reports/eval/metrics.json (qlora/evaluation.benchmark): {"settings",
   "variants": {variant: {"metrics": {task: {metric: {value, stderr, higher_is_better}}}}}}.
 """
@@ -56,23 +57,32 @@ def row(
 # ---------------------------------------------------------------- memory
 
 
-def sixteen_bit_share(report: dict) -> float | None:
-    """Share of the 16-bit model's bytes in tensors that stay 16-bit (embeddings, norms,
-    lm_head): every parameter is 2 bytes there, so it is the share of parameters not
-    quantized. None for a report without `quantized_weights` (older revisions)."""
-    quantized = report.get("quantized_weights")
-    return None if quantized is None else 1 - quantized / report["parameters"]
+def four_bit_footprint(report: dict) -> tuple[str, dict]:
+    """(format, {"bytes", "quantized_weights", "linear_bits"}) of the 4-bit format the
+    memory claim is about: the configured one, or NF4 from the formats table where the run
+    is configured for int8. Keys a report lacks (older revisions) are None."""
+    configured = report["quant_type"]
+    if configured in ("nf4", "fp4"):
+        return configured, {
+            "bytes": report["bytes"][configured],
+            "quantized_weights": report.get("quantized_weights"),
+            "linear_bits": report["bits_per_parameter"].get(f"{configured}_linear_layers"),
+        }
+    entry = report["formats"]["nf4"]
+    return "nf4", {k: entry.get(k) for k in ("bytes", "quantized_weights", "linear_bits")}
 
 
 def memory_claim(report: dict) -> dict:
-    """Saved = 1 - bytes_4bit / bytes_16bit. Passes from 70 % saved up."""
-    quant_type = report["quant_type"]
-    saved = 1 - report["bytes"][quant_type] / report["bytes"]["full"]
-    share = sixteen_bit_share(report)
-    if share is None:
+    """Saved = 1 - bytes_4bit / bytes_16bit. Passes from 70 % saved up. Why it falls short:
+    tensors that stay 16-bit (embeddings, norms, lm_head: 2 bytes a parameter there) cap
+    the saving at (quantized share) x (1 - bits per linear weight / 16)."""
+    quant_type, four = four_bit_footprint(report)
+    saved = 1 - four["bytes"] / report["bytes"]["full"]
+    if four["quantized_weights"] is None:
         why = "embeddings and norms stay 16-bit: only the linear layers shrink to 4 bits"
     else:
-        linear_bits = report["bits_per_parameter"].get(f"{quant_type}_linear_layers", 4.0)
+        share = 1 - four["quantized_weights"] / report["parameters"]
+        linear_bits = four["linear_bits"] or 4.0
         ceiling = (1 - share) * (1 - linear_bits / 16)
         why = (
             f"embeddings and norms stay 16-bit and are {share:.0%} of the 16-bit model's "
@@ -118,6 +128,11 @@ def slower_why(device: str) -> str:
     )
 
 
+def speed_subject(speed: dict) -> str:
+    what = "generation" if "tokens_per_s" in speed else "lm-eval time"
+    return f"inference speed ({what}, {speed.get('device', 'unknown')})"
+
+
 def speed_claim(speed: dict) -> dict:
     """ "Up to 2.5x" promises a gain that reaches 2.5x at best, so a measurement refutes it
     only by showing no gain: it passes when the 4-bit model is at least as fast as the
@@ -126,7 +141,7 @@ def speed_claim(speed: dict) -> dict:
     device = speed.get("device", "unknown")
     return row(
         SPEED_CLAIM,
-        f"inference speed ({device})",
+        speed_subject(speed),
         ratio,
         f"{ratio:.2f}x ({ratio / CLAIMED_SPEEDUP:.0%} of the claimed {CLAIMED_SPEEDUP}x)",
         "passes when the 4-bit model is at least as fast (an 'up to' claim promises a gain)",
@@ -136,15 +151,21 @@ def speed_claim(speed: dict) -> dict:
 
 
 def speed_from_eval(eval_metrics: dict) -> dict | None:
-    """The speed input from reports/eval/metrics.json: lm-eval's seconds per variant, the
-    same tasks and examples for both (a batched log-likelihood workload, not generation).
-    None where a variant has no timing."""
-    seconds = {
-        n: variant(eval_metrics["variants"], n).get("seconds") for n in (REFERENCE, BASELINE)
-    }
+    """The speed input from reports/eval/metrics.json: each variant's generation tokens/s
+    (evaluation.generation_speed: the same prompts, batch 1, the same number of tokens), or
+    for files without it lm-eval's seconds (the same tasks and examples for both: a batched
+    log-likelihood workload, not generation). None where a variant has neither."""
+    device = eval_metrics.get("settings", {}).get("device", "unknown")
+    entries = {n: variant(eval_metrics["variants"], n) for n in (REFERENCE, BASELINE)}
+    if all("speed" in e for e in entries.values()):
+        return {
+            "device": device,
+            "tokens_per_s": {n: e["speed"]["tokens_per_s"] for n, e in entries.items()},
+        }
+    seconds = {n: e.get("seconds") for n, e in entries.items()}
     if None in seconds.values():
         return None
-    return {"device": eval_metrics.get("settings", {}).get("device", "unknown"), "seconds": seconds}
+    return {"device": device, "seconds": seconds}
 
 
 # ---------------------------------------------------------------- accuracy
@@ -243,3 +264,18 @@ def check_claims(
         parameters = (quantize_report or {}).get("parameters")
         rows.extend(accuracy_claims(eval_metrics, parameters))
     return rows
+
+
+def claims_report(quantize_report: dict, eval_metrics: dict) -> dict:
+    """reports/claims.json: every row, and how many passed, failed and stayed undecided
+    (flat numbers: `dvc metrics show` and `dvc exp show` list them as columns)."""
+    rows = check_claims(quantize_report, None, eval_metrics)
+    outcomes = [r["passed"] for r in rows]
+    return {
+        "summary": {
+            "passed": outcomes.count(True),
+            "failed": outcomes.count(False),
+            "undecided": outcomes.count(None),
+        },
+        "rows": rows,
+    }

@@ -5,6 +5,9 @@ batch size, few-shot count and limit:
 - base_full:   the base in full precision (float32 on a CPU, bfloat16 on a GPU);
 - base_4bit:    the base quantized to 4 bits (nf4 or fp4), exactly as finetune loads it;
 - adapter_4bit: that 4-bit base with the trained adapter: the only difference from base_4bit.
+(The "4bit" names stay for every format, quantize.quant_type int8 included: they are the
+quantized variants.) Each variant's generation speed is timed on the same prompts
+(`generation_speed`): the method's claim that 4 bits decode faster is checked on it.
 Models are built by qlora/models.py and handed to lm-eval as objects: lm-eval's own
 `load_in_4bit` model argument no longer works with transformers 5.
 
@@ -35,9 +38,9 @@ from qlora.models import (
     compute_dtype,
     device,
     footprint_bytes,
-    load_4bit,
     load_adapted,
     load_full,
+    load_quantized,
     load_tokenizer,
 )
 from qlora.params import EvaluateParams, Params
@@ -159,6 +162,48 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int) -> list[
     return tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
 
 
+def synchronize(model) -> None:
+    """Wait for the GPU's queued work, so a timer measures it (a no-op on a CPU)."""
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+
+
+@torch.no_grad()
+def generation_speed(model, tokenizer, prompts: list[str], new_tokens: int) -> dict | None:
+    """Greedy generation timed one prompt at a time (batch 1: decoding a single sequence,
+    where reading the weights is the bottleneck and 4 bits can pay off), exactly
+    `new_tokens` tokens a prompt (end-of-sequence suppressed until then), so every variant
+    does the same work. One short warm-up generation first: first-call allocations and
+    kernel choices (and the CPU's one-time 4-bit layout repack) are not speed."""
+    if not prompts:
+        return None
+
+    def run(prompt: str, tokens: int) -> None:
+        enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(model.device)
+        model.generate(
+            **enc,
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+
+    run(prompts[0], 2)
+    synchronize(model)
+    start = time.perf_counter()
+    for prompt in prompts:
+        run(prompt, new_tokens)
+    synchronize(model)
+    seconds = time.perf_counter() - start
+    return {
+        "prompts": len(prompts),
+        "new_tokens": new_tokens,
+        "seconds": seconds,
+        "tokens_per_s": len(prompts) * new_tokens / seconds,
+        "seconds_per_prompt": seconds / len(prompts),
+    }
+
+
 def evaluate_variant(
     name: str,
     load: Callable[[], torch.nn.Module],
@@ -168,8 +213,10 @@ def evaluate_variant(
     p: EvaluateParams,
     prompts: list[str],
     aggregations: dict | None = None,
+    speed_prompts: list[str] | None = None,
 ) -> tuple[dict, list[str]]:
-    """Load one variant, run lm-eval and the example generations on it, free it."""
+    """Load one variant, run lm-eval, the example generations and the timed generations
+    (speed_prompts) on it, free it."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
@@ -195,9 +242,11 @@ def evaluate_variant(
     evaluated = time.perf_counter()
     outputs = generate(model, tokenizer, prompts, p.max_new_tokens)
     done = time.perf_counter()
+    speed = generation_speed(model, tokenizer, speed_prompts or [], p.speed_new_tokens)
     print(
         f"[evaluate] {name}: lm-eval {evaluated - loaded:.1f} s, "
-        f"{len(prompts)} examples {done - evaluated:.1f} s",
+        f"{len(prompts)} examples {done - evaluated:.1f} s"
+        + (f", generation {speed['tokens_per_s']:.1f} tokens/s" if speed else ""),
         flush=True,
     )
     entry = {
@@ -207,6 +256,8 @@ def evaluate_variant(
         "generate_seconds": done - evaluated,
         "metrics": task_metrics(results, name),
     }
+    if speed is not None:
+        entry["speed"] = speed
     fill_missing_stderr(entry["metrics"], results.get("samples") or {}, aggregations or {})
     del lm, model, results
     gc.collect()  # the next variant must not load while this one is still in memory
@@ -217,6 +268,8 @@ def evaluate_variant(
 
 def quantization_name(params: Params) -> str:
     q = params.quantize
+    if q.quant_type == "int8":  # double quantization is of 4-bit scales only
+        return q.quant_type
     return q.quant_type + ("+double_quant" if q.double_quant else "")
 
 
@@ -227,13 +280,16 @@ def benchmark(params: Params) -> tuple[dict, list[dict]]:
     manager = task_manager(p.tasks)  # unknown names fail here, before any model loads
     if not (ADAPTER_DIR / "adapter_config.json").is_file():
         raise StageError(f"{ADAPTER_DIR}: no adapter_config.json (run the finetune stage)")
-    if p.examples and not TEST_SPLIT.is_file():
+    wanted = max(p.examples, p.speed_prompts)
+    if wanted and not TEST_SPLIT.is_file():
         raise StageError(f"{TEST_SPLIT}: not found (run the dataset stage)")
-    rows = read_jsonl(TEST_SPLIT)[: p.examples] if p.examples else []
-    for i, row in enumerate(rows):
+    test_rows = read_jsonl(TEST_SPLIT)[:wanted] if wanted else []
+    for i, row in enumerate(test_rows):
         if not isinstance(row.get("prompt"), str):
             raise StageError(f"{TEST_SPLIT}: row {i + 1} has no string 'prompt'")
+    rows = test_rows[: p.examples]
     prompts = [r["prompt"] for r in rows]
+    speed_prompts = [r["prompt"] for r in test_rows[: p.speed_prompts]]
     tasks = build_tasks(manager, p.tasks)
     aggregations = {t.config.task: t.aggregation() for t in tasks if hasattr(t, "aggregation")}
     tokenizer = load_tokenizer(BASE_MODEL_DIR, trust)
@@ -249,7 +305,7 @@ def benchmark(params: Params) -> tuple[dict, list[dict]]:
         artifacts.BASELINE: (
             f"base ({quant})",
             quant,
-            lambda: load_4bit(params.quantize, BASE_MODEL_DIR, trust),
+            lambda: load_quantized(params.quantize, BASE_MODEL_DIR, trust),
         ),
         artifacts.CANDIDATE: (
             f"base + adapter ({quant})",
@@ -261,7 +317,7 @@ def benchmark(params: Params) -> tuple[dict, list[dict]]:
     for name in VARIANTS:
         label, quantization, load = plan[name]
         entry, outputs[name] = evaluate_variant(
-            name, load, tokenizer, tasks, manager, p, prompts, aggregations
+            name, load, tokenizer, tasks, manager, p, prompts, aggregations, speed_prompts
         )
         variants[name] = {"label": label, "quantization": quantization, **entry}
 

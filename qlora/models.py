@@ -7,6 +7,7 @@ load through here, so the benchmark measures exactly the model that was trained.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -22,6 +23,15 @@ from transformers import (
 from qlora.artifacts import BASE_IDENTITY, BASE_MODEL_DIR
 from qlora.io import StageError, read_json, weights_identity
 from qlora.params import QuantizeParams
+
+
+def _not_an_int8_cast_notice(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("MatMul8bitLt: inputs will be cast")
+
+
+# LLM.int8()'s matmul logs on every call that fp32 inputs are cast to fp16 (a CPU computes
+# in fp32): hundreds of identical lines per training step. The cast is by design.
+logging.getLogger("bitsandbytes.autograd._functions").addFilter(_not_an_int8_cast_notice)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -66,18 +76,69 @@ STORAGE_DTYPES = {
 }
 
 
-def bnb_config(q: QuantizeParams, quant_type: str | None = None) -> BitsAndBytesConfig:
+FOUR_BIT_TYPES = ("nf4", "fp4")
+
+
+def bnb_config(
+    q: QuantizeParams, quant_type: str | None = None, keep_16bit: list[str] | None = None
+) -> BitsAndBytesConfig:
+    """bitsandbytes' settings for `quant_type` (default: q.quant_type). `keep_16bit` is the
+    whole list of modules not to quantize: giving one replaces transformers' defaults
+    (lm_head), so `skip_list` adds those back; None keeps the defaults."""
+    quant_type = quant_type or q.quant_type
+    if quant_type == "int8":
+        # LLM.int8(): row-wise absmax int8 weights; outlier features of the activations
+        # are multiplied in 16 bits (threshold 6, the paper's value and bitsandbytes').
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=keep_16bit)
     # BitsAndBytesConfig's own defaults are fp4 without double quant: spell out every field.
     return BitsAndBytesConfig(
         load_in_4bit=True,
-        bnb_4bit_quant_type=quant_type or q.quant_type,
+        bnb_4bit_quant_type=quant_type,
         bnb_4bit_use_double_quant=q.double_quant,
         bnb_4bit_compute_dtype=compute_dtype(q.compute_dtype),
         # uint8 by default. FSDP shards every tensor of a wrapped module as one flat
         # buffer of one dtype, so FSDP + QLoRA stores the packed 4-bit weights in the
         # 16-bit dtype of the other parameters (quantize.quant_storage: bfloat16).
         bnb_4bit_quant_storage=STORAGE_DTYPES[q.quant_storage],
+        llm_int8_skip_modules=keep_16bit,  # transformers reads this name for 4 bits too
     )
+
+
+def skipped_by_default(model: torch.nn.Module) -> list[str]:
+    """Module names transformers' bitsandbytes quantizer leaves in 16 bits when no
+    `llm_int8_skip_modules` is given: the output embeddings (lm_head), tied weights, the last
+    module, and the model's `_keep_in_fp32_modules`. A plain nn.Module: just lm_head."""
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    if not isinstance(model, PreTrainedModel):
+        return ["lm_head"]
+    return sorted(set(get_keys_to_not_convert(model)) | set(model._keep_in_fp32_modules or ()))
+
+
+def skip_list(
+    q: QuantizeParams, path: Path | str = BASE_MODEL_DIR, trust_remote_code: bool = False
+) -> list[str] | None:
+    """`llm_int8_skip_modules` for q.skip_modules: those names plus the model's own 16-bit
+    modules, or None (transformers' defaults) when none is named. A name that catches no
+    linear layer is a typo: refused, naming it. Reads the architecture on the meta device
+    (no weights), so it costs milliseconds whatever the model's size."""
+    if not q.skip_modules:
+        return None
+    from transformers import AutoConfig
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    linears = [n for n, m in skeleton.named_modules() if isinstance(m, torch.nn.Linear)]
+    for key in q.skip_modules:
+        if all(should_convert_module(name, [key]) for name in linears):
+            raise StageError(
+                f"params.yaml quantize.skip_modules: {key!r} names no linear layer of "
+                f"{path} (e.g. {linears[0]!r}; reports/quantize_layers.json lists them all)"
+            )
+    defaults = skipped_by_default(skeleton)
+    return list(q.skip_modules) + [k for k in defaults if k not in q.skip_modules]
 
 
 def load_tokenizer(
@@ -112,19 +173,54 @@ def load_full(
     return _load(path, compute_dtype(dtype_name), trust_remote_code)
 
 
-def load_4bit(
+class UnsupportedFormat(StageError):
+    """A quantization format bitsandbytes cannot run on this device."""
+
+
+def format_unsupported(quant_type: str, where: str | None = None) -> str | None:
+    """None when bitsandbytes can quantize, run and backpropagate through a `quant_type`
+    layer on `where` (default: this process's device); else one line saying what failed.
+    A 64x64 layer is tried for real: bitsandbytes' backends differ per device and format
+    (LLM.int8() has no kernels on some), and only running one tells."""
+    import bitsandbytes as bnb
+
+    where = where or device()
+    try:
+        if quant_type == "int8":
+            layer = bnb.nn.Linear8bitLt(64, 64, bias=False, has_fp16_weights=False)
+        else:
+            layer = bnb.nn.Linear4bit(64, 64, bias=False, quant_type=quant_type)
+        layer = layer.to(where)
+        x = torch.randn(2, 64, device=where, requires_grad=True)
+        layer(x).sum().backward()
+    except Exception as e:  # each backend fails its own way (RuntimeError, NotImplemented...)
+        first_line = (str(e).splitlines() or [""])[0]
+        return (
+            f"bitsandbytes {bnb.__version__} cannot run {quant_type} on {where}: "
+            f"{type(e).__name__}: {first_line}"
+        )
+    return None
+
+
+def load_quantized(
     q: QuantizeParams,
     path: Path | str = BASE_MODEL_DIR,
     trust_remote_code: bool = False,
     quant_type: str | None = None,
 ) -> PreTrainedModel:
-    """The base quantized on load to 4 bits (NF4 + double quantization by default)."""
-    return _load(
-        path,
-        compute_dtype(q.compute_dtype),
-        trust_remote_code,
-        quantization_config=bnb_config(q, quant_type),
-    )
+    """The base quantized on load: q.quant_type (NF4 + double quantization by default), or
+    `quant_type`, with q.skip_modules kept in 16 bits. A format bitsandbytes cannot run on
+    this device is refused before loading (UnsupportedFormat), naming the format and why."""
+    quant_type = quant_type or q.quant_type
+    reason = format_unsupported(quant_type)
+    if reason is not None:
+        raise UnsupportedFormat(
+            f"params.yaml quantize.quant_type {quant_type}: {reason}. "
+            f"Choose another format (nf4, fp4, int8) for this device."
+        )
+    config = bnb_config(q, quant_type, skip_list(q, path, trust_remote_code))
+    dtype = compute_dtype(q.compute_dtype)
+    return _load(path, dtype, trust_remote_code, quantization_config=config)
 
 
 def keep_4bit_layout_trainable(model: torch.nn.Module) -> int:
@@ -168,7 +264,7 @@ def load_adapted(
     from peft import PeftModel
 
     check_adapter_base(adapter_dir, path)
-    base = load_4bit(q, path, trust_remote_code)
+    base = load_quantized(q, path, trust_remote_code)
     model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
     model.eval()
     return model

@@ -111,13 +111,32 @@ class ValidateParams(_Section):
 DtypeName = Literal["auto", "float32", "bfloat16", "float16"]
 
 
+class AnalysisParams(_Section):
+    # Layers named most sensitive, and suggested for skip_modules.
+    top_k: int = Field(ge=1)
+    # LoftQ's weight error is measured on every N-th quantized layer (an SVD per layer).
+    loftq_every: int = Field(ge=1)
+
+
 class QuantizeParams(_Section):
-    quant_type: Literal["nf4", "fp4"]
-    double_quant: bool
+    # nf4 / fp4: 4 bits (QLoRA); int8: bitsandbytes' LLM.int8(), 8 bits with row scales.
+    quant_type: Literal["nf4", "fp4", "int8"]
+    double_quant: bool  # of the 4-bit scales; int8 has none
     compute_dtype: DtypeName
     # The dtype the packed 4-bit weights are stored in: uint8, or the model's 16-bit dtype
     # for FSDP, which shards each module's tensors as one buffer of one dtype.
     quant_storage: Literal["uint8", "bfloat16", "float16", "float32"]
+    # Linear layers kept in 16 bits, by their full module name (the quantize report names
+    # the most sensitive ones); the model's own (lm_head) stay 16-bit as well.
+    skip_modules: list[str]
+    analysis: AnalysisParams
+
+    @model_validator(mode="after")
+    def _named_skips(self) -> QuantizeParams:
+        blank = [name for name in self.skip_modules if not name.strip()]
+        if blank:
+            raise ValueError("skip_modules: a module name is empty")
+        return self
 
 
 class LoraParams(_Section):
@@ -125,6 +144,9 @@ class LoraParams(_Section):
     alpha: float = Field(gt=0)
     dropout: float = Field(ge=0, lt=1)
     target_modules: Literal["all-linear"] | list[str]
+    # default: peft's (A random, B zero: the adapter starts as a no-op). loftq: A and B start
+    # as the best rank-r correction of the quantization error (qlora/calibration.py).
+    init: Literal["default", "loftq"]
 
     @model_validator(mode="after")
     def _non_empty_targets(self) -> LoraParams:
@@ -184,6 +206,10 @@ class EvaluateParams(_Section):
     batch_size: int = Field(ge=1)
     examples: int = Field(ge=0)
     max_new_tokens: int = Field(ge=1)
+    # Generation speed, 4-bit vs full precision: this many test prompts, one at a time,
+    # exactly speed_new_tokens greedy tokens each. 0 prompts: not measured.
+    speed_prompts: int = Field(ge=0)
+    speed_new_tokens: int = Field(ge=1)
 
 
 class PrimaryMetric(_Section):

@@ -1,13 +1,17 @@
-"""The `quantize` stage's library: what 4-bit quantization does to the base, measured.
+"""The `quantize` stage's library: what quantization does to the base, measured.
 
-Loads the base in 16 bits and in 4 bits through qlora/models.py (the very loader
-finetune and evaluate use) and reports the parameter count, the memory of each, the bits
-per parameter actually achieved (the quantization constants included), and the error of
-the dequantized weights for NF4 and FP4 side by side. The per-layer pieces (which layers
-bitsandbytes quantizes, deq(q(W)) for nf4 / fp4 / int8, the error summary) are shared with
-qlora/weight_analysis.py, which ranks the layers. The 4-bit model is not saved:
-quantizing on load takes seconds and keeps one copy of the weights on disk.
-Output: reports/quantize.json (a DVC metric)
+The three steps of quantization, on the base about to be trained:
+- analyse: each linear layer's weight distribution and the error every format leaves in
+  it, ranked (qlora/weight_analysis.py);
+- convert: the base loaded in NF4, FP4 and LLM.int8() through qlora/models.py (the very
+  loader finetune and evaluate use), each with its memory, bits per parameter (the
+  quantization constants included) and weight error; a format bitsandbytes cannot run on
+  this device is reported as such, not failed on, unless it is the one configured;
+- calibrate: how much of the configured format's error a LoftQ-initialised adapter at
+  finetune.lora's rank and scaling takes back (qlora/calibration.py).
+The quantized model is not saved: quantizing on load takes seconds and keeps one copy of
+the weights on disk.
+Outputs: reports/quantize.json (a DVC metric), reports/quantize_layers.json (per layer)
 """
 
 from __future__ import annotations
@@ -21,7 +25,15 @@ import torch
 
 from qlora import artifacts
 from qlora.artifacts import BASE_MODEL_DIR
-from qlora.models import compute_dtype, footprint_bytes, load_4bit, load_full
+from qlora.models import (
+    UnsupportedFormat,
+    compute_dtype,
+    footprint_bytes,
+    format_unsupported,
+    load_full,
+    load_quantized,
+    skipped_by_default,
+)
 from qlora.params import QuantizeParams
 
 REPORT = artifacts.QUANTIZE_REPORT
@@ -38,8 +50,18 @@ def quant_state_bytes(state) -> int:
     return total
 
 
-def four_bit_layout(model: torch.nn.Module) -> dict:
-    """Bytes of the packed 4-bit weights plus their constants, per quantized weight."""
+def int8_row_scales(layer: bnb.nn.Linear8bitLt) -> torch.Tensor | None:
+    """An LLM.int8() layer's fp32 scale per output row. bitsandbytes keeps them on the
+    weight (`SCB`) until the layer's first forward pass, then on the layer's state."""
+    if layer.weight.SCB is not None:
+        return layer.weight.SCB
+    return layer.state.SCB
+
+
+def quantized_layout(model: torch.nn.Module) -> dict:
+    """Bytes of the quantized weights and of their constants, and how many weights they
+    hold: 4-bit layers (packed pairs, block scales) and LLM.int8() layers (one byte a
+    weight, one fp32 scale a row: `SCB`, an attribute, not a parameter or a buffer)."""
     packed = consts = n_weights = 0
     for module in model.modules():
         if isinstance(module, bnb.nn.Linear4bit):
@@ -47,6 +69,11 @@ def four_bit_layout(model: torch.nn.Module) -> dict:
             packed += w.numel() * w.element_size()
             consts += quant_state_bytes(w.quant_state)
             n_weights += int(torch.Size(w.quant_state.shape).numel())
+        elif isinstance(module, bnb.nn.Linear8bitLt):
+            w, scales = module.weight, int8_row_scales(module)
+            packed += w.numel() * w.element_size()
+            consts += scales.numel() * scales.element_size()
+            n_weights += w.numel()
     return {"packed_bytes": packed, "constant_bytes": consts, "quantized_weights": n_weights}
 
 
@@ -54,18 +81,6 @@ def four_bit_layout(model: torch.nn.Module) -> dict:
 # CUDA GPU): one absmax scale per 64 consecutive weights of the row-major weight.
 BLOCK_SIZE = 64
 FORMATS = ("nf4", "fp4", "int8")  # the 4-bit types, and LLM.int8()'s storage for comparison
-
-
-def skipped_by_default(model: torch.nn.Module) -> list[str]:
-    """Module names transformers' bitsandbytes quantizer leaves in 16 bits when no
-    `llm_int8_skip_modules` is given: the output embeddings (lm_head), tied weights, the last
-    module, and the model's `_keep_in_fp32_modules`. A plain nn.Module: just lm_head."""
-    from transformers import PreTrainedModel
-    from transformers.quantizers.base import get_keys_to_not_convert
-
-    if not isinstance(model, PreTrainedModel):
-        return ["lm_head"]
-    return sorted(set(get_keys_to_not_convert(model)) | set(model._keep_in_fp32_modules or ()))
 
 
 def quantizable_linears(model: torch.nn.Module) -> Iterator[tuple[str, torch.nn.Linear]]:
@@ -117,15 +132,6 @@ def error_summary(squared_errors: list[float], squared_norms: list[float]) -> di
     }
 
 
-def quantization_error(model: torch.nn.Module, quant_type: str, double_quant: bool) -> dict:
-    """Relative error ||W - deq(q(W))|| / ||W|| over every linear weight bnb would quantize."""
-    weights = [module.weight for _, module in quantizable_linears(model)]
-    return error_summary(
-        [squared_error(w, quant_type, double_quant) for w in weights],
-        [squared_norm(w) for w in weights],
-    )
-
-
 def footprint_at_16bit(model: torch.nn.Module) -> int:
     """Bytes with every tensor that is not 4-bit counted at 2 bytes. On a CPU the unquantized
     parts (embeddings, norms) are loaded in the fp32 compute dtype; counting them at 16 bits
@@ -139,40 +145,133 @@ def footprint_at_16bit(model: torch.nn.Module) -> int:
     return total
 
 
-def measure(q: QuantizeParams, path: Path | str = BASE_MODEL_DIR, trust: bool = False) -> dict:
-    """reports/quantize.json (artifacts.QuantizeReport): sizes and bits are keyed "full" and
-    by `quant_type`, the 4-bit type measured (nf4 or fp4), which the report reads them by;
-    the weight error is given for both types, whichever is configured."""
+def format_footprint(q: QuantizeParams, fmt: str, path: Path | str, trust: bool) -> dict:
+    """`fmt` loaded for real through the shared loader (with q.skip_modules): its bytes
+    counted at 16 bits for what is not quantized, as loaded, and per quantized weight.
+    {"supported": False, "reason"} where bitsandbytes cannot run `fmt` on this device."""
+    reason = format_unsupported(fmt)
+    if reason is not None:
+        return {"supported": False, "reason": reason}
+    model = load_quantized(q, path, trust, fmt)
+    layout = quantized_layout(model)
+    footprint = {
+        "supported": True,
+        "bytes": footprint_at_16bit(model) + layout["constant_bytes"],
+        "bytes_as_loaded": footprint_bytes(model) + layout["constant_bytes"],
+        "quantized_weights": layout["quantized_weights"],
+        "linear_bits": 8
+        * (layout["packed_bytes"] + layout["constant_bytes"])
+        / layout["quantized_weights"],
+    }
+    del model
+    return footprint
+
+
+def kept_in_16_bits(name: str, skip_modules: list[str]) -> bool:
+    """Whether quantize.skip_modules keeps layer `name` in 16 bits (transformers' rule)."""
+    from transformers.quantizers.quantizers_utils import should_convert_module
+
+    return bool(skip_modules) and not should_convert_module(name, skip_modules)
+
+
+def layers_error(rows: list[dict], fmt: str) -> dict:
+    """error_summary of the analysis' rows for one format."""
+    return error_summary(
+        [(r[f"{fmt}_error"] * r["norm"]) ** 2 for r in rows], [r["norm"] ** 2 for r in rows]
+    )
+
+
+def sixteen_bit_cost(rows: list[dict], linear_bits: float) -> int:
+    """Bytes that keeping these layers in 16 bits adds over quantizing them."""
+    weights = sum(r["shape"][0] * r["shape"][1] for r in rows)
+    return round(weights * (2 - linear_bits / 8))
+
+
+def skip_summary(q: QuantizeParams, ranked: list[dict], top_k: int, linear_bits: float) -> dict:
+    """The layers kept in 16 bits and the ones the analysis suggests, with their cost in
+    bytes and, for the suggestion, the share of the configured format's squared weight
+    error it would remove."""
+    configured = [r for r in ranked if kept_in_16_bits(r["name"], q.skip_modules)]
+    suggested = ranked[:top_k]
+    key = f"{q.quant_type}_error"
+    squared = [(r[key] * r["norm"]) ** 2 for r in ranked]
+    return {
+        "configured": list(q.skip_modules),
+        "configured_layers": [r["name"] for r in configured],
+        "configured_extra_bytes": sixteen_bit_cost(configured, linear_bits),
+        "suggested": [r["name"] for r in suggested],
+        "suggested_extra_bytes": sixteen_bit_cost(suggested, linear_bits),
+        "suggested_error_share": sum(squared[:top_k]) / sum(squared),
+    }
+
+
+def measure(
+    q: QuantizeParams,
+    path: Path | str = BASE_MODEL_DIR,
+    trust: bool = False,
+    lora_rank: int = 16,
+    lora_scaling: float = 2.0,
+) -> tuple[dict, dict]:
+    """(reports/quantize.json, reports/quantize_layers.json). quantize.json (a DVC metric,
+    artifacts.QuantizeReport) keys sizes by "full" and by `quant_type`, the format
+    training and evaluation load; "formats" has nf4, fp4 and int8 each loaded for real;
+    "analysis", "skip_modules" and "loftq" summarise the per-layer file."""
+    from qlora.calibration import loftq_errors
+    from qlora.weight_analysis import analyse
+
     full = load_full(path, "bfloat16", trust)
     parameters = sum(p.numel() for p in full.parameters())
     full_bytes = footprint_bytes(full)
-    errors = {t: quantization_error(full, t, q.double_quant) for t in ("nf4", "fp4")}
+    analysis = analyse(full, q.double_quant, q.analysis.top_k)
+    loftq = loftq_errors(
+        full, q.quant_type, q.double_quant, lora_rank, lora_scaling, q.analysis.loftq_every
+    )
     del full
-    four = load_4bit(q, path, trust)
-    layout = four_bit_layout(four)
-    four_bytes = footprint_at_16bit(four) + layout["constant_bytes"]
-    loaded_bytes = footprint_bytes(four) + layout["constant_bytes"]
-    del four
-    return {
+    ranked = analysis["layers"]
+    # The error of what is quantized: layers kept in 16 bits have none.
+    quantized_rows = [r for r in ranked if not kept_in_16_bits(r["name"], q.skip_modules)]
+    formats = {}
+    for fmt in FORMATS:
+        footprint = format_footprint(q, fmt, path, trust)
+        if footprint["supported"]:
+            footprint["memory_ratio"] = footprint["bytes"] / full_bytes
+            footprint["bits_per_parameter"] = 8 * footprint["bytes"] / parameters
+            footprint["error"] = layers_error(quantized_rows, fmt)
+        formats[fmt] = footprint
+    chosen = formats[q.quant_type]
+    if not chosen["supported"]:
+        reason = chosen["reason"]
+        raise UnsupportedFormat(f"params.yaml quantize.quant_type {q.quant_type}: {reason}")
+    qt = q.quant_type
+    report = {
         "parameters": parameters,
-        "quant_type": q.quant_type,
+        "quant_type": qt,
         "double_quant": q.double_quant,
         "compute_dtype": str(compute_dtype(q.compute_dtype)).removeprefix("torch."),
         "full_dtype": "bfloat16",
-        "bytes": {"full": full_bytes, q.quant_type: four_bytes},
-        # The weights stored in 4 bits; the rest (embeddings, norms) stays 16-bit.
-        "quantized_weights": layout["quantized_weights"],
+        "bytes": {"full": full_bytes, qt: chosen["bytes"]},
+        # The weights stored quantized; the rest (embeddings, norms, skipped layers) 16-bit.
+        "quantized_weights": chosen["quantized_weights"],
         # As loaded here: unquantized tensors in the compute dtype (fp32 on a CPU).
-        "bytes_as_loaded": {q.quant_type: loaded_bytes},
+        "bytes_as_loaded": {qt: chosen["bytes_as_loaded"]},
         "bits_per_parameter": {
             "full": 8 * full_bytes / parameters,
-            # Whole model: embeddings and norms stay 16-bit, so this is above 4.
-            q.quant_type: 8 * four_bytes / parameters,
-            # The quantized linear weights alone, constants included (~4.13 with double quant).
-            f"{q.quant_type}_linear_layers": 8
-            * (layout["packed_bytes"] + layout["constant_bytes"])
-            / layout["quantized_weights"],
+            # Whole model: embeddings and norms stay 16-bit, so this is above 4 (8).
+            qt: chosen["bits_per_parameter"],
+            # The quantized linear weights alone, constants included (~4.13 for NF4 with
+            # double quant, ~8.03 for int8).
+            f"{qt}_linear_layers": chosen["linear_bits"],
         },
-        "memory_ratio": four_bytes / full_bytes,
-        "quant_error": errors,
+        "memory_ratio": chosen["memory_ratio"],
+        "quant_error": {fmt: layers_error(quantized_rows, fmt) for fmt in FORMATS},
+        "formats": formats,
+        "analysis": {**analysis["summary"], "seconds": analysis["seconds"]},
+        "skip_modules": skip_summary(q, ranked, q.analysis.top_k, chosen["linear_bits"]),
+        "loftq": loftq["summary"],
     }
+    layers = {
+        "layers": ranked,
+        "histogram": analysis["histogram"],
+        "loftq_layers": loftq["layers"],
+    }
+    return report, layers

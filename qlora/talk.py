@@ -60,7 +60,7 @@ def load_speaker(
     registry: Path | None = None,
     base_dir: Path = artifacts.BASE_MODEL_DIR,
 ) -> Speaker:
-    from qlora.models import load_4bit, load_adapted, load_tokenizer
+    from qlora.models import load_adapted, load_quantized, load_tokenizer
 
     trust = params.base.trust_remote_code
     if not (base_dir / "config.json").is_file():
@@ -69,7 +69,7 @@ def load_speaker(
     if base_only:
         if version is not None:
             raise StageError("give a VERSION or --base, not both")
-        model, label = load_4bit(params.quantize, base_dir, trust), "base alone (4-bit)"
+        model, label = load_quantized(params.quantize, base_dir, trust), "base alone (4-bit)"
     else:
         folder, quantize, label = _adapter(version or CURRENT, registry, params)
         model = load_adapted(quantize, folder, base_dir, trust)

@@ -30,7 +30,7 @@ from transformers import (
     set_seed,
 )
 
-from qlora import artifacts, distributed, train_log
+from qlora import artifacts, calibration, distributed, train_log
 from qlora.artifacts import BASE_MODEL_DIR
 from qlora.batching import BatchPlan, batch_plan
 from qlora.chat import encode
@@ -42,8 +42,8 @@ from qlora.models import (
     compute_dtype,
     device,
     keep_4bit_layout_trainable,
-    load_4bit,
     load_full,
+    load_quantized,
     load_tokenizer,
 )
 from qlora.params import Params
@@ -197,6 +197,8 @@ class TrainingPlan:
     checkpointing_reason: str
     loss: str  # chunked | liger | standard
     loss_reason: str
+    # How the adapters started: {"method": "default"} or calibration.initialise's record.
+    lora_init: dict
 
 
 def activation_bytes(config, tokens: int, element_size: int) -> int:
@@ -290,7 +292,7 @@ def lora_model(
     16-bit base, the comparison the benchmark draws), and the plan it trains under."""
     p = params.finetune
     if quantized:
-        model = load_4bit(params.quantize, base_dir, trust_remote_code)
+        model = load_quantized(params.quantize, base_dir, trust_remote_code)
         # The validation loss runs before and between training steps: without this, on CPUs
         # with AVX512-BF16 it would switch the base to a layout that drops gradients.
         keep_4bit_layout_trainable(model)
@@ -315,7 +317,17 @@ def lora_model(
         model = get_peft_model(model, config)
     except ValueError as e:
         raise StageError(f"finetune.lora.target_modules={p.lora.target_modules!r}: {e}") from None
-    return model, TrainingPlan(checkpointing, checkpointing_reason, loss, loss_reason)
+    lora_init = {"method": "default"}
+    if p.lora.init == "loftq" and quantized:  # a 16-bit base has no error to correct
+        lora_init = calibration.initialise(model, base_dir)
+        print(
+            f"[finetune] LoftQ: {lora_init['layers']} adapters start as the correction of "
+            f"their layer's quantization error (relative error {lora_init['error_before']:.4f}"
+            f" -> {lora_init['error_after']:.4f}, {lora_init['seconds']:.1f} s)",
+            flush=True,
+        )
+    plan = TrainingPlan(checkpointing, checkpointing_reason, loss, loss_reason, lora_init)
+    return model, plan
 
 
 def training_args(
@@ -534,6 +546,7 @@ def train(params: Params) -> Trained:
         "optimizer": optimizer_name(p.optimizer),
         "gradient_checkpointing": {"on": plan.checkpointing, "why": plan.checkpointing_reason},
         "loss": {"kind": plan.loss, "why": plan.loss_reason},
+        "lora_init": plan.lora_init,
         "batching": p.batching,
         # Effective batch = per process x processes x accumulation: what params.yaml says.
         "batch": {

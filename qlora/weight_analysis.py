@@ -8,11 +8,11 @@ nn.Linear but the ones transformers keeps in 16 bits, lm_head among them) this m
   and leaves the other 63 weights few of the 16 code points);
 - the relative error ||W - deq(q(W))|| / ||W|| that NF4, FP4 and LLM.int8()'s row-wise
   int8 leave (quantization.squared_error: the same function the quantize report uses);
-- a ranking, most damaged first, and the module names to give `llm_int8_skip_modules` to
-  keep the worst ones in 16 bits;
+- a ranking, most damaged first, whose top names are the candidates for
+  quantize.skip_modules (kept in 16 bits: qlora/models.skip_list);
 - a histogram of one layer's weights as NF4 sees them (divided by their block's absmax)
-  beside the 16 NF4 code points;
-- with LoftQ (peft), how much of the NF4 error a rank-r correction takes back.
+  beside the 16 NF4 code points.
+How much of the error a LoftQ-initialised adapter takes back: qlora/calibration.py.
 Everything returned is JSON-serialisable (plain dicts, lists, numbers and strings).
 """
 
@@ -28,10 +28,8 @@ import torch
 from qlora.quantization import (
     BLOCK_SIZE,
     FORMATS,
-    dequantized,
     error_summary,
     quantizable_linears,
-    skipped_by_default,
     squared_error,
     squared_norm,
 )
@@ -107,7 +105,7 @@ def layer_row(name: str, w: torch.Tensor, double_quant: bool) -> dict:
     return {"name": name, "shape": list(w.shape), "norm": norm_sq**0.5, **distribution(w), **errors}
 
 
-# ---------------------------------------------------------------- ranking and skip names
+# ---------------------------------------------------------------- ranking
 
 
 def rank_layers(rows: list[dict]) -> list[dict]:
@@ -117,38 +115,9 @@ def rank_layers(rows: list[dict]) -> list[dict]:
 
 
 def sensitive_layers(ranked: list[dict], k: int = TOP_K) -> list[str]:
-    """Names of the k layers NF4 damages most: the candidates to keep in 16 bits."""
+    """Names of the k layers NF4 damages most: the candidates to keep in 16 bits (full
+    module names, as quantize.skip_modules takes them)."""
     return [row["name"] for row in ranked[:k]]
-
-
-def skip_suffix(name: str, module_names: list[str]) -> str:
-    """The shortest suffix of `name`, starting at a named (not numbered) part, that under
-    transformers' rule for `llm_int8_skip_modules` keeps exactly `name` and its children in
-    16 bits. The rule (should_convert_module): a key matches a module whose name starts
-    with it at a module boundary (read as a regex) or that simply ends with it, so
-    "mlp.down_proj" would catch every layer's and is lengthened to "layers.1.mlp.down_proj",
-    which layer 11's does not end with."""
-    from transformers.quantizers.quantizers_utils import should_convert_module
-
-    parts = name.split(".")
-    for start in range(len(parts) - 1, -1, -1):
-        key = ".".join(parts[start:])
-        if parts[start].isdigit():
-            continue  # "1.mlp.down_proj" is unambiguous too, but reads as a typo
-        caught = [m for m in module_names if not should_convert_module(m, [key])]
-        if all(m == name or m.startswith(name + ".") for m in caught):
-            return key
-    return name
-
-
-def skip_modules(model: torch.nn.Module, names: list[str]) -> list[str]:
-    """The `llm_int8_skip_modules` list that keeps `names` in 16 bits on a 4-bit load.
-
-    Giving that list replaces transformers' default skips (measured with transformers 5.23:
-    lm_head is then quantized too, tied or not), so the defaults are added back."""
-    module_names = [n for n, _ in model.named_modules()]
-    keys = [skip_suffix(name, module_names) for name in names]
-    return keys + [k for k in skipped_by_default(model) if k not in keys]
 
 
 # ---------------------------------------------------------------- histogram
@@ -205,8 +174,7 @@ def analyse(
     bins: int = HISTOGRAM_BINS,
 ) -> dict:
     """Every quantizable layer of `model` (full precision) analysed: {"summary", "layers"
-    (ranked rows), "histogram" (of the most sensitive layer), "skip_modules" (the
-    `llm_int8_skip_modules` value that keeps the top_k layers in 16 bits), "seconds"}.
+    (ranked rows), "histogram" (of the most sensitive layer), "seconds"}.
 
     The histogram shows the most sensitive layer rather than a typical one: a median layer
     of a trained model looks like any other bell curve, while the worst one shows how its
@@ -221,101 +189,5 @@ def analyse(
         "summary": {**summary(ranked, top_k), "double_quant": double_quant},
         "layers": ranked,
         "histogram": hist,
-        "skip_modules": skip_modules(model, sensitive_layers(ranked, top_k)),
         "seconds": time.perf_counter() - start,
-    }
-
-
-# ---------------------------------------------------------------- LoftQ
-
-
-def loftq_init(
-    w: torch.Tensor, rank: int, iterations: int = 1
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dequantized NF4 base, lora_A, lora_B) as peft's LoftQ initialises them: peft's own
-    `loftq_init` on a GPU, `loftq_init_cpu` (the same loop) on a CPU, where peft 0.21.2
-    fails: it moves the weight to a hard-coded "cuda" (or "xpu") device."""
-    if torch.cuda.is_available():
-        from peft.utils.loftq_utils import loftq_init as peft_loftq_init
-
-        return peft_loftq_init(
-            w.detach().float(), num_bits=4, reduced_rank=rank, num_iter=iterations
-        )
-    return loftq_init_cpu(w, rank, iterations)
-
-
-def loftq_init_cpu(
-    w: torch.Tensor, rank: int, iterations: int = 1
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """peft's `loftq_init` loop, with peft's own SVD step, on any device: quantize to NF4
-    (no double quantization, as peft), split the residual W - deq(q) into its best rank-r
-    product B @ A, quantize W - B @ A again, `iterations` times. With iterations=1 it is
-    what `replace_lora_weights_loftq` adds to a model loaded in NF4 without double quant."""
-    from peft.utils.loftq_utils import _low_rank_decomposition
-
-    weight = w.detach().float()
-    target = weight
-    for i in range(iterations):
-        base = dequantized(target, "nf4")
-        factors = _low_rank_decomposition(weight - base, reduced_rank=rank)
-        if i + 1 < iterations:
-            target = weight - factors["L"] @ factors["R"]
-    return base, factors["R"], factors["L"]
-
-
-def loftq_layer(name: str, w: torch.Tensor, rank: int, iterations: int, scaling: float) -> dict:
-    """One layer's relative errors: NF4 alone (what plain QLoRA starts from), LoftQ's base
-    plus B @ A (the correction LoftQ solves for), and plus scaling * B @ A: what the LoRA
-    forward adds (lora_alpha / r, or alpha / sqrt(r) with rslora), since peft writes A and B
-    unscaled. At scaling 2 (alpha = 2r, this project's default) the correction overshoots
-    by exactly its own size: ||R - 2LR|| = ||R|| for the best rank-r approximation LR of
-    the residual R = W - base, so the error is the base's alone: NF4's after one iteration,
-    more after several (the base is then NF4 of W - B @ A)."""
-    start = time.perf_counter()
-    weight = w.detach().float()
-    base, lora_a, lora_b = loftq_init(weight, rank, iterations)
-    # peft returns A and B on its compute device, the base on the weight's.
-    base, correction = base.float().to(weight.device), (lora_b @ lora_a).float().to(weight.device)
-    norm_sq = squared_norm(weight)
-    seconds = time.perf_counter() - start
-
-    def relative(approx: torch.Tensor) -> float:
-        return (squared_norm(weight - approx) / norm_sq) ** 0.5
-
-    return {
-        "name": name,
-        "shape": list(weight.shape),
-        "nf4_error": (squared_error(weight, "nf4") / norm_sq) ** 0.5,
-        "loftq_error": relative(base + correction),
-        "loftq_scaled_error": relative(base + scaling * correction),
-        "seconds": seconds,
-    }
-
-
-def loftq_errors(
-    model: torch.nn.Module,
-    rank: int = 16,
-    iterations: int = 1,
-    scaling: float = 1.0,
-    every: int = 1,
-) -> dict:
-    """LoftQ's effect on every `every`-th quantizable layer (every=1: all of them; an SVD a
-    layer is the cost): {"layers": rows, "summary": mean errors and seconds per layer}."""
-    layers = list(quantizable_linears(model))[::every]
-    with one_cpu_thread():  # the SVDs too: 1.5 s a q_proj on two threads, 0.6 s on one
-        rows = [loftq_layer(name, m.weight, rank, iterations, scaling) for name, m in layers]
-
-    def mean(key: str) -> float:
-        return sum(r[key] for r in rows) / len(rows)
-
-    return {
-        "summary": {
-            "rank": rank,
-            "iterations": iterations,
-            "scaling": scaling,
-            "layers": len(rows),
-            **{key: mean(key) for key in ("nf4_error", "loftq_error", "loftq_scaled_error")},
-            "seconds_per_layer": mean("seconds"),
-        },
-        "layers": rows,
     }

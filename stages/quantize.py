@@ -1,13 +1,15 @@
-"""Stage `quantize`: what 4-bit quantization does to the base model, measured.
+"""Stage `quantize`: what quantization does to the base model, measured.
 
-qlora/quantization.py loads the base in 16 and in 4 bits through the shared loader and
-measures memory, bits per parameter and the weight error of NF4 and FP4.
-Output: reports/quantize.json (a DVC metric, checked against artifacts.QuantizeReport)
+qlora/quantization.py analyses the base's weights layer by layer, loads it in NF4, FP4 and
+int8 through the shared loader (memory, bits per parameter, weight error) and measures
+what LoftQ calibration at the adapter's rank would take back.
+Outputs: reports/quantize.json (a DVC metric, checked against artifacts.QuantizeReport),
+reports/quantize_layers.json (the per-layer analysis and the histogram the report draws)
 """
 
 from __future__ import annotations
 
-from qlora.artifacts import BASE_MODEL_DIR, QuantizeReport, validated
+from qlora.artifacts import BASE_MODEL_DIR, QUANTIZE_LAYERS, QuantizeReport, validated
 from qlora.io import run_stage, write_json
 from qlora.params import load_params
 from qlora.quantization import REPORT, measure
@@ -15,16 +17,35 @@ from qlora.quantization import REPORT, measure
 
 def main() -> None:
     params = load_params()
-    report = measure(params.quantize, BASE_MODEL_DIR, params.base.trust_remote_code)
+    lora = params.finetune.lora
+    report, layers = measure(
+        params.quantize, BASE_MODEL_DIR, params.base.trust_remote_code, lora.r, lora.alpha / lora.r
+    )
     checked = validated(QuantizeReport, report, REPORT)  # the report reads it through this
+    # Both at the end: a failure above leaves the last good pair as it was.
+    write_json(QUANTIZE_LAYERS, layers)
     write_json(REPORT, report)
     qt = checked.quant_type
     print(
         f"{report['parameters'] / 1e6:.1f} M parameters: {report['bytes']['full'] / 1e6:.1f} MB "
         f"in bf16 -> {checked.four_bit_bytes / 1e6:.1f} MB in {qt} "
-        f"({report['bits_per_parameter'][f'{qt}_linear_layers']:.2f} bits per linear weight); "
-        f"relative error nf4 {report['quant_error']['nf4']['mean_relative_error']:.4f}, "
-        f"fp4 {report['quant_error']['fp4']['mean_relative_error']:.4f}"
+        f"({report['bits_per_parameter'][f'{qt}_linear_layers']:.2f} bits per linear weight)"
+    )
+    for fmt, entry in report["formats"].items():
+        if entry["supported"]:
+            print(
+                f"  {fmt:>4}: {entry['bytes'] / 1e6:7.1f} MB ({entry['memory_ratio']:.1%} of "
+                f"bf16), {entry['linear_bits']:.2f} bits per linear weight, relative error "
+                f"mean {entry['error']['mean_relative_error']:.4f}"
+            )
+        else:
+            print(f"  {fmt:>4}: not supported here: {entry['reason']}")
+    analysis, loftq = report["analysis"], report["loftq"]
+    print(f"  most sensitive layers: {', '.join(analysis['most_sensitive'])}")
+    print(
+        f"  LoftQ at rank {loftq['rank']} (every {loftq['every']}th layer): relative error "
+        f"{loftq['error_before']:.4f} -> {loftq['error_after']:.4f} "
+        f"({loftq['reduction']:.1%} less)"
     )
 
 

@@ -57,6 +57,11 @@ def make_tokenizer(vocab_size: int = 600):
     return fast
 
 
+# The linear layers of make_tiny_model_dir's Llama, one decoder layer: q, k, v, o (hidden
+# 64, 2 key/value heads of 16), gate, up, down (MLP 128).
+TINY_LINEAR_SHAPES = [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128)]
+
+
 def make_tiny_model_dir(
     path: Path, seed: int = 0, arch: str = "llama", tie_word_embeddings: bool = True
 ) -> Path:

@@ -36,7 +36,7 @@ def test_qlora_trains_on_the_gpu_with_its_gpu_settings(trained):
     import bitsandbytes as bnb
     from safetensors.torch import load_file
 
-    from qlora.models import load_4bit
+    from qlora.models import load_quantized
     from qlora.params import load_params
 
     metrics = training_view(trained / "reports/train")
@@ -48,7 +48,7 @@ def test_qlora_trains_on_the_gpu_with_its_gpu_settings(trained):
     assert metrics["peak_memory_bytes"] > 0
     weights = load_file(trained / "data/prepared/adapter/adapter_model.safetensors")
     assert any(t.abs().sum() > 0 for n, t in weights.items() if "lora_B" in n)
-    base = load_4bit(load_params().quantize, trained / "data/prepared/base_model")
+    base = load_quantized(load_params().quantize, trained / "data/prepared/base_model")
     layers = [m for m in base.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers and all(m.weight.device.type == "cuda" for m in layers)
 

@@ -14,6 +14,7 @@ from qlora.io import StageError
 from qlora.params import shipped_params
 from qlora.quantization import measure
 from stages import finetune
+from tests.conftest import TINY_LINEAR_SHAPES
 
 
 def expected_bits_per_linear_weight(shapes: list[tuple[int, int]]) -> float:
@@ -29,9 +30,8 @@ def expected_bits_per_linear_weight(shapes: list[tuple[int, int]]) -> float:
 
 
 def test_quantize_report_on_a_tiny_llama(tiny_model_dir):
-    report = measure(shipped_params().quantize, tiny_model_dir)
-    # Tiny Llama: hidden 64, 2 key/value heads of 16, MLP 128, 2 layers.
-    layer = [(64, 64), (32, 64), (32, 64), (64, 64), (128, 64), (128, 64), (64, 128)]
+    report, layers = measure(shipped_params().quantize, tiny_model_dir)
+    layer = TINY_LINEAR_SHAPES
     assert report["bits_per_parameter"]["nf4_linear_layers"] == pytest.approx(
         expected_bits_per_linear_weight(layer * 2)
     )

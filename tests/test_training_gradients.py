@@ -20,7 +20,7 @@ from bitsandbytes.functional import has_avx512bf16
 from conftest import make_tiny_model_dir, tiny_params
 from qlora import training
 from qlora.chat import encode, render
-from qlora.models import load_4bit, load_tokenizer
+from qlora.models import load_quantized, load_tokenizer
 from qlora.params import Params
 
 CPU_HAS_AVX512BF16 = has_avx512bf16()
@@ -117,7 +117,7 @@ def test_an_inference_model_keeps_the_fast_path(base_dir, cpu):
     """Evaluation only infers: there the repacking is wanted (it is bitsandbytes' fast CPU
     kernel), so the guard must not be applied to models built for evaluate."""
     params, inputs = params_for(base_dir), batch(base_dir)
-    model = load_4bit(params.quantize, base_dir)
+    model = load_quantized(params.quantize, base_dir)
     with torch.no_grad():
         model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]

@@ -1,0 +1,126 @@
+"""LoftQ calibration against ground truth: the Eckart-Young bound of the quantization
+error, measured on what the loaded layers compute (forward passes), with the full-precision
+weights loaded independently; and a real (tiny) int8 + LoftQ training run."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from peft import LoraConfig, get_peft_model
+
+from qlora import calibration
+from qlora.io import StageError
+from qlora.models import load_full, load_quantized
+from qlora.params import shipped_params
+from stages import finetune
+
+LAYER = "model.layers.0.mlp.down_proj"  # 64 x 128
+
+
+def eckart_young(residual: torch.Tensor, rank: int) -> float:
+    """||R - R_r||: the root of the squares of R's singular values past the r-th."""
+    return torch.linalg.svdvals(residual.double())[rank:].pow(2).sum().sqrt().item()
+
+
+@pytest.mark.parametrize("scaling", [1.0, 2.0])
+def test_the_scaled_correction_is_the_best_rank_r_approximation(scaling):
+    residual = torch.randn(48, 96, generator=torch.Generator().manual_seed(4)) * 0.01
+    lora_a, lora_b = calibration.low_rank_correction(residual, rank=6, scaling=scaling)
+    assert lora_a.shape == (6, 96) and lora_b.shape == (48, 6)
+    left = residual - scaling * (lora_b @ lora_a)
+    assert left.double().norm().item() == pytest.approx(eckart_young(residual, 6), rel=1e-4)
+    # Balanced factors: A's and B's norms are equal.
+    assert lora_a.norm().item() == pytest.approx(lora_b.norm().item(), rel=1e-4)
+
+
+def effective_weight(layer: torch.nn.Module, in_features: int) -> torch.Tensor:
+    """The weight a layer computes with, read from its forward pass on the identity."""
+    with torch.no_grad():
+        return layer(torch.eye(in_features)).T.double()
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "int8"])
+def test_loftq_adapters_bring_each_layer_to_the_eckart_young_bound(tiny_model_dir, quant_type):
+    q = shipped_params().quantize.model_copy(update={"quant_type": quant_type})
+    full = load_full(tiny_model_dir, "float32")  # the independent full-precision load
+    model = get_peft_model(
+        load_quantized(q, tiny_model_dir),
+        LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"),
+    )
+    lora = model.get_submodule(f"base_model.model.{LAYER}")
+    weight = full.get_submodule(LAYER).weight.detach().double()
+    quantized = effective_weight(lora.get_base_layer(), 128)
+    before = (weight - quantized).norm().item()
+    assert effective_weight(lora, 128) == pytest.approx(quantized)  # peft's B = 0: a no-op
+
+    record = calibration.initialise(model, tiny_model_dir)
+
+    after = (weight - effective_weight(lora, 128)).norm().item()
+    # LLM.int8() rounds its inputs to fp16 and int8 on the way in: a looser tolerance.
+    tolerance = 1e-3 if quant_type == "nf4" else 2e-2
+    assert after == pytest.approx(eckart_young(weight - quantized, 4), rel=tolerance)
+    assert after < before
+    assert record["method"] == "loftq" and record["layers"] == 14
+    assert record["error_after"] < record["error_before"]
+    if quant_type == "int8":
+        return  # its logits' error is the int8 rounding of the activations, not the weights'
+    # The whole model: its logits move towards the full-precision model's.
+    ids = torch.arange(3, 40).unsqueeze(0)
+    with torch.no_grad():
+        target = full(input_ids=ids).logits
+        gap = (model(input_ids=ids).logits - target).norm().item()
+        with model.disable_adapter():
+            plain = (model(input_ids=ids).logits - target).norm().item()
+    assert gap < plain
+
+
+def test_the_quantize_stage_measure_matches_the_bound(tiny_model_dir):
+    full = load_full(tiny_model_dir, "float32")
+    result = calibration.loftq_errors(full, "nf4", True, rank=4, scaling=2.0, every=5)
+    rows = result["layers"]
+    assert [r["name"] for r in rows] == [
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.mlp.up_proj",
+        "model.layers.1.self_attn.o_proj",
+    ]
+    q = shipped_params().quantize
+    quantized = load_quantized(q, tiny_model_dir)
+    for row in rows:
+        weight = full.get_submodule(row["name"]).weight.detach().double()
+        residual = weight - effective_weight(quantized.get_submodule(row["name"]), weight.shape[1])
+        assert row["error_before"] == pytest.approx(
+            (residual.norm() / weight.norm()).item(), rel=1e-4
+        )
+        expected = eckart_young(residual, 4) / weight.norm().item()
+        assert row["error_after"] == pytest.approx(expected, rel=1e-3)
+    summary = result["summary"]
+    assert summary["layers"] == 3 and summary["rank"] == 4
+    assert summary["reduction"] == pytest.approx(
+        1 - summary["error_after"] / summary["error_before"]
+    )
+
+
+def test_loftq_needs_the_bases_weights_by_name(tiny_model_dir, tmp_path):
+    weights = calibration.CheckpointWeights(tiny_model_dir)
+    with pytest.raises(StageError, match=r"no tensor 'model.nothing.weight'"):
+        weights["model.nothing.weight"]
+    with pytest.raises(StageError, match="no model.safetensors"):
+        calibration.CheckpointWeights(tmp_path)
+
+
+def test_finetune_in_int8_with_loftq(workspace):
+    """The int8 format and LoftQ through the real stage: it trains, and run.json says how
+    the adapters started."""
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    params["quantize"]["quant_type"] = "int8"
+    params["finetune"]["lora"]["init"] = "loftq"
+    (workspace / "params.yaml").write_text(yaml.safe_dump(params))
+    finetune.main()
+    run = json.loads((workspace / "reports/train/run.json").read_text())
+    init = run["lora_init"]
+    assert init["method"] == "loftq" and init["layers"] == 14
+    assert 0 < init["error_after"] < init["error_before"] < 0.02  # int8: ~1 % error
+    assert (workspace / "data/prepared/adapter/adapter_model.safetensors").is_file()
