@@ -1,13 +1,16 @@
 """The `report` stage's library: the run on one page, for a reviewer of the adapter.
 
 Reads what the other stages wrote under reports/ and renders two templates from
-stages/templates/:
+qlora/templates/:
 - reports/report.html: one self-contained file (inline CSS and SVG, no scripts, no network)
-  that prints well: the gate decision first, then what quantization costs, how training
-  went, every metric for the three variants, the gate's checks, example outputs, the data,
-  and the lineage (git revision, params, hashes from dvc.lock, package versions);
+  that prints well: the gate decision first, then what quantization costs (formats, the
+  layers it damages most, skip_modules, LoftQ), how training went, every metric for the
+  three variants, the method's claims against them, the gate's checks, example outputs,
+  the data, and the lineage (git revision, params, hashes from dvc.lock, package versions);
 - reports/report.md: the same story in Markdown (for Prefect artifacts and pull requests).
-metrics.json, gate.json and quantize.json are read through their schemas (qlora/artifacts.py).
+metrics.json, gate.json and quantize.json are read through their schemas (qlora/artifacts.py);
+quantize_layers.json, claims.json and the issue-13 keys of quantize.json and metrics.json
+through those of qlora/report_quantization.py, which builds their part of the page.
 The gate's numbers (the primary metric's gain, its 95% interval, each check's verdict) are
 shown as gate.json has them, never recomputed; this module derives the rest (share of the
 score the 4-bit base keeps, overfitting, lineage); the templates only lay them out and
@@ -40,6 +43,15 @@ from qlora.artifacts import ARROWS, DIRECTIONS, EvalMetrics, GateDecision, Metri
 from qlora.io import StageError, atomic_write_text, read_json
 from qlora.lineage import differences, git_state, package_versions
 from qlora.report_plots import Series, histogram, line_chart
+from qlora.report_quantization import (
+    ClaimsReport,
+    QuantizeLayers,
+    claims_section,
+    format_name,
+    generation_speeds,
+    quantization_section,
+    quantize_extras,
+)
 
 REPORTS_DIR = artifacts.REPORTS_DIR
 HTML_OUT = artifacts.REPORT_HTML
@@ -58,13 +70,20 @@ INPUTS: dict[str, tuple[Path, tuple[str, ...]]] = {
     "eval": (artifacts.EVAL_METRICS, ()),
     "examples": (artifacts.EVAL_EXAMPLES, ()),
     "gate": (artifacts.GATE_REPORT, ()),
+    "quantize_layers": (artifacts.QUANTIZE_LAYERS, ()),
+    "claims": (artifacts.CLAIMS_REPORT, ()),
 }
 SCHEMAS = {
     "quantize": artifacts.QuantizeReport,
     "eval": artifacts.EvalMetrics,
     "gate": artifacts.GateDecision,
+    "quantize_layers": QuantizeLayers,
+    "claims": ClaimsReport,
 }
 LIST_INPUTS = {"examples"}
+# Written by stages older runs lack (`--compare`, a report of an old checkout): without
+# one, its part of the report is left out, never an error.
+OPTIONAL_INPUTS = {"quantize_layers", "claims"}
 VARIANTS = artifacts.VARIANTS
 BASELINE = artifacts.BASELINE  # the gate judges the adapter against the base it was trained on
 CANDIDATE = artifacts.CANDIDATE
@@ -191,9 +210,11 @@ def _input_path(reports_dir: Path, key: str) -> Path:
 
 def load_inputs(reports_dir: Path) -> dict[str, Any]:
     """Every input file, checked against its schema or for the keys the report reads; all
-    missing files named."""
+    missing files named. An optional input that is absent is None."""
     paths = {key: _input_path(reports_dir, key) for key in INPUTS}
-    missing = [str(path) for path in paths.values() if not path.exists()]
+    missing = [
+        str(path) for key, path in paths.items() if not path.exists() and key not in OPTIONAL_INPUTS
+    ]
     if missing:
         raise StageError(
             f"missing input(s): {', '.join(missing)} "
@@ -202,6 +223,9 @@ def load_inputs(reports_dir: Path) -> dict[str, Any]:
     data: dict[str, Any] = {}
     for key, (_, required) in INPUTS.items():
         path = paths[key]
+        if key in OPTIONAL_INPUTS and not path.exists():
+            data[key] = None
+            continue
         value = read_json(path)
         if key in SCHEMAS:
             data[key] = artifacts.validated(SCHEMAS[key], value, path)
@@ -213,6 +237,9 @@ def load_inputs(reports_dir: Path) -> dict[str, Any]:
         if absent:
             raise StageError(f"{path}: missing key(s) {absent}")
         data[key] = value
+    # Keys of quantize.json and metrics.json that older runs' files lack, checked if there.
+    data["quantize_extras"] = quantize_extras(data["quantize"], paths["quantize"])
+    data["speeds"] = generation_speeds(data["eval"], paths["eval"])
     # Read above; merged here into the view the templates use.
     data["train"] = train_log.merged_view(
         data["train"],
@@ -634,8 +661,8 @@ def build_context(inputs: dict, root: Path, out_html: Path, compare: dict | None
         "labels": [variants[v].label or v for v in VARIANTS],
         "variants": variants,
         "variant_keys": VARIANTS,
-        # The 4-bit type quantize measured (and evaluate loaded): "NF4" or "FP4".
-        "four_bit": inputs["quantize"].quant_type.upper(),
+        # The type quantize measured (and evaluate loaded): "NF4", "FP4" or "int8".
+        "four_bit": format_name(inputs["quantize"].quant_type),
         "rows": metric_rows(inputs["eval"], compare),
         "checks": inputs["gate"].checks,
         "compare_label": compare.get("label") if compare else None,
@@ -645,6 +672,13 @@ def build_context(inputs: dict, root: Path, out_html: Path, compare: dict | None
         "charts": training_charts(inputs["train_loss"], inputs["eval_loss"]),
         "data": data_section(inputs["dataset"], inputs["validation"], root, out_html),
         "lineage": lin,
+        "quant": quantization_section(
+            inputs["quantize"],
+            inputs["quantize_extras"],
+            inputs["quantize_layers"],
+            inputs["train"],
+        ),
+        "method": claims_section(inputs["claims"], inputs["speeds"], inputs["eval"]),
         **inputs,
     }
     ctx["cards"] = summary_cards(ctx, inputs)

@@ -138,7 +138,9 @@ def tiny_params(model_dir: Path | None = None, source: str = "data/raw/train.jso
     )
     params["validate"]["min_rows"] = {"train": 4, "validation": 2, "test": 2}
     params["finetune"].update(max_steps=3, batch_size=4, eval_steps=2, logging_steps=1)
-    params["evaluate"].update(limit=8, examples=2, max_new_tokens=8, batch_size=4)
+    params["evaluate"].update(
+        limit=8, examples=2, max_new_tokens=8, batch_size=4, speed_prompts=2, speed_new_tokens=6
+    )
     return params
 
 

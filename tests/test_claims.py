@@ -3,6 +3,8 @@ do not, built from the numbers given."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from qlora import claims
@@ -116,6 +118,86 @@ def test_check_claims_orders_rows_and_times_speed_from_the_evaluation():
     rows = claims.check_claims(SMALL_REPORT, None, eval_metrics(FULL, FOUR))
     assert [r["claim"] for r in rows[:2]] == [claims.MEMORY_CLAIM, claims.SPEED_CLAIM]
     assert rows[1]["measured"] == pytest.approx(30 / 75)  # the same lm-eval work, timed
-    assert rows[1]["subject"] == "inference speed (cpu)"
+    assert rows[1]["subject"] == "inference speed (lm-eval time, cpu)"
     assert len(rows) == 2 + 5
     assert claims.check_claims(SMALL_REPORT) == [claims.memory_claim(SMALL_REPORT)]
+
+
+def with_speed(metrics: dict, full: float, four: float) -> dict:
+    """eval metrics with each base variant's generation speed (evaluation.generation_speed)."""
+    for name, rate in (("base_full", full), ("base_4bit", four)):
+        metrics["variants"][name]["speed"] = {
+            "prompts": 4,
+            "new_tokens": 32,
+            "seconds": 128 / rate,
+            "tokens_per_s": rate,
+            "seconds_per_prompt": 32 / rate,
+        }
+    return metrics
+
+
+def test_generation_speed_is_preferred_to_lm_eval_time():
+    metrics = with_speed(eval_metrics(FULL, FOUR), full=40.0, four=20.0)
+    speed = claims.speed_from_eval(metrics)
+    assert speed == {"device": "cpu", "tokens_per_s": {"base_full": 40.0, "base_4bit": 20.0}}
+    row = claims.check_claims(None, None, metrics)[0]
+    assert row["subject"] == "inference speed (generation, cpu)"
+    assert row["measured"] == 0.5 and row["passed"] is False
+    assert row["display"] == "0.50x (20% of the claimed 2.5x)"
+    assert "no general 4-bit matmul" in row["why"]
+
+
+def test_an_int8_run_checks_the_memory_claim_on_nf4():
+    report = {
+        **SMALL_REPORT,
+        "quant_type": "int8",
+        "quantized_weights": 106_168_320,
+        "bytes": {"full": 269_030_016, "int8": 163_500_000},
+        "bits_per_parameter": {"full": 16.0, "int8": 9.7, "int8_linear_layers": 8.05},
+        "formats": {
+            "nf4": {
+                "supported": True,
+                "bytes": 111_466_620,
+                "quantized_weights": 106_168_320,
+                "linear_bits": 4.127,
+            }
+        },
+    }
+    row = claims.memory_claim(report)
+    assert row["subject"] == "memory (nf4)"
+    assert row["measured"] == pytest.approx(1 - 111_466_620 / 269_030_016)
+    assert "at 4.13 bits per linear weight" in row["why"]
+
+
+def test_the_claims_file_counts_each_outcome():
+    metrics = with_speed(eval_metrics(FULL, FOUR), full=40.0, four=50.0)
+    report = claims.claims_report(SMALL_REPORT, metrics)
+    rows = report["rows"]
+    assert report["summary"] == {
+        "passed": sum(r["passed"] is True for r in rows),
+        "failed": sum(r["passed"] is False for r in rows),
+        "undecided": sum(r["passed"] is None for r in rows),
+    }
+    # Memory fails (58.6 %), speed passes (1.25x), acc passes (99.2 %): by hand.
+    assert [r["passed"] for r in rows[:2]] == [False, True]
+    acc = next(r for r in rows if r["subject"] == "docstring_choice/acc")
+    assert acc["passed"] is True and acc["measured"] == pytest.approx(0.595 / 0.60)
+    assert report["summary"]["undecided"] == 1  # custom/score: lm-eval gives no direction
+
+
+def test_the_claims_stage_reads_the_pipelines_files(tmp_path, monkeypatch):
+    from qlora.io import StageError, write_json
+    from stages import claims as stage
+
+    monkeypatch.chdir(tmp_path)
+    write_json(tmp_path / "reports/quantize.json", {**SMALL_REPORT, "double_quant": True,
+               "full_dtype": "bfloat16", "quant_error": {}})  # fmt: skip
+    write_json(tmp_path / "reports/eval/metrics.json", with_speed(eval_metrics(FULL, FOUR), 40, 20))
+    stage.main()
+    written = json.loads((tmp_path / "reports/claims.json").read_text())
+    assert written["rows"][0]["claim"] == claims.MEMORY_CLAIM
+    assert written["rows"][1]["measured"] == 0.5
+    write_json(tmp_path / "reports/eval/metrics.json", {"variants": {"base_full": {}}})
+    with pytest.raises(StageError, match=r"reports/eval/metrics.json"):
+        stage.main()
+    assert json.loads((tmp_path / "reports/claims.json").read_text()) == written

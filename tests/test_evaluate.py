@@ -118,6 +118,40 @@ def test_three_variants_benchmarked_with_the_same_settings(evaluated):
         assert primary["stderr"] > 0 and primary["stderr_method"].startswith("bootstrap")
 
 
+def test_every_variant_is_timed_generating_the_same_tokens(evaluated):
+    metrics = json.loads((evaluated / "reports/eval/metrics.json").read_text())
+    for name, variant in metrics["variants"].items():
+        speed = variant["speed"]
+        assert (speed["prompts"], speed["new_tokens"]) == (2, 6), name
+        assert speed["tokens_per_s"] == pytest.approx(2 * 6 / speed["seconds"])
+        assert speed["seconds_per_prompt"] == pytest.approx(speed["seconds"] / 2)
+
+
+def test_generation_speed_makes_exactly_the_tokens_it_counts(tiny_model_dir):
+    """Even a model that would stop at once (end-of-sequence the likeliest token) is made
+    to generate the full count: the variants must all do the same work."""
+    from qlora.evaluation import generation_speed
+    from qlora.models import load_full, load_tokenizer
+
+    model, tokenizer = load_full(tiny_model_dir, "float32"), load_tokenizer(tiny_model_dir)
+    with torch.no_grad():
+        model.lm_head.bias = torch.nn.Parameter(torch.zeros(model.config.vocab_size))
+        model.lm_head.bias[tokenizer.eos_token_id] = 1e4  # EOS wins every greedy step
+    made = []
+    generate = model.generate
+
+    def counting(**kwargs):
+        out = generate(**kwargs)
+        made.append(out.shape[1] - kwargs["input_ids"].shape[1])
+        return out
+
+    model.generate = counting
+    speed = generation_speed(model, tokenizer, ["def f(x):", "Sum two numbers."], 5)
+    assert made == [2, 5, 5]  # the warm-up, then each timed prompt
+    assert speed["prompts"] == 2 and speed["new_tokens"] == 5
+    assert generation_speed(model, tokenizer, [], 5) is None
+
+
 def test_docstring_loss_matches_a_hand_computed_value(evaluated):
     rows = read_jsonl(evaluated / "data/prepared/splits/test.jsonl")[:8]
     expected = answer_bits_per_byte(evaluated / "data/prepared/base_model", rows)

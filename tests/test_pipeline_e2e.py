@@ -37,6 +37,7 @@ STAGES = [
     "finetune",
     "evaluate",
     "gate",
+    "claims",
     "report",
 ]
 

@@ -1,9 +1,12 @@
 """The report stage, rendered from fixture JSON (tests/fixtures/report/) into tmp_path.
 
-The fixtures follow the schemas the other stages write; base, dataset and quantize are real
-outputs of the embedded SmolLM2 model, the rest realistic values of a CPU run. One test opens
-the HTML in headless Chromium, checks that the headline, the table and the charts render,
-and saves the screenshot under tests/artifacts/ for a human to look at.
+The fixtures follow the schemas the other stages write; base, dataset, quantize and
+quantize_layers are real outputs of the embedded SmolLM2 model (its weight analysis and its
+LoftQ errors, every 4th layer at rank 16), the rest realistic values of a CPU run;
+claims.json is what qlora.claims makes of the fixture's quantize.json and metrics.json (a
+test checks it; `python tests/test_report.py` rewrites it). One test opens the HTML in
+headless Chromium, checks that the headline, the table and the charts render, and saves the
+screenshot under tests/artifacts/ for a human to look at.
 """
 
 from __future__ import annotations
@@ -21,10 +24,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from markupsafe import escape as markup_escape
 
 from conftest import gate_params
 from conftest import git as run_git
 from qlora import train_log
+from qlora.claims import claims_report
 from qlora.gate import decide
 from qlora.io import StageError
 from qlora.lineage import git_state
@@ -224,7 +229,8 @@ def test_loss_chart_is_inline_svg_with_every_point(root: Path):
     train_line = re.search(r'<polyline class="line s-train" points="([^"]*)"', chart).group(1)
     assert len(train_line.split()) == len(train)
     assert chart.count('<circle class="dot s-eval"') == len(evals)
-    assert html.count('<svg class="chart"') == 5  # loss, learning rate, 3 token histograms
+    # loss, learning rate, 3 token histograms, code point histogram, per-layer errors
+    assert html.count('<svg class="chart"') == 7
 
 
 def test_report_is_self_contained(root: Path):
@@ -465,6 +471,377 @@ def test_compare_says_when_the_other_run_recorded_no_machine(root: Path):
     assert "the runs differ in: environment (recorded for this run only)" in html
 
 
+# ---------------------------------------------------------------- quantization analysis
+
+
+def section(html: str, start: str, end: str) -> str:
+    return html[html.index(f'id="{start}"') : html.index(f'id="{end}"')]
+
+
+def svg_in(html: str, figure_id: str) -> str:
+    return re.search(rf'<figure id="{figure_id}">(<svg.*?</svg>)', html, re.S).group(1)
+
+
+def test_formats_table_marks_the_configured_format_and_shows_int8(root: Path):
+    html, md = render(root)
+    formats = load(root, "quantize.json")["formats"]
+    table = re.search(r'<table id="format-table">(.*?)</table>', html, re.S).group(1)
+    rows = {
+        re.match(r"\s*<td>(\w+)", tr).group(1): tr
+        for tr in re.findall(r"<tr[^>]*>(.*?)</tr>", table, re.S)[1:]
+    }
+    assert list(rows) == ["bfloat16", "NF4", "FP4", "int8"]
+    assert '<span class="badge good">configured</span>' in rows["NF4"]
+    assert "configured" not in rows["FP4"] + rows["int8"]
+    for name, key in (("NF4", "nf4"), ("FP4", "fp4"), ("int8", "int8")):
+        f = formats[key]
+        cells = re.findall(r'<td class="n">([^<]*)</td>', rows[name])
+        assert cells == [
+            fmt_bytes(f["bytes"]),
+            fmt_pct(f["memory_ratio"]),
+            fmt(f["bits_per_parameter"]),
+            fmt(f["linear_bits"]),
+            fmt(f["error"]["mean_relative_error"]),
+            fmt(f["error"]["max_relative_error"]),
+        ], name
+    assert fmt(formats["int8"]["error"]["mean_relative_error"]) == "0.00851"
+    # With the formats table, the older error-only table is not repeated.
+    assert "mean rel. weight error" not in html
+    assert "| **NF4** (configured) | 111.7 MB | 41.5% |" in md
+    assert "| int8 | 163.5 MB | 60.8% | 9.723 | 8.047 | 0.00851 | 0.01163 |" in md
+
+
+def test_a_format_this_device_cannot_load_shows_its_reason(root: Path):
+    reason = "bitsandbytes has no int8 matmul on this CPU (needs CUDA)"
+
+    def unsupported(q):
+        q["formats"]["int8"] = {"supported": False, "reason": reason}
+
+    edit_json(root / "reports" / "quantize.json", unsupported)
+    html, md = render(root)
+    table = re.search(r'<table id="format-table">(.*?)</table>', html, re.S).group(1)
+    int8 = re.search(r"<td>int8</td>(.*?)</tr>", table, re.S).group(1)
+    assert f'<span class="badge plain">not measured</span> {markup_escape(reason)}' in int8
+    assert "MB" not in int8
+    assert f"| int8 | not measured: {reason} |" in md
+
+
+def test_which_layers_suffer_most(root: Path):
+    html, md = render(root)
+    analysis = load(root, "quantize.json")["analysis"]
+    layers = load(root, "quantize_layers.json")["layers"]
+    table = re.search(r'<table id="layer-table">(.*?)</table>', html, re.S).group(1)
+    names = re.findall(r'<td class="mono">([^<]+)</td>', table)
+    assert names == analysis["most_sensitive"] == [r["name"] for r in layers[:5]]
+    worst = layers[0]
+    assert worst["name"] == "model.layers.0.self_attn.o_proj"
+    first = re.findall(r'<td class="n">([^<]*)</td>', re.findall(r"<tr>(.*?)</tr>", table)[1])
+    assert first == [
+        "1",
+        "576 × 576",
+        fmt(worst["nf4_error"]),
+        fmt(worst["fp4_error"]),
+        fmt(worst["int8_error"]),
+        fmt(worst["excess_kurtosis"], 3),
+        fmt(worst["block_absmax_ratio"], 3),
+    ]
+    summary = re.search(r'<p id="analysis-summary">(.*?)</p>', html, re.S).group(1)
+    assert summary.startswith("210 quantized layers, 106,168,320 weights.")
+    assert f"excess kurtosis {fmt(analysis['max_excess_kurtosis'], 3)}" in summary
+    assert f"| 1 | `{worst['name']}` | 576 × 576 | {fmt(worst['nf4_error'])} |" in md
+
+
+def test_the_histogram_draws_the_16_nf4_code_points_over_the_worst_layer(root: Path):
+    html, md = render(root)
+    hist = load(root, "quantize_layers.json")["histogram"]
+    svg = svg_in(html, "code-point-histogram")
+    assert hist["layer"] in re.search(r"<title>(.*?)</title>", svg).group(1)
+    assert svg.count("<rect ") == sum(1 for n in hist["counts"] if n)
+    xs = [float(x) for x in re.findall(r'<line class="code-point" x1="([\d.]+)"', svg)]
+    assert len(xs) == 16
+    # The plot spans -1..1 from x=56 to x=544: each line sits at its code point.
+    expected = [56 + (c + 1) / 2 * (544 - 56) for c in hist["code_points"]]
+    assert xs == pytest.approx(expected, abs=0.06)
+    # The caption's crowding figure: the 4 code points nearest 0, from code_point_share.
+    nearest = sorted(range(16), key=lambda i: abs(hist["code_points"][i]))[:4]
+    share = sum(hist["code_point_share"][i] for i in nearest)
+    assert fmt_pct(share) == "43.1%"
+    caption = re.search(
+        r'<figure id="code-point-histogram">.*?<figcaption>(.*?)</figcaption>', html, re.S
+    ).group(1)
+    assert "the 4 codes nearest 0 receive 43.1% of the weights (25.0% if all 16" in caption
+    assert "receive 43.1% of the weights" in md
+
+
+def test_the_per_layer_chart_has_a_bar_a_layer_and_names_the_top_three(root: Path):
+    html, _ = render(root)
+    layers = load(root, "quantize_layers.json")["layers"]
+    svg = svg_in(html, "layer-profile")
+    bars = re.findall(r'<rect class="bar s-nf4( top)?" x="[\d.]+" y="([\d.]+)"', svg)
+    assert len(bars) == len(layers) == 210
+    assert [top for top, _ in bars[:4]] == [" top"] * 3 + [""]
+    tops = [float(y) for _, y in bars]
+    assert tops == sorted(tops)  # most damaged (tallest: smallest y) first
+    labels = re.findall(r'<text class="label"[^>]*>([^<]*)</text>', svg)
+    assert labels == [f"{r['rank']}. {r['name']}" for r in layers[:3]]
+    # FP4 and int8 over the same layers: one point each.
+    for css in ("s-fp4", "s-int8"):
+        points = re.search(rf'<polyline class="line {css}" points="([^"]*)"', svg).group(1)
+        assert len(points.split()) == 210
+
+
+def test_skip_modules_suggestion_with_its_cost_and_how_to_set_it(root: Path):
+    html, md = render(root)
+    q = load(root, "quantize.json")
+    skip = q["skip_modules"]
+    part = section(html, "skip-modules", "loftq")
+    assert "none: every linear layer but the model's own (lm_head) is quantized" in part
+    assert f"would cost {fmt_bytes(skip['suggested_extra_bytes'])} (+1.3% on the NF4 model)" in part
+    assert f"remove {fmt_pct(skip['suggested_error_share'])} of the model's squared NF4" in part
+    assert "while they hold 0.9% of the quantized weights" in part
+    snippet = "quantize:\n  skip_modules:\n" + "".join(f"    - {n}\n" for n in skip["suggested"])
+    assert f'<pre class="snippet">{snippet}</pre>' in part
+    assert f"```yaml\n{snippet}```" in md
+
+    def configured(q):
+        q["skip_modules"].update(
+            configured=skip["suggested"],
+            configured_layers=skip["suggested"],
+            configured_extra_bytes=skip["suggested_extra_bytes"],
+        )
+
+    edit_json(root / "reports" / "quantize.json", configured)
+    html, _ = render(root)
+    part = section(html, "skip-modules", "loftq")
+    assert f"(5 layers), measured cost {fmt_bytes(skip['suggested_extra_bytes'])}" in part
+    assert "snippet" not in part  # already configured: nothing to paste
+
+
+def test_loftq_errors_and_how_this_run_was_initialised(root: Path):
+    html, md = render(root)
+    loftq = load(root, "quantize.json")["loftq"]
+    part = html[html.index('id="loftq"') : html.index('id="training"')]
+    stats = re.findall(r"<dd>([^<]*)</dd>", part)
+    assert stats[:3] == [fmt(loftq["error_before"]), fmt(loftq["error_after"]), "6.3%"]
+    assert "Measured on 53 layers (every 4th)" in part
+    assert '<span class="badge plain">peft\'s default</span>' in part
+    assert (
+        "<code>dvc exp run -S finetune.lora.init=loftq</code>, then <code>dvc exp show</code>"
+        in part
+    )
+    assert "`dvc exp run -S finetune.lora.init=loftq`, then `dvc exp show`" in md
+
+    record = {"method": "loftq", "layers": 210, "error_before": 0.0936, "error_after": 0.0871}
+    edit_json(root / "reports" / "train" / "run.json", lambda t: t.update(lora_init=record))
+    html, md = render(root)
+    init = re.search(r'<p id="lora-init">(.*?)</p>', html, re.S).group(1)
+    assert "initialised with LoftQ</span> on 210 layers, weight error 0.0936 &rarr; 0.0871" in init
+    assert "finetune.lora.init=default" in init and "**initialised with LoftQ**" in md
+
+    edit_json(root / "reports" / "train" / "run.json", lambda t: t.pop("lora_init") and None)
+    html, _ = render(root)
+    assert "initialisation not recorded" in html
+
+
+def test_an_int8_run_names_int8_and_marks_it_configured(root: Path):
+    def quantized_with_int8(q):
+        int8 = q["formats"]["int8"]
+        q.update(quant_type="int8", bytes={"full": q["bytes"]["full"], "int8": int8["bytes"]})
+        q["bits_per_parameter"] = {
+            "full": q["bits_per_parameter"]["full"],
+            "int8": int8["bits_per_parameter"],
+            "int8_linear_layers": int8["linear_bits"],
+        }
+
+    edit_json(root / "reports" / "quantize.json", quantized_with_int8)
+    html, md = render(root)
+    quant = section(html, "quantization", "training")
+    assert "int8 keeps" in quant and "NF4 keeps" not in quant
+    assert '<tr><td>int8</td><td class="n">163.5 MB</td>' in quant  # no "(double quant)"
+    assert re.search(r'<tr class="configured"><td>int8 <span class="badge good">configured', quant)
+    assert "int8 memory" in html and "| **int8** (configured) | 163.5 MB |" in md
+
+
+# ---------------------------------------------------------------- the method's claims
+
+
+def fixture_claims(reports: Path) -> dict:
+    """claims.json as the claims stage writes it from these quantize.json and metrics.json."""
+    quantize = json.loads((reports / "quantize.json").read_text())
+    metrics = json.loads((reports / "eval" / "metrics.json").read_text())
+    return json.loads(json.dumps(claims_report(quantize, metrics)))
+
+
+def test_the_fixture_claims_are_what_qlora_claims_makes():
+    assert load_fixture("claims.json") == fixture_claims(FIXTURES / "reports"), (
+        "qlora/claims.py changed: `python tests/test_report.py` rewrites the fixture"
+    )
+
+
+def load_fixture(rel: str):
+    return json.loads((FIXTURES / "reports" / rel).read_text())
+
+
+def claims_table_rows(html: str) -> list[tuple[str, str, str, str]]:
+    """(subject, measured, badge, why) of each claims table row."""
+    table = re.search(r'<table id="claims-table">(.*?)</table>', html, re.S).group(1)
+    return re.findall(
+        r'<td class="nowrap">([^<]*)</td><td class="n">([^<]*)</td>\s*'
+        r'<td><span class="badge \w+">(\w+)</span></td><td class="reason">([^<]*)</td>',
+        table,
+    )
+
+
+def test_claims_table_shows_every_row_with_its_verdict_and_why(root: Path):
+    html, md = render(root)
+    claims = load(root, "claims.json")
+    assert 'href="#claims"' in html and html.index('id="metrics"') < html.index('id="claims"')
+    rows = claims_table_rows(html)
+    assert [(s, d) for s, d, _, _ in rows] == [(r["subject"], r["display"]) for r in claims["rows"]]
+    assert [b for _, _, b, _ in rows] == ["FAIL"] * 9
+    memory = claims["rows"][0]
+    assert memory["subject"] == "memory (nf4)" and memory["display"] == "58.5% saved"
+    assert rows[0][3] == markup_escape(memory["why"])
+    assert '<span class="badge bad">FAIL</span>' in html
+    summary = re.search(r'<p id="claims-summary">(.*?)</p>', html, re.S).group(1)
+    assert "0 of 9 checks held, 9 did not" in summary and "undecided" not in summary
+    # The claim and its rule once per claim, not once per metric.
+    table = re.search(r'<table id="claims-table">(.*?)</table>', html, re.S).group(1)
+    assert table.count(markup_escape(claims["rows"][-1]["claim"])) == 1
+    assert table.count('rowspan="7"') == 1
+    assert f"| memory (nf4) | 58.5% saved | **FAIL** | {memory['why']} |" in md
+
+
+def test_a_claim_that_holds_has_no_why_and_an_undecided_one_says_so(root: Path):
+    def four_bit_as_good(m):
+        variants = m["variants"]
+        acc = variants["base_full"]["metrics"]["docstring_choice"]["acc"]["value"]
+        variants["base_4bit"]["metrics"]["docstring_choice"]["acc"]["value"] = acc
+        for v in variants.values():
+            v["metrics"]["docstring_choice"]["acc_norm"]["higher_is_better"] = None
+
+    reports = root / "reports"
+    edit_json(reports / "eval" / "metrics.json", four_bit_as_good)
+    (reports / "claims.json").write_text(json.dumps(fixture_claims(reports)))
+    html, md = render(root)
+    rows = {subject: (badge, why) for subject, _, badge, why in claims_table_rows(html)}
+    assert rows["docstring_choice/acc"] == ("PASS", "")
+    assert rows["docstring_choice/acc_norm"][0] == "undecided"
+    assert "no direction" in rows["docstring_choice/acc_norm"][1]
+    summary = re.search(r'<p id="claims-summary">(.*?)</p>', html, re.S).group(1)
+    assert "1 of 9 checks held, 7 did not</strong>, 1 undecided" in summary
+    assert "| docstring_choice/acc | 100.0% kept | PASS |  |" in md
+
+
+def test_generation_speed_of_each_variant(root: Path):
+    html, md = render(root)
+    variants = load(root, "eval/metrics.json")["variants"]
+    table = re.search(r'<table id="speed-table">(.*?)</table>', html, re.S).group(1)
+    full = variants["base_full"]["speed"]["tokens_per_s"]
+    for name in ("base_full", "base_4bit", "adapter_4bit"):
+        v = variants[name]
+        s = v["speed"]
+        row = (
+            f"<tr><td>{markup_escape(v['label'])}</td>"
+            f'<td class="n">{fmt(s["tokens_per_s"], 3)}</td>'
+            f'<td class="n">{fmt(s["seconds_per_prompt"], 3)}</td>'
+            f'<td class="n">{fmt(s["tokens_per_s"] / full, 3)}&times;</td></tr>'
+        )
+        assert row in table, name
+    assert "4 test prompts &times; exactly 32 new tokens each" in html and "on cpu" in html
+    assert "| base (nf4+double_quant) | 6.21 | 5.15 | 0.25× |" in md
+
+
+# ---------------------------------------------------------------- older runs
+
+
+def as_before_issue_13(root: Path) -> None:
+    """The reports of a run before the quantization analysis and the claims existed."""
+    reports = root / "reports"
+    (reports / "quantize_layers.json").unlink()
+    (reports / "claims.json").unlink()
+
+    def old_quantize(q):
+        for key in ("formats", "analysis", "skip_modules", "loftq", "quantized_weights"):
+            q.pop(key)
+        q["quant_error"].pop("int8")
+
+    def no_speed(m):
+        for v in m["variants"].values():
+            v.pop("speed")
+
+    edit_json(reports / "quantize.json", old_quantize)
+    edit_json(reports / "eval" / "metrics.json", no_speed)
+    edit_json(reports / "train" / "run.json", lambda t: t.pop("lora_init") and None)
+
+
+def test_a_run_before_the_quantization_analysis_still_renders(root: Path):
+    as_before_issue_13(root)
+    html, md = render(root)
+    for part in (
+        "format-table",
+        "sensitive-layers",
+        "skip-modules",
+        'id="loftq"',
+        '<line class="code-point"',
+    ):
+        assert part not in html, part
+    assert 'id="claims"' not in html and 'href="#claims"' not in html
+    assert html.count('<svg class="chart"') == 5
+    q = load(root, "quantize.json")
+    quant = section(html, "quantization", "training")
+    assert "mean rel. weight error" in quant  # the older table, as before
+    assert fmt(q["quant_error"]["fp4"]["mean_relative_error"]) in quant
+    assert "### Formats" not in md and "## The method's claims" not in md
+
+
+def test_only_the_claims_file_missing_leaves_the_speed_table(root: Path):
+    (root / "reports" / "claims.json").unlink()
+    html, _ = render(root)
+    claims = section(html, "claims", "gate")
+    assert 'id="speed-table"' in claims and 'id="claims-table"' not in claims
+
+
+def test_only_the_layer_file_missing_keeps_the_summary_and_skips_the_charts(root: Path):
+    (root / "reports" / "quantize_layers.json").unlink()
+    html, _ = render(root)
+    assert 'id="analysis-summary"' in html and 'id="layer-table"' not in html
+    assert html.count('<svg class="chart"') == 5
+    assert "while they hold" not in html  # the weights' share needs the layer file
+
+
+@pytest.mark.parametrize(
+    ("rel", "change", "message"),
+    [
+        (
+            "quantize_layers.json",
+            lambda d: d["histogram"]["bin_edges"].pop(),
+            r"quantize_layers\.json.*histogram.*128 bin_edges for 128 counts",
+        ),
+        (
+            "claims.json",
+            lambda d: d["rows"][0].pop("passed"),
+            r"claims\.json.*rows\.0\.passed",
+        ),
+        (
+            "quantize.json",
+            lambda d: d["formats"]["int8"].pop("bytes"),
+            r"quantize\.json.*formats\.int8.*a supported format needs bytes",
+        ),
+        (
+            "eval/metrics.json",
+            lambda d: d["variants"]["base_4bit"]["speed"].pop("tokens_per_s"),
+            r"metrics\.json \(variants\.base_4bit\.speed\).*tokens_per_s",
+        ),
+    ],
+)
+def test_a_malformed_new_input_names_the_file_and_field(root: Path, rel, change, message):
+    edit_json(root / "reports" / rel, lambda d: change(d) and None)
+    with pytest.raises(StageError, match=f"(?s){message}"):
+        render(root)
+    assert not (root / "reports" / "report.html").exists()
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -585,24 +962,34 @@ def test_report_renders_in_headless_chromium(root: Path, tmp_path: Path):
     dom = subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=60)
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert "PROMOTED" in dom.stdout and 'id="metric-table"' in dom.stdout
-    assert dom.stdout.count("<svg") == 5 and "<polyline" in dom.stdout
+    assert dom.stdout.count("<svg") == 7 and "<polyline" in dom.stdout
 
     ARTIFACTS.mkdir(exist_ok=True)
     png = ARTIFACTS / "report.png"
     png.unlink(missing_ok=True)
     shot = subprocess.run(
-        [*base, f"--screenshot={png}", "--window-size=1280,2400", url],
+        [*base, f"--screenshot={png}", "--window-size=1280,4400", url],
         capture_output=True,
         text=True,
         timeout=60,
     )
     assert shot.returncode == 0 and png.exists(), shot.stderr[-2000:]
     width, height, rows = read_png(png)
-    assert (width, height) == (1280, 2400)
+    assert (width, height) == (1280, 4400)
     # Not blank: many distinct row contents, and the page's colors where they belong.
     assert len(set(rows)) > 500
     green_headline = count_near(rows, (0x13, 0x7A, 0x3F), 0, 500)  # "PROMOTED", --good
-    train_line = count_near(rows, (0x2F, 0x5B, 0xD3), 900, 1700)  # loss chart, --train
-    eval_line = count_near(rows, (0xD9, 0x48, 0x0F), 900, 1700)  # loss chart, --eval
+    # The loss chart, below the quantization section (whose charts use other colors).
+    train_line = count_near(rows, (0x2F, 0x5B, 0xD3), 2100, 3100)  # --train
+    eval_line = count_near(rows, (0xD9, 0x48, 0x0F), 2100, 3100)  # --eval
     assert green_headline > 2000, green_headline
     assert train_line > 300 and eval_line > 300, (train_line, eval_line)
+
+
+if __name__ == "__main__":
+    # Rewrite the claims fixture after a change to qlora/claims.py (or to its inputs).
+    reports = FIXTURES / "reports"
+    (reports / "claims.json").write_text(
+        json.dumps(fixture_claims(reports), indent=2, ensure_ascii=False) + "\n"
+    )
+    print(f"wrote {reports / 'claims.json'}")
