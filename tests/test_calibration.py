@@ -123,4 +123,24 @@ def test_finetune_in_int8_with_loftq(workspace):
     init = run["lora_init"]
     assert init["method"] == "loftq" and init["layers"] == 14
     assert 0 < init["error_after"] < init["error_before"] < 0.02  # int8: ~1 % error
-    assert (workspace / "data/prepared/adapter/adapter_model.safetensors").is_file()
+    adapter = workspace / "data/prepared/adapter"
+    assert (adapter / "adapter_model.safetensors").is_file()
+
+    # Evaluation loads it the way an independent plain transformers + peft int8 load does.
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from qlora.models import load_adapted
+    from qlora.params import load_params
+
+    base = workspace / "data/prepared/base_model"
+    ours = load_adapted(load_params().quantize, adapter, base)
+    plain = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(
+            base, quantization_config=BitsAndBytesConfig(load_in_8bit=True), device_map="cpu"
+        ),
+        adapter,
+    ).eval()
+    ids = torch.arange(3, 30).unsqueeze(0)
+    with torch.no_grad():
+        assert torch.allclose(ours(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-5)
