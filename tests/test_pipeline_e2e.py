@@ -143,7 +143,7 @@ def test_second_repro_runs_nothing_and_a_param_change_reruns_only_downstream(pip
     assert json.loads(status.stdout) == {"sources": ["always changed"]}
 
     params = yaml.safe_load((work / "params.yaml").read_text())
-    params["finetune"]["lora"]["r"] = 4
+    params["finetune"]["learning_rate"] = 1e-3
     (work / "params.yaml").write_text(yaml.safe_dump(params))
     status = dvc(work, "status", "--json")
     assert status.returncode == 0, status.stderr
@@ -152,6 +152,12 @@ def test_second_repro_runs_nothing_and_a_param_change_reruns_only_downstream(pip
     # `dvc status` names the first stage that reads the changed param.
     assert "finetune" in stale
     assert stale.isdisjoint({"base", "extract", "dataset", "validate", "quantize"})
+    # The adapter's rank also reruns quantize, which measures LoftQ at that rank.
+    params["finetune"]["lora"]["r"] = 4
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    stale = set(json.loads(dvc(work, "status", "--json").stdout))
+    assert {"quantize", "finetune"} <= stale
+    assert stale.isdisjoint({"base", "extract", "dataset", "validate"})
 
 
 def test_an_experiment_shows_dvclive_columns_and_plots_beside_the_baseline(pipeline_run):
