@@ -47,10 +47,40 @@ def low_rank_correction(
     return root[:, None] * vh[:rank], u[:, :rank] * root
 
 
-def corrected_residual(residual: torch.Tensor, rank: int, scaling: float) -> torch.Tensor:
-    """What is left of the quantization error once the adapter's correction is added."""
+class ErrorTally:
+    """Relative weight errors before and after the correction, over many layers taken as
+    one vector: the squared norms of the weights, the residuals and what is left."""
+
+    def __init__(self) -> None:
+        self.weight_sq = self.before_sq = self.after_sq = 0.0
+
+    def add(self, weight: torch.Tensor, residual: torch.Tensor, left: torch.Tensor) -> dict:
+        """Count one layer; returns its own {"error_before", "error_after"}."""
+        w_sq, r_sq, l_sq = squared_norm(weight), squared_norm(residual), squared_norm(left)
+        self.weight_sq += w_sq
+        self.before_sq += r_sq
+        self.after_sq += l_sq
+        return {"error_before": (r_sq / w_sq) ** 0.5, "error_after": (l_sq / w_sq) ** 0.5}
+
+    @property
+    def error_before(self) -> float:
+        return (self.before_sq / self.weight_sq) ** 0.5
+
+    @property
+    def error_after(self) -> float:
+        return (self.after_sq / self.weight_sq) ** 0.5
+
+
+def correct(
+    weight: torch.Tensor, approximation: torch.Tensor, rank: int, scaling: float, tally: ErrorTally
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """LoftQ for one layer: the adapter factors that correct `approximation` (the weight
+    the quantized layer computes with) towards `weight`, counted in `tally`. Returns
+    (lora_A, lora_B, the layer's errors before and after)."""
+    residual = weight - approximation
     lora_a, lora_b = low_rank_correction(residual, rank, scaling)
-    return residual - scaling * (lora_b @ lora_a)
+    errors = tally.add(weight, residual, residual - scaling * (lora_b @ lora_a))
+    return lora_a, lora_b, errors
 
 
 # ---------------------------------------------------------------- before training
@@ -70,23 +100,14 @@ def loftq_errors(
     {"summary": {..., "error_before", "error_after" (all measured layers as one vector),
     "reduction"}, "layers": [{"name", "shape", "error_before", "error_after"}]}."""
     start = time.perf_counter()
-    rows, before_sq, after_sq, norm_sq = [], 0.0, 0.0, 0.0
+    rows, tally = [], ErrorTally()
     with one_cpu_thread():  # ~0.25 s an SVD of a SmolLM2 layer on one thread, 2x on two
         for name, module in list(quantizable_linears(model))[::every]:
             weight = module.weight.detach().float()
-            residual = weight - dequantized(weight, quant_type, double_quant)
-            left = corrected_residual(residual, rank, scaling)
-            w_sq, r_sq, l_sq = squared_norm(weight), squared_norm(residual), squared_norm(left)
-            before_sq, after_sq, norm_sq = before_sq + r_sq, after_sq + l_sq, norm_sq + w_sq
-            rows.append(
-                {
-                    "name": name,
-                    "shape": list(weight.shape),
-                    "error_before": (r_sq / w_sq) ** 0.5,
-                    "error_after": (l_sq / w_sq) ** 0.5,
-                }
-            )
-    before, after = (before_sq / norm_sq) ** 0.5, (after_sq / norm_sq) ** 0.5
+            approximation = dequantized(weight, quant_type, double_quant)
+            *_, errors = correct(weight, approximation, rank, scaling, tally)
+            rows.append({"name": name, "shape": list(weight.shape), **errors})
+    before, after = tally.error_before, tally.error_after
     return {
         "summary": {
             "quant_type": quant_type,
@@ -158,7 +179,7 @@ def initialise(model: torch.nn.Module, base_dir: Path | str, adapter: str = "def
 
     start = time.perf_counter()
     weights = CheckpointWeights(base_dir)
-    layers, before_sq, after_sq, norm_sq = 0, 0.0, 0.0, 0.0
+    layers, tally = 0, ErrorTally()
     with torch.no_grad(), one_cpu_thread():
         for name, module in model.named_modules():
             if not isinstance(module, LoraLayer) or adapter not in module.lora_A:
@@ -169,15 +190,11 @@ def initialise(model: torch.nn.Module, base_dir: Path | str, adapter: str = "def
             # peft wraps the model twice ("base_model.model."); the checkpoint keys do not.
             key = name.removeprefix("base_model.model.") + ".weight"
             weight = weights[key].to(deq.device).float()
-            residual = weight - deq
             rank, scaling = module.r[adapter], module.scaling[adapter]
-            lora_a, lora_b = low_rank_correction(residual, rank, scaling)
+            lora_a, lora_b, _ = correct(weight, deq, rank, scaling, tally)
             a, b = module.lora_A[adapter].weight, module.lora_B[adapter].weight
             a.copy_(lora_a.to(a.dtype))
             b.copy_(lora_b.to(b.dtype))
-            before_sq += squared_norm(residual)
-            after_sq += squared_norm(residual - scaling * (lora_b @ lora_a))
-            norm_sq += squared_norm(weight)
             layers += 1
     if not layers:
         raise StageError(
@@ -187,7 +204,7 @@ def initialise(model: torch.nn.Module, base_dir: Path | str, adapter: str = "def
     return {
         "method": "loftq",
         "layers": layers,
-        "error_before": (before_sq / norm_sq) ** 0.5,
-        "error_after": (after_sq / norm_sq) ** 0.5,
+        "error_before": tally.error_before,
+        "error_after": tally.error_after,
         "seconds": time.perf_counter() - start,
     }

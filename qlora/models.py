@@ -76,9 +76,6 @@ STORAGE_DTYPES = {
 }
 
 
-FOUR_BIT_TYPES = ("nf4", "fp4")
-
-
 def bnb_config(
     q: QuantizeParams, quant_type: str | None = None, keep_16bit: list[str] | None = None
 ) -> BitsAndBytesConfig:
@@ -174,7 +171,15 @@ def load_full(
 
 
 class UnsupportedFormat(StageError):
-    """A quantization format bitsandbytes cannot run on this device."""
+    """A quantization format bitsandbytes cannot run on this device; `reason` is
+    format_unsupported's line."""
+
+    def __init__(self, quant_type: str, reason: str):
+        super().__init__(
+            f"params.yaml quantize.quant_type {quant_type}: {reason}. "
+            "Choose another format (nf4, fp4, int8) for this device."
+        )
+        self.reason = reason
 
 
 def format_unsupported(quant_type: str, where: str | None = None) -> str | None:
@@ -214,10 +219,7 @@ def load_quantized(
     quant_type = quant_type or q.quant_type
     reason = format_unsupported(quant_type)
     if reason is not None:
-        raise UnsupportedFormat(
-            f"params.yaml quantize.quant_type {quant_type}: {reason}. "
-            f"Choose another format (nf4, fp4, int8) for this device."
-        )
+        raise UnsupportedFormat(quant_type, reason)
     config = bnb_config(q, quant_type, skip_list(q, path, trust_remote_code))
     dtype = compute_dtype(q.compute_dtype)
     return _load(path, dtype, trust_remote_code, quantization_config=config)

@@ -29,12 +29,11 @@ from qlora.models import (
     UnsupportedFormat,
     compute_dtype,
     footprint_bytes,
-    format_unsupported,
     load_full,
     load_quantized,
     skipped_by_default,
 )
-from qlora.params import QuantizeParams
+from qlora.params import LoraParams, QuantizeParams
 
 REPORT = artifacts.QUANTIZE_REPORT
 
@@ -148,11 +147,12 @@ def footprint_at_16bit(model: torch.nn.Module) -> int:
 def format_footprint(q: QuantizeParams, fmt: str, path: Path | str, trust: bool) -> dict:
     """`fmt` loaded for real through the shared loader (with q.skip_modules): its bytes
     counted at 16 bits for what is not quantized, as loaded, and per quantized weight.
-    {"supported": False, "reason"} where bitsandbytes cannot run `fmt` on this device."""
-    reason = format_unsupported(fmt)
-    if reason is not None:
-        return {"supported": False, "reason": reason}
-    model = load_quantized(q, path, trust, fmt)
+    {"supported": False, "reason"} where bitsandbytes cannot run `fmt` on this device (the
+    loader's own check)."""
+    try:
+        model = load_quantized(q, path, trust, fmt)
+    except UnsupportedFormat as e:
+        return {"supported": False, "reason": e.reason}
     layout = quantized_layout(model)
     footprint = {
         "supported": True,
@@ -207,15 +207,15 @@ def skip_summary(q: QuantizeParams, ranked: list[dict], top_k: int, linear_bits:
 
 def measure(
     q: QuantizeParams,
+    lora: LoraParams,
     path: Path | str = BASE_MODEL_DIR,
     trust: bool = False,
-    lora_rank: int = 16,
-    lora_scaling: float = 2.0,
 ) -> tuple[dict, dict]:
     """(reports/quantize.json, reports/quantize_layers.json). quantize.json (a DVC metric,
     artifacts.QuantizeReport) keys sizes by "full" and by `quant_type`, the format
     training and evaluation load; "formats" has nf4, fp4 and int8 each loaded for real;
-    "analysis", "skip_modules" and "loftq" summarise the per-layer file."""
+    "analysis", "skip_modules" and "loftq" (at the adapter's rank and scaling, `lora`)
+    summarise the per-layer file."""
     from qlora.calibration import loftq_errors
     from qlora.weight_analysis import analyse
 
@@ -224,24 +224,24 @@ def measure(
     full_bytes = footprint_bytes(full)
     analysis = analyse(full, q.double_quant, q.analysis.top_k)
     loftq = loftq_errors(
-        full, q.quant_type, q.double_quant, lora_rank, lora_scaling, q.analysis.loftq_every
+        full, q.quant_type, q.double_quant, lora.r, lora.alpha / lora.r, q.analysis.loftq_every
     )
     del full
     ranked = analysis["layers"]
     # The error of what is quantized: layers kept in 16 bits have none.
     quantized_rows = [r for r in ranked if not kept_in_16_bits(r["name"], q.skip_modules)]
+    errors = {fmt: layers_error(quantized_rows, fmt) for fmt in FORMATS}
     formats = {}
     for fmt in FORMATS:
         footprint = format_footprint(q, fmt, path, trust)
         if footprint["supported"]:
             footprint["memory_ratio"] = footprint["bytes"] / full_bytes
             footprint["bits_per_parameter"] = 8 * footprint["bytes"] / parameters
-            footprint["error"] = layers_error(quantized_rows, fmt)
+            footprint["error"] = errors[fmt]
         formats[fmt] = footprint
     chosen = formats[q.quant_type]
     if not chosen["supported"]:
-        reason = chosen["reason"]
-        raise UnsupportedFormat(f"params.yaml quantize.quant_type {q.quant_type}: {reason}")
+        raise UnsupportedFormat(q.quant_type, chosen["reason"])
     qt = q.quant_type
     report = {
         "parameters": parameters,
@@ -263,7 +263,7 @@ def measure(
             f"{qt}_linear_layers": chosen["linear_bits"],
         },
         "memory_ratio": chosen["memory_ratio"],
-        "quant_error": {fmt: layers_error(quantized_rows, fmt) for fmt in FORMATS},
+        "quant_error": errors,
         "formats": formats,
         "analysis": {**analysis["summary"], "seconds": analysis["seconds"]},
         "skip_modules": skip_summary(q, ranked, q.analysis.top_k, chosen["linear_bits"]),

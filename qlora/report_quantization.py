@@ -18,10 +18,14 @@ from __future__ import annotations
 from typing import Any
 
 from markupsafe import Markup
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import model_validator
 
 from qlora import artifacts
-from qlora.artifacts import EvalMetrics, QuantizeReport
+from qlora.artifacts import (
+    EvalMetrics,
+    QuantizeReport,
+    _Open,  # writers may add fields; the report reads the typed ones
+)
 from qlora.report_plots import Series, binned_histogram, ranked_bars
 
 FORMATS = ("nf4", "fp4", "int8")  # table order: the QLoRA default, its alternative, 8 bits
@@ -36,11 +40,6 @@ def format_name(key: str) -> str:
 
 
 # ---------------------------------------------------------------- schemas
-
-
-class _Open(BaseModel):
-    # Writers may add fields; the report reads the ones typed here.
-    model_config = ConfigDict(extra="allow", allow_inf_nan=False)
 
 
 class ErrorSummary(_Open):

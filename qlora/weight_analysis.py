@@ -28,7 +28,7 @@ import torch
 from qlora.quantization import (
     BLOCK_SIZE,
     FORMATS,
-    error_summary,
+    layers_error,
     quantizable_linears,
     squared_error,
     squared_norm,
@@ -153,14 +153,10 @@ def histogram(name: str, w: torch.Tensor, bins: int = HISTOGRAM_BINS) -> dict:
 
 def summary(ranked: list[dict], top_k: int = TOP_K) -> dict:
     """For a metrics JSON: each format's mean / max / overall error, and the worst layers."""
-    norms_sq = [row["norm"] ** 2 for row in ranked]
     return {
         "layers": len(ranked),
         "weights": sum(r["shape"][0] * r["shape"][1] for r in ranked),
-        "errors": {
-            fmt: error_summary([(r[f"{fmt}_error"] * r["norm"]) ** 2 for r in ranked], norms_sq)
-            for fmt in FORMATS
-        },
+        "errors": {fmt: layers_error(ranked, fmt) for fmt in FORMATS},
         "max_excess_kurtosis": max(r["excess_kurtosis"] for r in ranked),
         "max_block_absmax_ratio": max(r["block_absmax_ratio"] for r in ranked),
         "most_sensitive": sensitive_layers(ranked, top_k),

@@ -17,9 +17,8 @@ from qlora.quantization import REPORT, measure
 
 def main() -> None:
     params = load_params()
-    lora = params.finetune.lora
     report, layers = measure(
-        params.quantize, BASE_MODEL_DIR, params.base.trust_remote_code, lora.r, lora.alpha / lora.r
+        params.quantize, params.finetune.lora, BASE_MODEL_DIR, params.base.trust_remote_code
     )
     checked = validated(QuantizeReport, report, REPORT)  # the report reads it through this
     # Both at the end: a failure above leaves the last good pair as it was.

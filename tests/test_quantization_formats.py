@@ -23,13 +23,17 @@ def quantize_params(**changes):
     return shipped_params().quantize.model_copy(update=changes)
 
 
+# The adapter LoftQ is measured for: rank 4, scaling alpha / r = 2.
+LORA = shipped_params().finetune.lora.model_copy(update={"r": 4, "alpha": 8})
+
+
 def sixteen_bit(model: torch.nn.Module) -> set[str]:
     return {name for name, m in model.named_modules() if type(m) is torch.nn.Linear}
 
 
 @pytest.fixture(scope="module")
 def measured(tiny_model_dir) -> tuple[dict, dict]:
-    return measure(quantize_params(), tiny_model_dir, lora_rank=4, lora_scaling=2.0)
+    return measure(quantize_params(), LORA, tiny_model_dir)
 
 
 def test_every_format_is_loaded_and_measured(measured):
@@ -94,7 +98,7 @@ def test_skip_modules_keep_exactly_the_named_layers_in_16_bits(tiny_model_dir, q
 def test_a_skipped_layer_costs_its_16_bit_bytes(tiny_model_dir, measured):
     report, _ = measured
     q = quantize_params(skip_modules=[KEEP])
-    skipped, _ = measure(q, tiny_model_dir, lora_rank=4, lora_scaling=2.0)
+    skipped, _ = measure(q, LORA, tiny_model_dir)
     cost = skipped["skip_modules"]["configured_extra_bytes"]
     assert skipped["skip_modules"]["configured_layers"] == [KEEP]
     # Measured on the loaded models: the layer's 16-bit bytes less its 4-bit ones. The

@@ -30,7 +30,8 @@ def expected_bits_per_linear_weight(shapes: list[tuple[int, int]]) -> float:
 
 
 def test_quantize_report_on_a_tiny_llama(tiny_model_dir):
-    report, layers = measure(shipped_params().quantize, tiny_model_dir)
+    params = shipped_params()
+    report, layers = measure(params.quantize, params.finetune.lora, tiny_model_dir)
     layer = TINY_LINEAR_SHAPES
     assert report["bits_per_parameter"]["nf4_linear_layers"] == pytest.approx(
         expected_bits_per_linear_weight(layer * 2)
