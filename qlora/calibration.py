@@ -26,12 +26,10 @@ import json
 import time
 from pathlib import Path
 
-import bitsandbytes as bnb
-import bitsandbytes.functional as bnbf
 import torch
 
 from qlora.io import StageError
-from qlora.quantization import dequantized, int8_row_scales, quantizable_linears, squared_norm
+from qlora.quantization import dequantized, layer_weight, quantizable_linears, squared_norm
 from qlora.weight_analysis import one_cpu_thread
 
 
@@ -127,18 +125,6 @@ def loftq_errors(
 # ---------------------------------------------------------------- the model to train
 
 
-def layer_dequantized(layer: torch.nn.Module) -> torch.Tensor | None:
-    """The fp32 weight a bitsandbytes layer computes with, from its stored form: 4-bit
-    blocks with their (double-quantized) scales, or int8 rows with their scales. None for
-    a layer that is not quantized."""
-    weight = layer.weight
-    if isinstance(layer, bnb.nn.Linear4bit):
-        return bnbf.dequantize_4bit(weight.data, weight.quant_state).float()
-    if isinstance(layer, bnb.nn.Linear8bitLt):
-        return bnbf.int8_vectorwise_dequant(weight.data, int8_row_scales(layer)).float()
-    return None
-
-
 class CheckpointWeights:
     """Tensors of a saved HF model read one at a time from its safetensors files (a
     single file or a sharded index), so no second copy of the model is ever loaded."""
@@ -184,7 +170,7 @@ def initialise(model: torch.nn.Module, base_dir: Path | str, adapter: str = "def
         for name, module in model.named_modules():
             if not isinstance(module, LoraLayer) or adapter not in module.lora_A:
                 continue
-            deq = layer_dequantized(module.get_base_layer())
+            deq = layer_weight(module.get_base_layer())
             if deq is None:
                 continue
             # peft wraps the model twice ("base_model.model."); the checkpoint keys do not.

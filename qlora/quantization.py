@@ -108,6 +108,44 @@ def dequantized(w: torch.Tensor, fmt: str, double_quant: bool = False) -> torch.
     return bnbf.dequantize_4bit(q, state).float()
 
 
+def layer_weight(layer: torch.nn.Module) -> torch.Tensor | None:
+    """The fp32 weight a loaded bitsandbytes layer computes with, read from its stored form:
+    4-bit blocks with their (double-quantized) scales, or int8 rows with their scales. None
+    for a layer that is not quantized. The layer itself is left as it is.
+
+    A 4-bit layer on a CPU with AVX512-BF16 is repacked by bitsandbytes on its first
+    eval-mode no-grad forward: the 4-bit codes are reordered into tiles for the fused
+    kernel and the block scales become plain bf16 (double quantization undone, then rounded).
+    Reading that storage as the usual layout gives weights that are wrong everywhere, so a
+    repacked layer is read through its own layout: the codes put back in order, scaled by
+    the bf16 scales it now holds, which is exactly what its kernel multiplies by."""
+    weight = layer.weight
+    if isinstance(layer, bnb.nn.Linear4bit):
+        state = weight.quant_state
+        if getattr(state, "packing_format_for_cpu", False):
+            return _repacked_4bit_weight(weight.data, state)
+        return bnbf.dequantize_4bit(weight.data, state).float()
+    if isinstance(layer, bnb.nn.Linear8bitLt):
+        return bnbf.int8_vectorwise_dequant(weight.data, int8_row_scales(layer)).float()
+    return None
+
+
+def _repacked_4bit_weight(data: torch.Tensor, state) -> torch.Tensor:
+    """fp32 weight of a 4-bit layer in bitsandbytes' AVX512-BF16 CPU layout (see
+    `layer_weight`). bitsandbytes' own inverse restores the code order, but it rewrites the
+    state it is given and re-quantizes the scales, so it runs on a copy and only its codes
+    are kept; the scales are the layer's bf16 ones, transposed back to one per block."""
+    import copy
+
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+    codes, _ = _convert_weight_packed_for_cpu_inverse(data.clone(), copy.copy(state))
+    plain = copy.copy(state)
+    plain.absmax = state.absmax.T.reshape(-1).float()  # stored as (blocks of a row, rows)
+    plain.nested, plain.dtype, plain.packing_format_for_cpu = False, torch.float32, False
+    return bnbf.dequantize_4bit(codes, plain).float()
+
+
 def squared_norm(t: torch.Tensor) -> float:
     """||t||^2. vector_norm is one pass without a temporary (a float64 sum is ~10x slower),
     and its fp32 accumulation is exact to ~1e-6 relative over millions of weights."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,6 +29,31 @@ CHAT_TEMPLATE = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests marked `cpu_paths` (those that quantize, calibrate, evaluate or export) run on
+    both of bitsandbytes' 4-bit CPU paths, one native and one simulated (tests/avx512bf16.py).
+    Module scope, so a module's expensive fixtures are built once per path."""
+    if metafunc.definition.get_closest_marker("cpu_paths") is not None:
+        from avx512bf16 import PATHS
+
+        metafunc.parametrize("bnb_cpu_path", PATHS, indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def bnb_cpu_path(request) -> Iterator[str | None]:
+    """The bitsandbytes CPU path a `cpu_paths` test runs on; None (nothing changed) for the
+    others. Module fixtures that load 4-bit models must request it, so they are rebuilt on
+    each path."""
+    path = getattr(request, "param", None)
+    if path is None:
+        yield None
+        return
+    from avx512bf16 import cpu_path
+
+    with cpu_path(path):
+        yield path
 
 
 def make_tokenizer(vocab_size: int = 600):

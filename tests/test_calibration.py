@@ -1,21 +1,27 @@
 """LoftQ calibration against ground truth: the Eckart-Young bound of the quantization
 error, measured on what the loaded layers compute (forward passes), with the full-precision
-weights loaded independently; and a real (tiny) int8 + LoftQ training run."""
+weights loaded independently; and a real (tiny) int8 + LoftQ training run. On both of
+bitsandbytes' CPU paths (tests/avx512bf16.py)."""
 
 from __future__ import annotations
 
 import json
 
+import bitsandbytes.functional as bnbf
 import pytest
 import torch
 import yaml
 from peft import LoraConfig, get_peft_model
 
+from avx512bf16 import is_repacked, weight_before_repacking
 from qlora import calibration
 from qlora.io import StageError
 from qlora.models import load_full, load_quantized
 from qlora.params import shipped_params
+from qlora.quantization import layer_weight
 from stages import finetune
+
+pytestmark = pytest.mark.cpu_paths
 
 LAYER = "model.layers.0.mlp.down_proj"  # 64 x 128
 
@@ -37,9 +43,11 @@ def test_the_scaled_correction_is_the_best_rank_r_approximation(scaling):
 
 
 def effective_weight(layer: torch.nn.Module, in_features: int) -> torch.Tensor:
-    """The weight a layer computes with, read from its forward pass on the identity."""
-    with torch.no_grad():
-        return layer(torch.eye(in_features)).T.double()
+    """The weight a layer computes with while it trains, read from its forward pass on the
+    identity. The input asks for gradients, as training's do: a no-grad forward would repack
+    a 4-bit layer for bf16 inference on an AVX512-BF16 CPU, and read the bf16 kernel's
+    rounding (about 2^-9 of each weight) instead of the weight LoftQ corrects."""
+    return layer(torch.eye(in_features).requires_grad_()).T.detach().double()
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "int8"])
@@ -101,6 +109,63 @@ def test_the_quantize_stage_measure_matches_the_bound(tiny_model_dir):
     assert summary["reduction"] == pytest.approx(
         1 - summary["error_after"] / summary["error_before"]
     )
+
+
+def test_loftq_corrects_a_layer_repacked_for_inference(tiny_model_dir, bnb_cpu_path):
+    """A model that has already run an inference forward (evaluate's, a notebook's) holds its
+    4-bit layers repacked on an AVX512-BF16 CPU. LoftQ must correct what such a layer
+    computes with: its codes at its bf16 scales, taken here from an independent load that
+    never ran a forward."""
+    q = shipped_params().quantize
+    lora_config = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear")
+    model = get_peft_model(load_quantized(q, tiny_model_dir), lora_config)
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=torch.arange(3, 20).unsqueeze(0))
+    lora = model.get_submodule(f"base_model.model.{LAYER}")
+    assert is_repacked(lora.get_base_layer()) == (bnb_cpu_path == "avx512bf16")
+
+    calibration.initialise(model, tiny_model_dir)
+
+    untouched = load_quantized(q, tiny_model_dir).get_submodule(LAYER).weight
+    if bnb_cpu_path == "avx512bf16":
+        computed = weight_before_repacking(untouched.data, untouched.quant_state)
+    else:
+        computed = bnbf.dequantize_4bit(untouched.data, untouched.quant_state).float()
+    weight = load_full(tiny_model_dir, "float32").get_submodule(LAYER).weight.detach()
+    residual = (weight - computed).double()
+    correction = lora.scaling["default"] * (
+        lora.lora_B["default"].weight @ lora.lora_A["default"].weight
+    )
+    left = (residual - correction.double()).norm().item()
+    assert left == pytest.approx(eckart_young(residual, 4), rel=1e-4)
+
+
+def test_a_repacked_layer_reads_as_its_codes_at_its_bf16_scales(tiny_model_dir, bnb_cpu_path):
+    """quantization.layer_weight on a layer before and after an inference forward, against
+    the weight recomputed from an independent load's plain storage; the layer keeps its
+    layout (reading it changes nothing)."""
+    q = shipped_params().quantize
+    layer = load_quantized(q, tiny_model_dir).get_submodule(LAYER)
+    untouched = load_quantized(q, tiny_model_dir).get_submodule(LAYER).weight
+    plain = bnbf.dequantize_4bit(untouched.data, untouched.quant_state).float()
+    assert torch.equal(layer_weight(layer), plain)
+
+    layer.eval()
+    x = torch.randn(2, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = layer(x)
+    if bnb_cpu_path == "plain":
+        assert not is_repacked(layer) and torch.equal(layer_weight(layer), plain)
+        return
+    assert is_repacked(layer)
+    read = layer_weight(layer)
+    assert torch.equal(read, weight_before_repacking(untouched.data, untouched.quant_state))
+    # bf16 keeps 8 significant bits of each block's scale: no weight moves by more.
+    assert ((read - plain).abs() <= plain.abs() * 2**-8).all()
+    assert is_repacked(layer)
+    with torch.no_grad():
+        assert torch.equal(layer(x), y)
 
 
 def test_loftq_needs_the_bases_weights_by_name(tiny_model_dir, tmp_path):

@@ -16,10 +16,13 @@ import pytest
 import torch
 import yaml
 
+import avx512bf16
 from conftest import REPO, alpaca_rows, tiny_params
 from qlora import evaluation
 from qlora.io import StageError, read_jsonl, write_jsonl
 from stages import evaluate
+
+pytestmark = pytest.mark.cpu_paths
 
 ADAPTER = Path("data/prepared/adapter")
 
@@ -63,7 +66,7 @@ def answer_bits_per_byte(model_dir: Path, rows: list[dict]) -> float:
 
 
 @pytest.fixture(scope="module")
-def evaluated(tmp_path_factory, tiny_model_dir) -> Iterator[Path]:
+def evaluated(tmp_path_factory, tiny_model_dir, bnb_cpu_path) -> Iterator[Path]:
     """One run of the stage shared by the tests that read its outputs (the same set-up as
     conftest's `workspace`, made once for the module)."""
     from stages import dataset, sources
@@ -116,6 +119,15 @@ def test_three_variants_benchmarked_with_the_same_settings(evaluated):
         assert v["metrics"]["docstring_choice"]["acc"]["stderr"] is not None
         primary = v["metrics"]["docstring_loss"]["bits_per_byte"]
         assert primary["stderr"] > 0 and primary["stderr_method"].startswith("bootstrap")
+
+
+def test_the_4bit_variants_ran_on_this_cpu_path(evaluated, bnb_cpu_path):
+    """On an AVX512-BF16 CPU evaluation infers through bitsandbytes' repacked bf16 kernel:
+    every 4-bit layer of both 4-bit variants was repacked (14 of the tiny Llama's, twice)."""
+    expected = 2 * 14 if bnb_cpu_path == "avx512bf16" else 0
+    assert len(avx512bf16.repacked_layers) >= expected
+    if bnb_cpu_path == "plain":
+        assert avx512bf16.repacked_layers == []
 
 
 def test_every_variant_is_timed_generating_the_same_tokens(evaluated):

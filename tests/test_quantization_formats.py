@@ -16,6 +16,8 @@ from qlora.params import shipped_params
 from qlora.quantization import measure
 from tests.conftest import TINY_LINEAR_SHAPES as LAYER
 
+pytestmark = pytest.mark.cpu_paths
+
 KEEP = "model.layers.1.mlp.down_proj"  # 64 x 128
 
 
@@ -32,7 +34,7 @@ def sixteen_bit(model: torch.nn.Module) -> set[str]:
 
 
 @pytest.fixture(scope="module")
-def measured(tiny_model_dir) -> tuple[dict, dict]:
+def measured(tiny_model_dir, bnb_cpu_path) -> tuple[dict, dict]:
     return measure(quantize_params(), LORA, tiny_model_dir)
 
 

@@ -29,6 +29,7 @@ def expected_bits_per_linear_weight(shapes: list[tuple[int, int]]) -> float:
     return total_bits / total_weights
 
 
+@pytest.mark.cpu_paths
 def test_quantize_report_on_a_tiny_llama(tiny_model_dir):
     params = shipped_params()
     report, layers = measure(params.quantize, params.finetune.lora, tiny_model_dir)
@@ -44,6 +45,7 @@ def test_quantize_report_on_a_tiny_llama(tiny_model_dir):
     assert nf4["layers"] == 14
 
 
+@pytest.mark.cpu_paths
 def test_finetune_trains_an_adapter_in_standard_peft_format(workspace):
     finetune.main()
     adapter = workspace / "data/prepared/adapter"

@@ -4,46 +4,31 @@ bitsandbytes repacks 4-bit weights for CPU inference after a no-grad eval-mode f
 CPUs with AVX512-BF16, and the repacked path has no autograd (qlora/models.py,
 keep_4bit_layout_trainable). The Trainer's step-0 validation loss is such a forward, so the
 tests below run one before the training step and compare the LoRA gradients with those of
-a model that never ran it. On a CPU without AVX512-BF16 the real kernel cannot run, so the
-`simulated` cases make bitsandbytes believe the CPU has it: the same repacking code runs
-(only the final kernel differs), which is the state the guard must keep the model out of.
+a model that never ran it. Both CPU paths run on every machine (tests/avx512bf16.py): on a
+CPU without AVX512-BF16, bitsandbytes is made to believe the CPU has it, so the same
+repacking code runs (only the final kernel differs), which is the state the guard must keep
+the model out of.
 """
 
 from __future__ import annotations
 
 import bitsandbytes as bnb
-import bitsandbytes.nn.modules as bnb_modules
 import pytest
 import torch
-from bitsandbytes.functional import has_avx512bf16
 
+from avx512bf16 import is_repacked
 from conftest import make_tiny_model_dir, tiny_params
 from qlora import training
 from qlora.chat import encode, render
 from qlora.models import load_quantized, load_tokenizer
 from qlora.params import Params
 
-CPU_HAS_AVX512BF16 = has_avx512bf16()
-NO_AVX512BF16 = (
-    "this CPU lacks AVX512-BF16 (no avx512_bf16 in /proc/cpuinfo), so bitsandbytes' packed "
-    "inference kernel cannot run here; the simulated case covers the same repacking path"
-)
+pytestmark = pytest.mark.cpu_paths
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def base_dir(request, tmp_path_factory):
     return make_tiny_model_dir(tmp_path_factory.mktemp(request.param), arch=request.param)
-
-
-@pytest.fixture(params=["simulated", "real"])
-def cpu(request, monkeypatch) -> str:
-    if request.param == "real" and not CPU_HAS_AVX512BF16:
-        pytest.skip(NO_AVX512BF16)
-    if request.param == "simulated":
-        # Read by Linear4bit.__init__: every 4-bit layer built after this takes the
-        # AVX512-BF16 branch of its forward.
-        monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
-    return request.param
 
 
 def params_for(base_dir) -> Params:
@@ -88,7 +73,7 @@ def no_grad_evaluation(model, inputs) -> None:
         model(**inputs)
 
 
-def test_lora_gradients_after_an_evaluation_equal_a_fresh_models(base_dir, cpu):
+def test_lora_gradients_after_an_evaluation_equal_a_fresh_models(base_dir):
     params, inputs = params_for(base_dir), batch(base_dir)
     expected = lora_gradients(training.lora_model(params, False, base_dir)[0], inputs)
 
@@ -103,17 +88,17 @@ def test_lora_gradients_after_an_evaluation_equal_a_fresh_models(base_dir, cpu):
     assert worst < 1e-5, f"LoRA gradients differ from a fresh model's by {worst:.1%} (rel. norm)"
 
 
-def test_the_training_models_4bit_layers_never_switch_to_the_packed_layout(base_dir, cpu):
+def test_the_training_models_4bit_layers_never_switch_to_the_packed_layout(base_dir):
     params, inputs = params_for(base_dir), batch(base_dir)
     model, _ = training.lora_model(params, False, base_dir)
     no_grad_evaluation(model, inputs)
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers, "the training model has no 4-bit layers"
-    packed = [m for m in layers if getattr(m.weight.quant_state, "packing_format_for_cpu", False)]
+    packed = [m for m in layers if is_repacked(m)]
     assert not packed, f"{len(packed)} of {len(layers)} 4-bit layers were repacked for inference"
 
 
-def test_an_inference_model_keeps_the_fast_path(base_dir, cpu):
+def test_an_inference_model_keeps_the_fast_path(base_dir, bnb_cpu_path):
     """Evaluation only infers: there the repacking is wanted (it is bitsandbytes' fast CPU
     kernel), so the guard must not be applied to models built for evaluate."""
     params, inputs = params_for(base_dir), batch(base_dir)
@@ -121,4 +106,4 @@ def test_an_inference_model_keeps_the_fast_path(base_dir, cpu):
     with torch.no_grad():
         model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
-    assert all(m.weight.quant_state.packing_format_for_cpu for m in layers)
+    assert layers and all(is_repacked(m) == (bnb_cpu_path == "avx512bf16") for m in layers)
