@@ -16,12 +16,13 @@ import json
 import math
 import re
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
 
 from qlora.chat import encode, render
-from qlora.formats import REQUIRED, to_messages
+from qlora.formats import REQUIRED, is_null, to_messages
 from qlora.io import read_jsonl_numbered
 
 ROLES = ("system", "user", "assistant")
@@ -69,12 +70,8 @@ def read_jsonl_lenient(path: Path) -> tuple[dict[int, dict], list[int]]:
 # ------------------------------------------------------------------ schema
 
 
-def _is_null(v) -> bool:
-    return v is None or (isinstance(v, float) and math.isnan(v))
-
-
 def _is_list(v) -> bool:
-    # Parquet hands lists back as numpy arrays.
+    # Lists of rows built with pandas come as numpy arrays.
     return isinstance(v, (list, tuple)) or type(v).__name__ == "ndarray"
 
 
@@ -94,7 +91,7 @@ def _message_problems(messages) -> tuple[str | None, str | None]:
         for key in ("role", "content"):
             if key not in m:
                 return f"messages[{k}] has no {key!r}", None
-            if _is_null(m[key]):
+            if is_null(m[key]):
                 return None, f"messages[{k}].{key} is null"
             if not isinstance(m[key], str):
                 return f"messages[{k}].{key} is {_type_name(m[key])}, expected str", None
@@ -114,7 +111,7 @@ def schema_problems(row: dict, fmt: str | None) -> tuple[str | None, str | None]
             return f"no field {key!r}", None
     for key, typ in fields.items():
         v = row[key]
-        if _is_null(v):
+        if is_null(v):
             return None, f"{key!r} is null"
         if typ is list:
             if not _is_list(v):
@@ -124,7 +121,7 @@ def schema_problems(row: dict, fmt: str | None) -> tuple[str | None, str | None]
                 return f"{key!r} = {v!r}, expected a count (int >= 0)", None
         elif not isinstance(v, typ):
             return f"{key!r} is {_type_name(v)}, expected {typ.__name__}", None
-    if fmt == "alpaca" and not _is_null(row.get("input")) and not isinstance(row["input"], str):
+    if fmt == "alpaca" and not is_null(row.get("input")) and not isinstance(row["input"], str):
         return f"'input' is {_type_name(row['input'])}, expected str", None
     if "messages" in fields:
         return _message_problems(row["messages"])
@@ -166,19 +163,50 @@ def _derive(messages: list[dict]) -> dict:
     }
 
 
+def _text_fields(row: dict, fmt: str | None) -> dict[str, object]:
+    """The texts of a row that become the conversation, by the name a user finds them by:
+    a chat turn ("messages[1].content (user)") or a field ("'input'")."""
+    if fmt is None or fmt == "chat":
+        return {f"messages[{k}].content ({m['role']})": m["content"]
+                for k, m in enumerate(row["messages"])}  # fmt: skip
+    return {repr(k): row.get(k) for k in (*REQUIRED[fmt], "input")}
+
+
 def _blank_fields(row: dict, fmt: str | None) -> str | None:
     """The fields (or chat turns) that hold only white space, such as an Alpaca `input` of
     spaces and tabs beside a real instruction: a value lost on the way, or junk the template
     renders. An empty string is no value (Alpaca's "no input"), not a blank one."""
-    if fmt is None or fmt == "chat":
-        fields = {f"messages[{k}].content ({m['role']})": m["content"]
-                  for k, m in enumerate(row["messages"])}  # fmt: skip
-    else:
-        fields = {repr(k): row.get(k) for k in (*REQUIRED[fmt], "input")}
     # Raw white space: the report's clip() shows it escaped (\t, \n).
-    blank = [f"{name} = '{v[:20]}'" for name, v in fields.items()
+    blank = [f"{name} = '{v[:20]}'" for name, v in _text_fields(row, fmt).items()
              if isinstance(v, str) and v and not v.strip()]  # fmt: skip
     return f"only white space: {', '.join(blank)}" if blank else None
+
+
+def control_token_texts(tokenizer) -> list[str]:
+    """The texts the tokenizer turns into its special tokens whatever surrounds them: its
+    named special tokens (bos, eos, pad, ...) and every added token marked special (the
+    chat template's <|im_start|>, a model's reserved tokens)."""
+    added = (t.content for t in tokenizer.added_tokens_decoder.values() if t.special)
+    return [t for t in dict.fromkeys([*tokenizer.all_special_tokens, *added]) if t]
+
+
+def control_token_pattern(tokens: Sequence[str]) -> re.Pattern | None:
+    # Longest first, so a token that contains another is named as itself.
+    ordered = sorted(tokens, key=len, reverse=True)
+    return re.compile("|".join(map(re.escape, ordered))) if ordered else None
+
+
+def _control_tokens(row: dict, fmt: str | None, pattern: re.Pattern | None) -> str | None:
+    """The fields whose text holds a special token's text. Tokenized as the real token, it
+    is a role marker inside the data: a fake system turn, or an early end of text, trained."""
+    if pattern is None:
+        return None
+    found = []
+    for name, text in _text_fields(row, fmt).items():
+        hits = dict.fromkeys(pattern.findall(text)) if isinstance(text, str) else {}
+        if hits:
+            found.append(f"{name} contains {', '.join(map(repr, hits))}")
+    return "; ".join(found) or None
 
 
 def _tokens(prompt_tokens: float, completion_tokens: float, max_length: int | None) -> dict:
@@ -200,16 +228,21 @@ def build_frame(
     max_length: int | None,
     tokenizer=None,
     system_prompt: str | None = None,
+    control_tokens: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """One row of derived columns per record, indexed by row number.
 
     fmt None: prepared split rows, whose token counts are already stored. Otherwise raw
     records of that format, rendered with `tokenizer` (None: no token columns).
+    `control_tokens`: the base tokenizer's special tokens (control_token_texts), for the
+    column `control_tokens` (None: not checked, no such column).
     """
+    columns = COLUMNS + ([] if control_tokens is None else ["control_tokens"])
+    pattern = control_token_pattern(control_tokens or [])
     records = []
     for _, row in rows.items():
         problem, missing = schema_problems(row, fmt)
-        rec: dict = dict.fromkeys(COLUMNS)
+        rec: dict = dict.fromkeys(columns)
         rec.update(schema_problem=problem, missing_value=missing)
         nan = math.nan
         rec.update(_tokens(nan, nan, None))
@@ -220,13 +253,16 @@ def build_frame(
             # A blank whole turn is `empty_prompt`'s or `empty_response`'s: one report.
             if all(isinstance(t, str) and t.strip() for t in (rec["prompt_text"], rec["response"])):
                 rec["blank_fields"] = _blank_fields(row, fmt)
+            if control_tokens is not None:
+                rec["control_tokens"] = _control_tokens(row, fmt, pattern)
             if fmt is None:
                 counts = (float(row["prompt_tokens"]), float(row["completion_tokens"]))
                 rec.update(_tokens(*counts, max_length))
             elif tokenizer is not None and rec["response"] is not None:
                 rec.update(_tokens(*_count_tokens(tokenizer, list(messages)), max_length))
         records.append(rec)
-    frame = pd.DataFrame(records, columns=COLUMNS, index=pd.Index(list(rows)))
+    frame = pd.DataFrame(records, columns=columns, index=pd.Index(list(rows)))
+    frame.attrs["control_tokens"] = list(control_tokens or [])
     for col in ("prompt_tokens", "completion_tokens", "total_tokens", "n_trained_tokens"):
         frame[col] = frame[col].astype(float)
     # Only the first copy of an exact duplicate counts for near duplicates: one defect,
@@ -272,9 +308,9 @@ def add_leakage(
     owner: dict[tuple[str, ...], int] = {}
     seen_in = Counter()
     for row, p, text in zip(train.index, train["prompt_text"], train["text"], strict=True):
-        if not _is_null(p):
+        if not is_null(p):
             prompts.setdefault(normalise(p), row)
-        if not _is_null(text):
+        if not is_null(text):
             grams = ngrams(text, n)
             seen_in.update(grams)
             for g in grams:
@@ -283,7 +319,7 @@ def add_leakage(
     leaks: list[bool | None] = []
     details: list[str | None] = []
     for p, text in zip(frame["prompt_text"], frame["text"], strict=True):
-        if _is_null(p) or _is_null(text):
+        if is_null(p) or is_null(text):
             leaks.append(None)
             details.append(None)
             continue

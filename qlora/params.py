@@ -88,6 +88,9 @@ class CheckSeverities(_Section):
     chat_order: Severity
     chat_last_turn: Severity
     encoding: Severity
+    # The tokenizer's special tokens in the data's text: tokenized as the real markers, a
+    # row can hold a whole fake system turn. An error unless the data means them.
+    control_tokens: Severity
     min_rows: Severity
     length_outliers: Severity
     pii: Severity

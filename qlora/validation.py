@@ -2,7 +2,8 @@
 
 Each check is a Great Expectations expectation on a column of the table that
 qlora/data_checks.py derives from the rows (empty answers, blank fields, duplicates, chat
-turns out of order, test rows that repeat train rows, encoding junk, PII).
+turns out of order, test rows that repeat train rows, encoding junk, PII, the base
+tokenizer's special tokens inside the text).
 params.yaml `validate.checks` makes each one an error (stops the pipeline), a warning
 (printed and reported) or off. Rows longer than dataset.max_length are judged by one rule
 (length_policy) in the DAG and for a file: the dataset stage drops them, a warning up to
@@ -20,7 +21,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -71,6 +72,15 @@ def _encoding_shown(frame: pd.DataFrame, row) -> str:
     shown = dc.first_match(dc.ENCODING_RE, frame.at[row, "text"])
     invalid = row in frame.attrs.get("invalid_utf8_rows", ())
     return f"invalid UTF-8 bytes (read as \\ufffd): {shown}" if invalid else shown
+
+
+def _control_tokens_description(tokens: list[str]) -> str:
+    more = f" and {len(tokens) - 5} more" if len(tokens) > 5 else ""
+    return (
+        f"no text holds one of the base tokenizer's {len(tokens)} special tokens "
+        f"({', '.join(map(repr, tokens[:5]))}{more}): each would be tokenized as the real "
+        "token, a role marker or an end of text inside the data"
+    )
 
 
 def plan_checks(
@@ -141,6 +151,12 @@ def plan_checks(
                   "response token to train on",
                   gxe.ExpectColumnValuesToBeBetween(column="n_trained_tokens", min_value=1),
                   _tokens_shown)
+        )  # fmt: skip
+    if "control_tokens" in frame:  # only where the base tokenizer's tokens are known
+        checks.append(
+            Check("control_tokens", _control_tokens_description(frame.attrs["control_tokens"]),
+                  gxe.ExpectColumnValuesToBeNull(column="control_tokens"),
+                  col("control_tokens"))
         )  # fmt: skip
     if "appears_in_train" in frame:
         n, most = v.ngram_overlap.n, v.ngram_overlap.max_fraction
@@ -334,12 +350,13 @@ def dropped_by_dataset(v: ValidateParams, max_length: int) -> list[dict]:
     )  # fmt: skip
 
 
-def validate_splits(v: ValidateParams, max_length: int) -> dict:
-    """Check the prepared splits; write reports/validation (even when checks fail)."""
+def validate_splits(v: ValidateParams, max_length: int, control_tokens: Sequence[str]) -> dict:
+    """Check the prepared splits; write reports/validation (even when checks fail).
+    `control_tokens`: the base tokenizer's special tokens (dc.control_token_texts)."""
     frames = {}
     for split in SPLITS:
         rows, bad_utf8 = read_split(artifacts.split_file(split))
-        frames[split] = dc.build_frame(rows, None, max_length)
+        frames[split] = dc.build_frame(rows, None, max_length, control_tokens=control_tokens)
         frames[split].attrs["invalid_utf8_rows"] = bad_utf8
     for split in ("validation", "test"):
         g = v.ngram_overlap
@@ -421,7 +438,8 @@ def _tokenizer(tokenizer_dir: str | None, trust_remote_code: bool):
             raise StageError(f"--tokenizer {tokenizer_dir}: no such directory")
         print(
             f"note: no tokenizer ({BASE_MODEL_DIR} does not exist): token-length checks "
-            "skipped; pass --tokenizer DIR to run them"
+            "skipped, and control_tokens (its special tokens are unknown); pass --tokenizer "
+            "DIR to run them"
         )
         return None
     return load_tokenizer(where, trust_remote_code)
@@ -442,9 +460,11 @@ def cli_validate(
         records, bad_utf8 = load_file(path)
         record_format = _format_of(path, records, fmt)
         tokenizer = _tokenizer(tokenizer_dir, params.base.trust_remote_code)
+        tokens = dc.control_token_texts(tokenizer) if tokenizer is not None else None
         frame = dc.build_frame(
-            records, record_format, limit if tokenizer else None, tokenizer, data.system_prompt
-        )
+            records, record_format, limit if tokenizer else None, tokenizer, data.system_prompt,
+            tokens,
+        )  # fmt: skip
     except StageError as e:  # ParamsError is one too
         print(f"error: {e}", file=sys.stderr)
         return 2

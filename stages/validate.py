@@ -2,12 +2,14 @@
 
 Each check is a Great Expectations expectation on a column of the table that
 qlora/data_checks.py derives from the rows (empty answers, blank fields, duplicates, chat
-turns out of order, test rows that repeat train rows, encoding junk, PII).
+turns out of order, test rows that repeat train rows, encoding junk, PII, the base
+tokenizer's special tokens inside the text).
 params.yaml `validate.checks` makes each one an error (stops the pipeline), a warning
 (printed and reported) or off.
 
-In the DAG it checks data/prepared/splits/{train,validation,test}.jsonl, train against
-validation and test (leakage), and the rows the dataset stage dropped as longer than
+In the DAG it checks data/prepared/splits/{train,validation,test}.jsonl (control tokens:
+those of data/prepared/base_model's tokenizer), train against validation and test
+(leakage), and the rows the dataset stage dropped as longer than
 dataset.max_length (reports/dataset.json: an error past validate.max_dropped_fraction of
 the rows, as `qlora validate FILE` judges them), writes reports/validation/result.json and
 GX Data Docs (reports/validation/data_docs/index.html), then fails if an error check
@@ -19,14 +21,21 @@ reports alone.
 
 from __future__ import annotations
 
+from qlora.artifacts import BASE_MODEL_DIR
+from qlora.data_checks import control_token_texts
 from qlora.io import StageError, run_stage
+from qlora.models import load_tokenizer
 from qlora.params import load_params
 from qlora.validation import OUT_DIR, SPLITS, describe, failed, validate_splits
 
 
 def main() -> None:
     params = load_params()
-    result = validate_splits(params.validate_, params.dataset.max_length)
+    # The text the base tokenizer reads as its own control tokens must not be in the data.
+    tokenizer = load_tokenizer(BASE_MODEL_DIR, params.base.trust_remote_code)
+    result = validate_splits(
+        params.validate_, params.dataset.max_length, control_token_texts(tokenizer)
+    )
     checks = result["checks"]
     warnings, errors = failed(checks, "warning"), failed(checks, "error")
     if warnings:

@@ -151,3 +151,82 @@ def test_max_length_beyond_the_model_context_is_refused(tiny_model_dir):
     dataset.check_context(512, tiny_model_dir)  # the tiny model's context is 512
     with pytest.raises(StageError, match="dataset.max_length = 4096 exceeds .* context of 512"):
         dataset.check_context(4096, tiny_model_dir)
+
+
+def test_parquet_nulls_are_missing_values_not_the_text_nan(tmp_path, tiny_model_dir):
+    import pandas as pd
+
+    rows = alpaca_rows(6)
+    rows[0]["input"] = None  # optional: no input, as in JSONL
+    rows[2]["output"] = None  # required: the answer is missing
+    path = tmp_path / "d.parquet"
+    pd.DataFrame(rows).to_parquet(path)
+    records = read_records(str(path))
+    assert records[0]["input"] is None and records[2]["output"] is None
+    assert to_messages(records[0], "alpaca")[0]["content"] == rows[0]["instruction"]
+    p = dataset_params(source=str(path), format="alpaca", max_length=256)
+    with pytest.raises(StageError, match=r"d\.parquet: row 3: .*missing \['output'\]"):
+        dataset.prepare(p, load_tokenizer(tiny_model_dir))
+
+
+def test_parquet_chat_turns_come_back_as_plain_lists_and_dicts(tmp_path):
+    import pandas as pd
+
+    rows = [CHAT, {"messages": [{"role": "user", "content": None}, CHAT["messages"][1]]}]
+    pd.DataFrame(rows).to_parquet(tmp_path / "chat.parquet")
+    records = read_records(str(tmp_path / "chat.parquet"))
+    assert records == rows and type(records[0]["messages"]) is list
+    with pytest.raises(KeyError, match=r"messages\[0\]\.content"):
+        to_messages(records[1], "chat")
+
+
+def test_corrupt_parquet_is_named_not_a_traceback(tmp_path):
+    import random
+
+    path = tmp_path / "corrupt.parquet"
+    path.write_bytes(random.Random(0).randbytes(512))
+    with pytest.raises(StageError, match=r"corrupt\.parquet: not a readable Parquet file \(.+\)"):
+        read_records(str(path))
+
+
+def test_csv_cell_longer_than_the_csv_module_default_loads(tmp_path):
+    import csv
+
+    default = csv.field_size_limit()
+    long_cell = "x" * 200_000  # over the csv module's 131,072-character default
+    (tmp_path / "d.csv").write_text(f"prompt,completion\na,b\nc,{long_cell}\n")
+    rows = read_records(str(tmp_path / "d.csv"))
+    assert rows == [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": long_cell}]
+    assert csv.field_size_limit() == default  # the process-wide setting is left as it was
+
+
+def test_csv_cell_over_the_limit_names_the_file_and_line(tmp_path, monkeypatch):
+    from qlora import formats
+
+    monkeypatch.setattr(formats, "CSV_FIELD_LIMIT", 1000)
+    (tmp_path / "d.csv").write_text("prompt,completion\na,b\nc,d\ne," + "x" * 1001 + "\n")
+    with pytest.raises(StageError, match=r"d\.csv: line 4 cannot be read as CSV \(field larger"):
+        read_records(str(tmp_path / "d.csv"))
+
+
+BOM_ROWS = [{"prompt": "a", "completion": "b"}, {"prompt": "c", "completion": "d"}]
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("d.csv", "prompt,completion\na,b\nc,d\n"),
+        ("d.jsonl", "".join(json.dumps(r) + "\n" for r in BOM_ROWS)),
+        ("d.json", json.dumps(BOM_ROWS)),
+    ],
+    ids=["csv", "jsonl", "json"],
+)
+def test_a_utf8_bom_is_not_part_of_the_first_key(tmp_path, name, text):
+    # Spreadsheet exports (Excel's "CSV UTF-8") and some editors start the file with one.
+    (tmp_path / name).write_text("\ufeff" + text, encoding="utf-8")
+    assert read_records(str(tmp_path / name)) == BOM_ROWS
+
+
+def test_an_invisible_character_in_a_key_is_shown_escaped():
+    with pytest.raises(StageError, match=r"unknown record format.*'\\u200bprompt'"):
+        detect_format([{"\u200bprompt": "a", "completion": "b"}])
