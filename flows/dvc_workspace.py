@@ -10,23 +10,29 @@ exactly what ran. Nothing here knows the stage names: they come from dvc.yaml.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import logging
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psutil
 from filelock import FileLock, Timeout
 
-from qlora.io import pipeline_env
+from qlora.artifacts import EVAL_TASKS_DIR, PARAMS_FILE
+from qlora.io import atomic_write_text, pipeline_env
+from qlora.params import Params, ParamsError, load_params
 
 # Every process a flow run starts carries this variable (inherited by the stage commands DVC
 # starts), so the next run can find and stop what a crashed run left behind.
@@ -332,29 +338,165 @@ def describe_status(status: dict) -> list[str]:
     return out
 
 
-def apply_param_overrides(repo_dir: Path, overrides: Sequence[str]) -> dict[str, list[str]]:
-    """Apply `[file:]key=value` overrides with DVC's own code for `dvc exp run -S`.
+# ---- param overrides: untrusted input -----------------------------------------------------
 
-    Same grammar and checks as `-S` (Hydra override syntax; a key that is not in the file
-    is rejected, `+key=value` adds one). Returns the overrides grouped by params file.
+# Set to 1 where the worker starts, or in a deployment's job variables (prefect.yaml), to let
+# runs change the keys of `risky_changes`: whoever may start a run must not get to run code
+# on the worker. A flow parameter would not do: the run's starter sets those.
+ALLOW_RISKY_ENV = "QLORA_ALLOW_RISKY_OVERRIDES"
+# The accelerate launcher configs that ship with the project (finetune.accelerate_config).
+ACCELERATE_CONFIGS = Path("configs/accelerate")
+# Values naming an input: a path anywhere on the worker, or any id on the hub.
+_SOURCE_KEYS = {
+    "base.source": "names the base model: a folder anywhere on the worker or any hub id",
+    "base.revision": "picks the hub commit the base model is downloaded at",
+    "dataset.source": "names the raw data: a file anywhere on the worker or any hub id",
+}
+
+
+class OverrideRefused(ParamsError):
+    """An override that is not allowed or not valid; params.yaml was left as it was."""
+
+
+def apply_param_overrides(
+    repo_dir: Path, overrides: Sequence[str], allow_risky: bool = False
+) -> dict[str, list[str]]:
+    """Apply `key=value` overrides of params.yaml with DVC's own code for `dvc exp run -S`.
+
+    Same grammar as `-S` (Hydra override syntax), minus what an untrusted run must not do:
+    only params.yaml (dvc.yaml and the rest are code), no added or deleted keys, no
+    `${...}` interpolation (it would copy the worker's environment in). The result must
+    pass the params schema (qlora/params.py), and a change of `risky_changes` needs
+    `allow_risky`. Only then is params.yaml replaced, atomically; a refusal leaves it
+    byte-identical. Returns the overrides grouped by params file, as `dvc exp run` does.
     """
-    from dvc.exceptions import DvcException
+    items = _params_yaml_items(repo_dir, overrides)
+    _check_grammar(items)
+    path = repo_dir / PARAMS_FILE
+    before = load_params(path)
+    text, after = _overridden(path, items)
+    risky = risky_changes(before, after, repo_dir)
+    if risky and not allow_risky:
+        raise OverrideRefused(
+            f"{PARAMS_FILE} left unchanged: {'; '.join(risky)}. These keys run code or reach "
+            f"outside the project: a deployment allows them with {ALLOW_RISKY_ENV}=1 where "
+            f"its worker starts or in its job variables (prefect.yaml); `qlora flow run` "
+            f"allows them"
+        )
+    atomic_write_text(path, text)
+    return {str(PARAMS_FILE): items}
+
+
+def _params_yaml_items(repo_dir: Path, overrides: Sequence[str]) -> list[str]:
+    """The overrides without their file prefix; one naming any file but params.yaml is
+    refused (`dvc.yaml:stages.x.cmd=...` would be a command run on the worker)."""
     from dvc.utils.cli_parse import to_path_overrides
+
+    params_file = (repo_dir / PARAMS_FILE).resolve()
+    items = []
+    for rel, group in to_path_overrides(list(overrides)).items():
+        if (repo_dir / rel).resolve() != params_file:
+            raise OverrideRefused(
+                f"{rel}: only {PARAMS_FILE} can be overridden, not {rel} ({group}); "
+                f"{PARAMS_FILE} left unchanged"
+            )
+        items += group
+    return items
+
+
+def _check_grammar(items: list[str]) -> None:
+    """Refuse what `-S` allows but a run must not do (checked before DVC edits anything)."""
+    from dvc.utils.hydra import to_hydra_overrides
+    from hydra.errors import OverrideParseException
+
+    for item in items:
+        try:
+            (parsed,) = to_hydra_overrides([item])
+        except OverrideParseException as e:
+            raise OverrideRefused(f"{item!r} is not a `key=value` override: {e}") from None
+        key = parsed.get_key_element()
+        if parsed.is_add() or parsed.is_force_add() or parsed.is_delete():
+            # Every key of the schema is required and none may be added: a new or missing
+            # key is a typo or an attempt, and params.yaml is where keys are edited.
+            raise OverrideRefused(
+                f"{key}: {item!r} adds or deletes a key; an override only sets keys that "
+                f"{PARAMS_FILE} has"
+            )
+        if "${" in item.partition("=")[2]:
+            raise OverrideRefused(
+                f"{key}: {item!r} uses ${{...}} interpolation, which would write the worker's "
+                f"environment or other values into {PARAMS_FILE}; give the value itself"
+            )
+
+
+def _overridden(path: Path, items: list[str]) -> tuple[str, Params]:
+    """The text of params.yaml with the overrides applied, and its checked values: DVC edits
+    a copy (it keeps the comments), the schema reads that copy."""
+    from dvc.exceptions import DvcException
     from dvc.utils.hydra import apply_overrides
 
-    grouped = to_path_overrides(list(overrides))
-    for rel, items in grouped.items():
-        path = (repo_dir / rel).resolve()
-        if not path.is_relative_to(repo_dir):
-            raise ValueError(f"override file {rel!r} is outside the repository {repo_dir}")
-        if not path.is_file():
-            raise ValueError(f"override file {rel!r} does not exist in {repo_dir}")
+    with tempfile.TemporaryDirectory(prefix="qlora-overrides-") as tmp:
+        copy = Path(tmp) / path.name
+        shutil.copyfile(path, copy)
         try:
-            apply_overrides(path, items)
+            apply_overrides(copy, items)
+            return copy.read_text(encoding="utf-8"), load_params(copy)
         except DvcException as e:
             cause = f": {e.__cause__}" if e.__cause__ else ""
-            raise ValueError(f"{rel}: cannot apply {items}: {e}{cause}") from e
-    return grouped
+            raise OverrideRefused(
+                f"{PARAMS_FILE}: cannot apply {items}: {e}{cause}; {PARAMS_FILE} left unchanged"
+            ) from None
+        except ParamsError as e:
+            # The copy's name means nothing to the user: the file they override does.
+            message = str(e).replace(str(copy), str(PARAMS_FILE))
+            raise OverrideRefused(
+                f"{message}\n(after the overrides {items}; {PARAMS_FILE} left unchanged)"
+            ) from None
+
+
+def risky_changes(before: Params, after: Params, repo_dir: Path) -> list[str]:
+    """One "key: why" line per change that runs code or reads from outside the project: a
+    new source, remote code turned on, a launcher config or lm-eval task from elsewhere.
+    Values the project already had, or ships (data/eval_tasks, configs/accelerate), are no
+    risk. Compared on the checked values, so a whole section given at once counts too."""
+    found = [
+        f"{key}: {why}"
+        for key, why in _SOURCE_KEYS.items()
+        if _value(before, key) != _value(after, key)
+    ]
+    if after.base.trust_remote_code and not before.base.trust_remote_code:
+        found.append("base.trust_remote_code: runs Python code from the model repository")
+    config = after.finetune.accelerate_config
+    if config != before.finetune.accelerate_config and config is not None:
+        shipped = (repo_dir / ACCELERATE_CONFIGS).resolve()
+        if not (repo_dir / config).resolve().is_relative_to(shipped):
+            found.append(
+                f"finetune.accelerate_config: {config!r} is not in {ACCELERATE_CONFIGS} "
+                f"(a launcher config can send the training processes to other hosts)"
+            )
+    new_tasks = [t for t in after.evaluate.tasks if t not in before.evaluate.tasks]
+    if new_tasks:
+        local = _local_tasks(repo_dir)
+        found += [
+            f"evaluate.tasks: {task!r} is not a task of {EVAL_TASKS_DIR} (a task file "
+            f"imports Python from beside it; a built-in task reads its data from the hub)"
+            for task in new_tasks
+            if task not in local
+        ]
+    return found
+
+
+def _value(params: Params, key: str) -> Any:
+    return functools.reduce(getattr, key.split("."), params)
+
+
+def _local_tasks(repo_dir: Path) -> set[str]:
+    """Names of the lm-eval tasks in data/eval_tasks, indexed by lm-eval itself (as the
+    evaluate stage finds them); indexing reads the YAML files only, it imports nothing."""
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager(include_path=str(repo_dir / EVAL_TASKS_DIR), include_defaults=False)
+    return set(manager.all_tasks)
 
 
 def stage_result(stage: str, lines: Sequence[str]) -> str:

@@ -15,6 +15,11 @@ the artifacts: stage table, base vs adapter metrics, the gate decision, the repo
 Overrides (`--set key=value`) are a DVC experiment: DVC's own `exp run -S` code sets the
 params, the stages run as above, and `dvc exp save` records the result under the flow run's
 name (see `dvc exp show`). Prefect's task cache is off everywhere: DVC is the only cache.
+Whoever starts a deployment's run chooses its overrides: they may set params.yaml keys
+only, must pass the params schema, and may change a source, remote code or a task or
+launcher file from outside the project only where the deployment allows it
+(flows/dvc_workspace.py: ALLOW_RISKY_ENV). A run in this process (`qlora flow run`) is the
+machine's own user, who may edit params.yaml anyway: it allows them.
 
 With `promote`, an adapter that passed the gate is registered last, still holding the
 workspace (qlora/registry.py: lineage from dvc.lock, the champion/challenger check, the
@@ -24,10 +29,12 @@ workspace (qlora/registry.py: lineage from dvc.lock, the champion/challenger che
 from __future__ import annotations
 
 import argparse
+import contextvars
 import os
 import re
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +54,30 @@ NOTHING_TO_DO = "nothing to do: no data, code or params changed since the last r
 # made while other work shared the cores failed ("Timed out while attempting to connect to
 # ephemeral Prefect API server") before the flow began.
 EPHEMERAL_SERVER_STARTUP_S = 120
+# True while `run_pipeline_flow` runs the flow in this process for the local user. Not a flow
+# parameter: whoever starts a deployment's run sets those.
+_LOCAL_RUN: contextvars.ContextVar[bool] = contextvars.ContextVar("local_run", default=False)
+_YES = frozenset({"1", "true", "yes", "on"})
+
+
+def risky_overrides_allowed(
+    environ: Mapping[str, str], run_job_variables: Mapping[str, Any] | None
+) -> bool:
+    """Whether this run's overrides may change the risky keys: ALLOW_RISKY_ENV set where the
+    worker starts or in the deployment's job variables. The run's own job variables (a run's
+    starter may pass some, and the worker merges them into the environment) do not count."""
+    if environ.get(ws.ALLOW_RISKY_ENV, "").strip().lower() not in _YES:
+        return False
+    own = run_job_variables or {}
+    return ws.ALLOW_RISKY_ENV not in (own.get("env") or {}) and (
+        f"env.{ws.ALLOW_RISKY_ENV}" not in own
+    )
+
+
+def _risky_allowed_here() -> bool:
+    from prefect.runtime import flow_run
+
+    return _LOCAL_RUN.get() or risky_overrides_allowed(os.environ, flow_run.job_variables)
 
 
 def retry_if_transient(_task, _task_run, state) -> bool:
@@ -87,8 +118,8 @@ def find_changes(repo_dir: Path, pull: bool) -> list[str]:
 
 
 @task(name="set-params", cache_policy=NO_CACHE)
-def set_params(repo_dir: Path, overrides: list[str]) -> dict[str, list[str]]:
-    grouped = ws.apply_param_overrides(repo_dir, overrides)
+def set_params(repo_dir: Path, overrides: list[str], allow_risky: bool) -> dict[str, list[str]]:
+    grouped = ws.apply_param_overrides(repo_dir, overrides, allow_risky=allow_risky)
     get_run_logger().info("params overridden for this experiment: %s", grouped)
     return grouped
 
@@ -196,8 +227,10 @@ def qlora_pipeline(
     """Run the DVC pipeline of dvc.yaml, one Prefect task per stage, in DAG order.
 
     Args:
-        overrides: `[file:]key=value` param overrides (as `dvc exp run -S`); the run is
-            recorded as a DVC experiment named after this flow run.
+        overrides: `key=value` overrides of params.yaml (as `dvc exp run -S`), checked by
+            the params schema; the run is recorded as a DVC experiment named after this
+            flow run. A new source, remote code, or a task or launcher file from outside
+            the project needs QLORA_ALLOW_RISKY_OVERRIDES=1 on the worker or deployment.
         only_if_changed: end at once, "nothing to do", when `dvc status` finds nothing stale
             (the scheduled deployment); ignored with overrides.
         repo_dir: the DVC repository (default: the one around the working directory).
@@ -230,7 +263,7 @@ def qlora_pipeline(
         if overrides:
             if only_if_changed:
                 logger.info("overrides given: running the experiment whatever `dvc status` says")
-            set_params(repo, overrides)
+            set_params(repo, overrides, _risky_allowed_here())
         try:
             outcomes = _run_stages(repo, stages, pull, retries, retry_backoff_seconds)
         except Exception:
@@ -273,6 +306,7 @@ def run_pipeline_flow(
 ) -> dict[str, Any]:
     """Run the flow in this process (for `qlora flow run`); returns its summary.
 
+    Risky overrides are allowed: this is the machine's own user, not a deployment's run.
     Without PREFECT_API_URL, Prefect starts a temporary local server for the run; with it,
     the run is recorded on that server. Raises the failing stage's error.
     """
@@ -295,13 +329,17 @@ def run_pipeline_flow(
         if "startup_timeout_seconds" in chosen
         else {PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: EPHEMERAL_SERVER_STARTUP_S}
     )
-    with temporary_settings(updates=updates):
-        return qlora_pipeline(
-            overrides=list(overrides or []),
-            only_if_changed=only_if_changed,
-            repo_dir=str(repo_dir) if repo_dir is not None else None,
-            **options,
-        )
+    local = _LOCAL_RUN.set(True)
+    try:
+        with temporary_settings(updates=updates):
+            return qlora_pipeline(
+                overrides=list(overrides or []),
+                only_if_changed=only_if_changed,
+                repo_dir=str(repo_dir) if repo_dir is not None else None,
+                **options,
+            )
+    finally:
+        _LOCAL_RUN.reset(local)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -316,7 +354,8 @@ def main(argv: list[str] | None = None) -> int:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a param, as `dvc exp run -S` (repeatable); runs as a DVC experiment",
+        help="override a params.yaml key, as `dvc exp run -S` (repeatable); runs as a DVC "
+        "experiment",
     )
     parser.add_argument(
         "--only-if-changed",

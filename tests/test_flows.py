@@ -29,6 +29,9 @@ from flows import report_artifacts as ra
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES_IN_DAG_ORDER = ["prepare", "validate", "train", "report"]
+# The toy reads the project's own params.yaml (the flow checks overrides with its schema):
+# rows to prepare, rows validation needs, and the rank training writes out.
+ROWS, MIN_ROWS, RANK = "dataset.max_rows.train", "validate.min_rows.train", "finetune.lora.r"
 LOG = logging.getLogger("test_flows")
 
 # ---- the toy DVC project -------------------------------------------------------------
@@ -40,18 +43,18 @@ TOY_STAGE = textwrap.dedent(
     import yaml
 
     name = sys.argv[1]
-    params = yaml.safe_load(open("params.yaml"))
+    params = yaml.safe_load(open("params.yaml"))  # the project's own params schema
     with open("runs.log", "a") as log:  # every command run, for the tests to count
         log.write(name + "\\n")
     if name == "prepare":
-        rows = params["prepare"]["rows"]
+        rows = params["dataset"]["max_rows"]["train"]
         pathlib.Path("data.txt").write_text("".join(f"row {i}\\n" for i in range(rows)))
     elif name == "validate":
         rows = len(pathlib.Path("data.txt").read_text().splitlines())
-        need = params["validate"]["min_rows"]
+        need = params["validate"]["min_rows"]["train"]
         if rows < need:  # as qlora.io.run_stage reports a StageError
             print(f"[validate] FAILED: data.txt has {rows} rows, fewer than "
-                  f"validate.min_rows={need}", file=sys.stderr)
+                  f"validate.min_rows.train={need}", file=sys.stderr)
             sys.exit(1)
         pathlib.Path("validated.txt").write_text(str(rows))
     elif name == "train":
@@ -63,7 +66,7 @@ TOY_STAGE = textwrap.dedent(
             flaky.write_text(str(int(flaky.read_text()) - 1))
             raise ConnectionError("Connection reset by peer while downloading the dataset")
         rows = pathlib.Path("validated.txt").read_text()
-        pathlib.Path("model.txt").write_text(f"r={params['train']['r']} rows={rows}")
+        pathlib.Path("model.txt").write_text(f"r={params['finetune']['lora']['r']} rows={rows}")
     elif name == "report":
         shutil.copytree("fixtures/reports", "reports", dirs_exist_ok=True)
     '''
@@ -90,19 +93,19 @@ def toy_dvc_yaml() -> dict:
             "train": {
                 "cmd": f"{run} train",
                 "deps": ["toy_stage.py", "validated.txt"],
-                "params": ["train"],
+                "params": [RANK],
                 "outs": ["model.txt"],
             },
             "validate": {
                 "cmd": f"{run} validate",
                 "deps": ["toy_stage.py", "data.txt"],
-                "params": ["validate"],
+                "params": [MIN_ROWS],
                 "outs": ["validated.txt"],
             },
             "prepare": {
                 "cmd": f"{run} prepare",
                 "deps": ["toy_stage.py"],
-                "params": ["prepare"],
+                "params": [ROWS],
                 "outs": ["data.txt"],
             },
         }
@@ -160,8 +163,9 @@ def make_toy_repo(root: Path) -> Path:
     assert dvc(root, "init", "-q").returncode == 0
     (root / "toy_stage.py").write_text(TOY_STAGE)
     (root / "dvc.yaml").write_text(yaml.safe_dump(toy_dvc_yaml(), sort_keys=False))
-    params = {"prepare": {"rows": 3}, "validate": {"min_rows": 2}, "train": {"r": 8}}
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    shutil.copy(REPO / "params.yaml", root / "params.yaml")
+    for key, value in ((ROWS, 3), (MIN_ROWS, 2), (RANK, 8)):
+        set_param(root, key, value)
     (root / ".gitignore").write_text("runs.log\ntrain.started\nslow.txt\nflaky.txt\n")
     fixtures = root / "fixtures/reports"
     (fixtures / "eval").mkdir(parents=True)
@@ -196,9 +200,13 @@ def toy(built_toy, tmp_path) -> Path:
     return dest
 
 
-def set_param(repo: Path, section: str, key: str, value) -> None:
+def set_param(repo: Path, key: str, value) -> None:
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    params[section][key] = value
+    *sections, last = key.split(".")
+    inner = params
+    for section in sections:
+        inner = inner[section]
+    inner[last] = value
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
@@ -431,7 +439,7 @@ CRASHING_RUN = textwrap.dedent(
 def test_a_killed_run_leaves_a_workspace_the_next_run_repairs(toy, prefect_server):
     """SIGKILL the process driving DVC mid-stage: its stage command lives on as an orphan.
     The next flow run stops it, and DVC reruns only the stage that was cut off."""
-    set_param(toy, "train", "r", 4)
+    set_param(toy, RANK, 4)
     (toy / "slow.txt").write_text("60")
     crashed = start_python(CRASHING_RUN, str(toy))
     deadline = time.monotonic() + 60
@@ -541,7 +549,7 @@ def test_scheduled_run_ends_with_nothing_to_do_when_nothing_changed(toy, prefect
     assert not set(task_runs(state)) & set(STAGES_IN_DAG_ORDER), "a stage task ran"
     assert seconds < 30
 
-    set_param(toy, "prepare", "rows", 5)
+    set_param(toy, ROWS, 5)
     state = run_flow(repo_dir=str(toy), only_if_changed=True)
     assert state.is_completed()
     assert [s["result"] for s in state.result()["stages"]] == ["ran"] * 4
@@ -559,7 +567,7 @@ def test_a_fresh_clone_pulls_from_the_remote_instead_of_rebuilding(toy, tmp_path
     state = run_flow(repo_dir=str(clone), only_if_changed=True, pull=True)
     assert "nothing to do" in state.message
 
-    set_param(clone, "train", "r", 3)
+    set_param(clone, RANK, 3)
     state = run_flow(repo_dir=str(clone), only_if_changed=True, pull=True, push=True)
 
     assert state.is_completed(), state.message
@@ -570,18 +578,24 @@ def test_a_fresh_clone_pulls_from_the_remote_instead_of_rebuilding(toy, tmp_path
     assert "new" not in dvc(clone, "status", "--cloud").stdout, "results were not pushed"
 
 
-def test_command_line_reports_nothing_to_do_and_a_failing_stage(toy, prefect_server, capsys):
+def test_command_line_reports_nothing_to_do_and_a_failing_stage(
+    toy, prefect_server, capsys, monkeypatch
+):
     from flows.pipeline import main
 
+    monkeypatch.delenv(ws.ALLOW_RISKY_ENV, raising=False)
     assert main(["--repo", str(toy), "--only-if-changed"]) == 0
     assert "nothing to do" in capsys.readouterr().out
-    set_param(toy, "validate", "min_rows", 10)
-    assert main(["--repo", str(toy), "--retries", "0"]) == 1
+    set_param(toy, MIN_ROWS, 10)
+    # The machine's own user may change a source (a deployment's run may not): the override
+    # is applied and the stages run, up to the failing one.
+    assert main(["--repo", str(toy), "--retries", "0", "-S", "base.revision=v1"]) == 1
     assert "[validate] FAILED: data.txt has 3 rows" in capsys.readouterr().err
+    assert yaml.safe_load((toy / "params.yaml").read_text())["base"]["revision"] == "v1"
 
 
 def test_transient_failure_is_retried_with_backoff(toy, prefect_server):
-    set_param(toy, "train", "r", 16)
+    set_param(toy, RANK, 16)
     (toy / "flaky.txt").write_text("1")  # the first attempt loses its connection
 
     state = run_flow(repo_dir=str(toy), retries=2)
@@ -595,7 +609,7 @@ def test_transient_failure_is_retried_with_backoff(toy, prefect_server):
 
 
 def test_validation_failure_is_not_retried_and_its_message_is_in_the_logs(toy, prefect_server):
-    set_param(toy, "validate", "min_rows", 10)
+    set_param(toy, MIN_ROWS, 10)
 
     state = run_flow(repo_dir=str(toy), retries=3)
 
@@ -603,7 +617,7 @@ def test_validation_failure_is_not_retried_and_its_message_is_in_the_logs(toy, p
     error = state.result(raise_on_failure=False)
     assert isinstance(error, ws.DvcCommandFailed)
     assert not isinstance(error, ws.TransientDvcFailure)
-    message = "[validate] FAILED: data.txt has 3 rows, fewer than validate.min_rows=10"
+    message = "[validate] FAILED: data.txt has 3 rows, fewer than validate.min_rows.train=10"
     assert message in str(error)
     assert runs(toy) == ["validate"], "retried, or a later stage ran"
     assert task_runs(state)["validate"].run_count == 1
@@ -618,7 +632,7 @@ def test_validation_failure_is_not_retried_and_its_message_is_in_the_logs(toy, p
 
 
 def test_overrides_run_as_a_recorded_dvc_experiment(toy, prefect_server):
-    state = run_flow(repo_dir=str(toy), overrides=["train.r=7"])
+    state = run_flow(repo_dir=str(toy), overrides=[f"{RANK}=7"])
 
     assert state.is_completed(), state.message
     summary = state.result()
@@ -628,20 +642,24 @@ def test_overrides_run_as_a_recorded_dvc_experiment(toy, prefect_server):
     assert (toy / "model.txt").read_text() == "r=7 rows=3"
     # The experiment is a git ref holding the params and the dvc.lock of the run.
     ref = next(line.split()[-1] for line in git(toy, "show-ref").splitlines() if name in line)
-    assert yaml.safe_load(git(toy, "show", f"{ref}:params.yaml"))["train"]["r"] == 7
+    assert yaml.safe_load(git(toy, "show", f"{ref}:params.yaml"))["finetune"]["lora"]["r"] == 7
     lock = yaml.safe_load(git(toy, "show", f"{ref}:dvc.lock"))
-    assert lock["stages"]["train"]["params"]["params.yaml"]["train"]["r"] == 7
+    assert lock["stages"]["train"]["params"]["params.yaml"][RANK] == 7
     shown = dvc(toy, "exp", "show", "--json")
     assert shown.returncode == 0 and name in shown.stdout
 
 
-def test_an_unknown_override_key_fails_before_anything_runs(toy, prefect_server):
-    before = (toy / "params.yaml").read_text()
-    state = run_flow(repo_dir=str(toy), overrides=["train.rank=7"])
+def test_a_refused_override_fails_the_run_before_anything_runs(toy, prefect_server, monkeypatch):
+    """A deployment's run (the flow called, not `run_pipeline_flow`) without the
+    deployment's allow: remote code stays off, and no stage runs."""
+    monkeypatch.delenv(ws.ALLOW_RISKY_ENV, raising=False)
+    before = (toy / "params.yaml").read_bytes()
+    state = run_flow(repo_dir=str(toy), overrides=[f"{RANK}=7", "base.trust_remote_code=true"])
 
     assert state.is_failed()
-    assert "train.rank" in str(state.result(raise_on_failure=False))
-    assert (toy / "params.yaml").read_text() == before
+    error = str(state.result(raise_on_failure=False))
+    assert "base.trust_remote_code" in error and ws.ALLOW_RISKY_ENV in error
+    assert (toy / "params.yaml").read_bytes() == before
     assert runs(toy) == []
 
 
@@ -722,8 +740,9 @@ def test_gate_markdown_shows_decision_checks_and_reasons():
     metrics["variants"]["adapter_4bit"]["metrics"]["docstring_choice"]["acc"]["value"] = 0.2
     md = ra.gate_markdown(gate_fixture(metrics))
     assert md.startswith("# Gate: REJECTED ❌")
-    assert "| docstring_choice | acc | 0.38 | 0.2 | -47.37% | -10.0% | ❌ |" in md
-    assert "**Reasons**" in md and "FAIL: docstring_choice/acc" in md
+    shown = md.replace("\\", "")  # names and reasons are Markdown-escaped: read as rendered
+    assert "| docstring_choice | acc | 0.38 | 0.2 | -47.37% | -10.0% | ❌ |" in shown
+    assert "**Reasons**" in md and "FAIL: docstring_choice/acc" in shown
 
 
 def test_missing_report_files_give_notes_not_a_failed_run(tmp_path, caplog):

@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
 import pytest
 
 from qlora.io import StageError, TransientStageError
-from qlora.sources import fingerprint
+from qlora.params import load_params
+from qlora.sources import HASH_CACHE, fingerprint, fingerprint_file
+
+REPO = Path(__file__).resolve().parents[1]
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -82,3 +92,62 @@ def test_a_missing_local_path_is_named_not_sent_to_the_hub(tmp_path):
         fingerprint(str(tmp_path / "missing.jsonl"), None, "dataset", "dataset.source")
     with pytest.raises(StageError, match="base.source: ./models/mine: no such file or folder"):
         fingerprint("./models/mine", None, "model", "base.source")
+
+
+# ---- the hash cache (.cache/source_hashes.json) is only a cache -------------------------
+
+
+def hashed_file(tmp_path: Path) -> tuple[Path, str]:
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"prompt": "a", "completion": "b"}\n')
+    return data, hashlib.sha256(data.read_bytes()).hexdigest()
+
+
+def test_a_torn_hash_cache_is_discarded_and_rewritten_whole(tmp_path, caplog):
+    """A run killed mid-write, or two at once, may leave half a file: it must not block."""
+    data, digest = hashed_file(tmp_path)
+    cache = tmp_path / HASH_CACHE
+    cache.parent.mkdir(parents=True)
+    cache.write_text('{"/some/file:12:34": "ab')  # cut off mid-entry
+
+    with caplog.at_level(logging.WARNING):
+        found = fingerprint(str(data), None, "dataset", "dataset.source")
+
+    assert found["sha256"] == {"train.jsonl": digest}
+    assert "discarded" in caplog.text and str(HASH_CACHE) in caplog.text
+    assert list(json.loads(cache.read_text()).values()) == [digest]
+
+
+def test_a_failed_cache_write_keeps_the_previous_cache_and_the_fingerprint(tmp_path, monkeypatch):
+    data, digest = hashed_file(tmp_path)
+    cache = tmp_path / HASH_CACHE
+    cache.parent.mkdir(parents=True)
+    cache.write_text('{"/some/file:12:34": "' + "0" * 64 + '"}')
+    before = cache.read_bytes()
+
+    def disk_full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", disk_full)
+    found = fingerprint(str(data), None, "dataset", "dataset.source")
+
+    assert found["sha256"] == {"train.jsonl": digest}
+    assert cache.read_bytes() == before, "the cache was rewritten in place"
+    assert not list(cache.parent.glob(".source_hashes.json.tmp-*"))
+
+
+def test_the_sources_stage_runs_through_a_torn_cache(tmp_path, monkeypatch):
+    from stages import sources as stage
+
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    raw = tmp_path / load_params(tmp_path / "params.yaml").dataset.source
+    raw.parent.mkdir(parents=True)
+    raw.write_text('{"prompt": "a", "completion": "b"}\n')
+    (tmp_path / HASH_CACHE).parent.mkdir(parents=True)
+    (tmp_path / HASH_CACHE).write_text("{")
+
+    stage.main()
+
+    written = json.loads((tmp_path / fingerprint_file("dataset")).read_text())
+    assert written["sha256"] == {raw.name: hashlib.sha256(raw.read_bytes()).hexdigest()}
+    assert isinstance(json.loads((tmp_path / HASH_CACHE).read_text()), dict)
