@@ -172,6 +172,8 @@ def promote_adapter(repo_dir: Path, registry_dir: str | None) -> dict[str, Any]:
         return {"version": None, "champion": False, "summary": gate.get("summary")}
     registry = Registry(Path(registry_dir) if registry_dir else repo_dir / default_dir())
     event = promote(repo_dir, registry)
+    for note in registry.recovered:  # what an interrupted writer left, set aside, not deleted
+        logger.warning("registry recovery: %s", note)
     logger.info("%s (registry %s)", event["summary"], registry.root)
     for reason in event["reasons"]:
         logger.info("  %s", reason)

@@ -17,12 +17,13 @@ result saved in a 16-bit dtype as safetensors. The folder appears only after thr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from qlora.artifacts import BASE_MODEL_DIR
-from qlora.io import StageError, atomic_dir, write_json
+from qlora.io import StageError, atomic_dir, check_output_dir, write_json
 from qlora.models import DTYPES, check_adapter_base, load_full, load_tokenizer
 
 # Largest KL(base+adapter || merged export) over every position of the prompts, as a
@@ -130,21 +131,34 @@ def _card(adapter_dir: Path, dtype: str) -> str:
     )
 
 
+def check_target(
+    out_dir: Path | str, replace: bool = False, protected: Sequence[Path | str] = ()
+) -> None:
+    """Refuse a `--merged` folder that overlaps `protected`, or is not empty (with
+    `replace`: holds no previous merged export, whose mark is its CHECK_FILE)."""
+    check_output_dir(out_dir, replace, (CHECK_FILE,), protected)
+
+
 def export_merged(
     adapter_dir: Path | str,
     out_dir: Path | str,
     base_dir: Path | str = BASE_MODEL_DIR,
     dtype: str = "bfloat16",
     trust_remote_code: bool = False,
+    replace: bool = False,
+    protected: Sequence[Path | str] = (),
 ) -> dict:
     """Merge, save to out_dir (safetensors + tokenizer + card), check; nothing is left in
-    out_dir when a check fails. Returns the check's numbers."""
+    out_dir when a check fails. Returns the check's numbers. A non-empty out_dir is refused
+    before any model is loaded, unless `replace` and it holds a previous merged export; it
+    may not overlap the adapter, the base or any `protected` folder."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     if dtype not in KL_FRACTION:
         raise StageError(f"--dtype {dtype!r}: choose one of {list(KL_FRACTION)}")
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
+    check_target(out_dir, replace, (adapter_dir, base_dir, *protected))
     check_adapter_base(adapter_dir, base_dir)
     tokenizer = load_tokenizer(base_dir, trust_remote_code)
     encodings = _encodings(tokenizer)
@@ -163,7 +177,7 @@ def export_merged(
         param.data = param.data.to(DTYPES[dtype]).to(torch.float32)
     at_dtype = _logits(merged, encodings)
     merged.to(DTYPES[dtype])
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, replace=replace) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         (tmp / "README.md").write_text(_card(adapter_dir, dtype), encoding="utf-8")

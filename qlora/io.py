@@ -6,6 +6,7 @@ leaves a file or directory that looks complete.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import hashlib
 import json
@@ -14,7 +15,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,8 +33,13 @@ EX_TEMPFAIL = 75
 
 
 @contextlib.contextmanager
-def atomic_dir(target: Path | str) -> Iterator[Path]:
-    """Yield an empty temporary directory that replaces `target` only if the block succeeds."""
+def atomic_dir(target: Path | str, *, replace: bool = True) -> Iterator[Path]:
+    """Yield an empty temporary directory that replaces `target` only if the block succeeds.
+
+    With `replace=False` it takes the place of a missing or empty folder only: the kernel's
+    rename refuses a non-empty one (or a file) at that very moment, so nothing a user put
+    there since the caller checked can be lost; the work is discarded with a StageError.
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -43,11 +49,54 @@ def atomic_dir(target: Path | str) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if not replace:
+        try:
+            tmp.rename(target)
+        except OSError as e:  # ENOTEMPTY or EEXIST: files there; ENOTDIR: not a folder
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise StageError(f"{target}: not replaced ({e.strerror}): nothing written") from None
+        return
     old = target.with_name(f".{target.name}.old-{os.getpid()}")
     if target.exists():
         target.rename(old)
     tmp.rename(target)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def check_output_dir(
+    target: Path | str,
+    replace: bool,
+    ours: Sequence[str],
+    protected: Iterable[Path | str] = (),
+) -> None:
+    """Refuse, before any work, an output folder whose contents are not ours to replace:
+    one inside, around or equal to a `protected` folder; anything but a folder; a folder
+    with files in it unless `replace`, and even then one that lacks any of `ours` (the files
+    a previous output of the same kind holds). A missing or empty folder is fine."""
+    target = Path(target)
+    here = target.resolve()
+    for folder in map(Path, protected):
+        there = folder.resolve()
+        if here.is_relative_to(there) or there.is_relative_to(here):
+            raise StageError(f"{target}: overlaps {folder}: choose a folder outside it")
+    if target.is_symlink() or (target.exists() and not target.is_dir()):
+        raise StageError(f"{target}: exists and is not a folder: choose another output folder")
+    entries = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
+    if not entries:
+        return
+    shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+    if not replace:
+        raise StageError(
+            f"{target}: folder is not empty ({shown}): nothing written. Choose a new or empty "
+            "folder, or pass --replace to replace a previous export there"
+        )
+    missing = [name for name in ours if not (target / name).is_file()]
+    if missing:
+        raise StageError(
+            f"{target}: not replaced: it holds {shown} but no {', '.join(missing)}, so it is "
+            "no previous export (--replace replaces only one): move its files away or choose "
+            "another folder"
+        )
 
 
 def atomic_write_text(path: Path | str, text: str) -> None:
@@ -96,6 +145,8 @@ def read_jsonl_numbered(
         lines = path.read_bytes().splitlines()
     except FileNotFoundError:
         raise StageError(f"{path}: not found") from None
+    if lines:  # a byte order mark (editors, spreadsheet exports) is no part of line 1
+        lines[0] = lines[0].removeprefix(codecs.BOM_UTF8)
     rows, bad_utf8 = [], []
     for lineno, raw in enumerate(lines, start=1):
         try:

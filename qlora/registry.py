@@ -10,11 +10,13 @@ registry", says why):
                     base_identity.json), README.md (model card), lineage.json (git,
                     dvc.lock, params, metrics, decision): a hub model repository as it is
       .lock         held by whoever writes; the kernel frees it when its holder dies
+      .orphaned/    what recovery set aside: folders no index line registers, a torn line
 
 A version is staged in a hidden directory, renamed into place, and only then does the one
 line that registers it (and moves the alias) reach the index, in a single write. A promotion
 killed at any point leaves either that line, and so a complete version, or no line: the next
-writer deletes the unregistered files, and the champion never moved.
+writer moves the unregistered files into .orphaned/ (never deletes them: a folder the index
+does not name may be a version whose line a hand edit lost), and the champion never moved.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import contextlib
 import getpass
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -36,13 +39,16 @@ import yaml
 
 from qlora import artifacts
 from qlora.gate import decide_vs_champion
-from qlora.io import StageError, pipeline_env, read_json, sha256_of
+from qlora.io import StageError, check_output_dir, pipeline_env, read_json, sha256_of
 from qlora.params import load_params
 from qlora.sources import settle_always_changed
 
 REGISTRY_ENV = "QLORA_REGISTRY"
 DEFAULT_DIR = Path("registry")
 INDEX, LOCK, LINEAGE, CARD = "index.jsonl", ".lock", "lineage.json", "README.md"
+ORPHANED = ".orphaned"
+# What a previous `export --adapter` holds: only such a folder may be replaced.
+ADAPTER_EXPORT_FILES = (LINEAGE, "adapter_config.json")
 ALIAS = "champion"
 # From the torch-free artifacts module, so the registry starts without loading torch.
 ADAPTER_DIR = artifacts.ADAPTER_DIR
@@ -51,6 +57,7 @@ GATE = artifacts.GATE_REPORT
 # A promotion holds the lock for seconds (copying ~20 MB); ten minutes means a stuck peer.
 LOCK_TIMEOUT_S = 600.0
 _VERSION = re.compile(r"v(\d+)")
+log = logging.getLogger(__name__)
 
 
 def default_dir() -> Path:
@@ -68,28 +75,72 @@ def _user() -> str:
         return str(os.getuid())
 
 
+def _whole_event(line: bytes) -> dict | None:
+    """The event a line holds, or None when it is no complete JSON object."""
+    try:
+        event = json.loads(line)
+    except ValueError:  # not JSON, or bytes cut inside a UTF-8 character
+        return None
+    return event if isinstance(event, dict) else None
+
+
+def parse_index(path: Path, data: bytes) -> tuple[list[dict], bytes]:
+    """The events of an index, and its torn tail (b"" when there is none).
+
+    Every line but the last must be an event. The last one, when no newline ends it, is an
+    event all the same if it parses as one (a hand edit drops the final newline; a proper
+    prefix of a JSON object is never a JSON object); otherwise it is a write cut short.
+    """
+    *lines, tail = data.split(b"\n")
+    events = []
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        event = _whole_event(line)
+        if event is None:
+            raise StageError(f"{path}: line {n} is not a JSON object (edited by hand?)")
+        events.append(event)
+    if not tail.strip():
+        return events, b""
+    last = _whole_event(tail)
+    return (events, tail) if last is None else ([*events, last], b"")
+
+
 class Registry:
     def __init__(self, root: Path | str | None = None) -> None:
         self.root = Path(root) if root is not None else default_dir()
+        # What recovery did in this process, one sentence each, for the caller to show.
+        self.recovered: list[str] = []
 
     # ------------------------------------------------------------------ reading
 
-    def events(self) -> list[dict]:
+    def _check_is_registry(self) -> None:
+        """Refuse a folder that holds files but no index: recovery would take every vN/ in
+        it for a leftover, and readers would call it an empty registry."""
+        if self.root.exists() and not self.root.is_dir():
+            raise StageError(f"{self.root}: not a folder, so not a registry")
+        if not self.root.is_dir() or (self.root / INDEX).is_file():
+            return
+        others = sorted(p.name for p in self.root.iterdir() if p.name != LOCK)
+        if others:
+            shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+            raise StageError(
+                f"{self.root}: not a registry, or its index was lost: it holds {shown} but "
+                f"no {INDEX}. Nothing was changed: point --registry (or ${REGISTRY_ENV}) at "
+                f"a registry folder, or restore {self.root / INDEX} from a backup"
+            )
+
+    def _index(self) -> tuple[list[dict], bytes]:
         path = self.root / INDEX
         try:
             data = path.read_bytes()
         except FileNotFoundError:
-            return []
-        # The last piece has no newline: a write cut short, never an event.
-        events = []
-        for n, line in enumerate(data.split(b"\n")[:-1], start=1):
-            if not line.strip():
-                continue
-            try:
-                events.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise StageError(f"{path}: line {n} is not valid JSON ({e.msg})") from None
-        return events
+            self._check_is_registry()
+            return [], b""
+        return parse_index(path, data)
+
+    def events(self) -> list[dict]:
+        return self._index()[0]
 
     def versions(self) -> dict[str, dict]:
         """Version -> its register event, oldest first."""
@@ -161,6 +212,36 @@ class Registry:
             problems.append(f"champion {champion} is not a promoted version")
         return problems
 
+    def _unregistered(self) -> list[Path]:
+        """Folders no index line registers: a promotion's staging folder, or a vN/ whose
+        line never reached the index (or was lost from it)."""
+        registered = set(self.versions())
+        return [
+            child
+            for child in sorted(self.root.iterdir())
+            if child.is_dir()
+            and (
+                child.name.startswith(".stage-")
+                or (bool(_VERSION.fullmatch(child.name)) and child.name not in registered)
+            )
+        ]
+
+    def leftovers(self) -> list[str]:
+        """What no version owns: kept in .orphaned/ by recovery, or waiting for the next
+        writer to set it aside there. Nothing of it is served; look before deleting it."""
+        if not self.root.is_dir():
+            return []
+        torn = self._index()[1]
+        pending = [f"{p.name}/ is registered by no index line" for p in self._unregistered()]
+        if torn:
+            pending.append(f"{INDEX} ends in an incomplete line ({len(torn)} bytes)")
+        aside = self.root / ORPHANED
+        kept = sorted(aside.iterdir()) if aside.is_dir() else []
+        return [
+            *(f"{note}: the next write sets it aside in {aside}" for note in pending),
+            *(f"{p}: set aside by an earlier recovery" for p in kept),
+        ]
+
     # ------------------------------------------------------------------ writing
 
     @contextlib.contextmanager
@@ -168,11 +249,13 @@ class Registry:
         """Hold the registry's lock, after clearing what an interrupted writer left."""
         from filelock import FileLock, Timeout
 
+        self._check_is_registry()  # before the lock file: a foreign folder gets no writes
         self.root.mkdir(parents=True, exist_ok=True)
         # No soft-lock fallback: a lock file left by a killed process would block forever.
         lock = FileLock(self.root / LOCK, timeout=LOCK_TIMEOUT_S, fallback_to_soft=False)
         try:
             with lock:
+                self._check_is_registry()  # again: the index may have gone while we waited
                 self._recover()
                 yield self
         except Timeout:
@@ -181,22 +264,59 @@ class Registry:
                 f"{LOCK_TIMEOUT_S:.0f} s; is one stuck?"
             ) from None
 
-    def _recover(self) -> None:
+    def _recover(self) -> list[str]:
+        """Finish what an interrupted writer left, deleting nothing; say what was done."""
+        done = self._repair_index() + self._set_aside_unregistered()
+        for action in done:
+            log.info("%s: %s", self.root, action)
+        self.recovered += done
+        return done
+
+    def _aside(self, name: str) -> Path:
+        """A new path in .orphaned/ for something recovery keeps out of the registry."""
+        folder = self.root / ORPHANED
+        folder.mkdir(exist_ok=True)
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        path, n = folder / f"{name.lstrip('.')}-{stamp}", 1
+        while path.exists():
+            path, n = folder / f"{name.lstrip('.')}-{stamp}-{n}", n + 1
+        return path
+
+    def _repair_index(self) -> list[str]:
         index = self.root / INDEX
-        if index.exists():
-            data = index.read_bytes()
-            if data and not data.endswith(b"\n"):
-                with index.open("r+b") as f:
-                    f.truncate(data.rfind(b"\n") + 1)
-        registered = set(self.versions())
-        for child in self.root.iterdir():
-            staged = child.name.startswith(".stage-")
-            orphan = bool(_VERSION.fullmatch(child.name)) and child.name not in registered
-            if child.is_dir() and (staged or orphan):
-                shutil.rmtree(child)  # files of a promotion that never registered
+        data = index.read_bytes() if index.is_file() else b""
+        if not data or data.endswith(b"\n"):
+            return []
+        torn = parse_index(index, data)[1]
+        if not torn:  # a whole event without its newline: the next append would join it
+            self._append_bytes(b"\n")
+            return [f"{INDEX}: its last line had no final newline (edited by hand?): added one"]
+        kept = self._aside(f"{INDEX}.torn")
+        with kept.open("xb") as f:  # durable before the index loses the bytes
+            f.write(torn)
+            os.fsync(f.fileno())
+        with index.open("r+b") as f:
+            f.truncate(len(data) - len(torn))
+            os.fsync(f.fileno())
+        return [
+            f"{INDEX}: cut its incomplete last line ({len(torn)} bytes, a write cut short) "
+            f"and kept it in {kept}"
+        ]
+
+    def _set_aside_unregistered(self) -> list[str]:
+        done = []
+        for child in self._unregistered():
+            kept = self._aside(child.name)
+            child.rename(kept)
+            done.append(f"{child.name}/ was registered by no index line: moved to {kept}")
+        if done:
+            _fsync_dir(self.root)
+        return done
 
     def _append(self, event: dict) -> None:
-        data = (json.dumps(event, ensure_ascii=False, default=str) + "\n").encode()
+        self._append_bytes((json.dumps(event, ensure_ascii=False, default=str) + "\n").encode())
+
+    def _append_bytes(self, data: bytes) -> None:
         fd = os.open(self.root / INDEX, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             view = memoryview(data)
@@ -233,14 +353,17 @@ class Registry:
         adapter_dir: Path,
         texts: dict[str, str],
         event: dict,
-        expected_md5: dict[str, str] | None = None,
+        expected_md5: dict[str, str],
     ) -> dict:
         """Copy the adapter and write `texts` (name -> content) as `version`, then append
-        `event` (completed with the files' hashes). Copied files must have the md5 that
-        `expected_md5` gives them (DVC's record of the adapter). Call inside `writing()`."""
+        `event` (completed with the files' hashes). The copies must be exactly the files of
+        `expected_md5` (DVC's record of the adapter), with those md5s. Call inside
+        `writing()`."""
         target = self.path(version)
         if target.exists():
             raise StageError(f"{target} exists but is registered: refusing to overwrite it")
+        # Before any version folder can exist: a registry folder always holds its index.
+        (self.root / INDEX).touch()
         stage = self.root / f".stage-{version}-{os.getpid()}"
         stage.mkdir()
         try:
@@ -248,16 +371,7 @@ class Registry:
                 if f.is_file() and f.name not in texts:
                     shutil.copy2(f, stage / f.name)
                     (stage / f.name).chmod(0o644)  # finetune writes private files
-            changed = [
-                name
-                for name, md5 in (expected_md5 or {}).items()
-                if name not in texts and _md5(stage / name) != md5
-            ]
-            if changed:
-                raise StageError(
-                    f"{adapter_dir}: {', '.join(changed)} changed while being registered "
-                    "(is a run writing it?): nothing registered"
-                )
+            _check_copies(adapter_dir, stage, expected_md5, texts)
             for name, text in texts.items():
                 (stage / name).write_text(text, encoding="utf-8")
             files = {f.name: sha256_of(f) for f in sorted(stage.iterdir()) if f.name != LINEAGE}
@@ -272,6 +386,28 @@ class Registry:
         event = {**event, "files": files, "lineage_sha256": sha256_of(target / LINEAGE)}
         self._append(event)
         return event
+
+
+def _check_copies(
+    adapter_dir: Path, stage: Path, expected_md5: dict[str, str], texts: dict[str, str]
+) -> None:
+    """Refuse copies that are not the files DVC recorded: changed, missing or extra."""
+    changed = [
+        name
+        for name, md5 in expected_md5.items()
+        if name not in texts and _md5(stage / name) != md5
+    ]
+    if changed:
+        raise StageError(
+            f"{adapter_dir}: {', '.join(changed)} changed while being registered "
+            "(is a run writing it?): nothing registered"
+        )
+    extra = sorted(p.name for p in stage.iterdir() if p.name not in expected_md5)
+    if extra:
+        raise StageError(
+            f"{adapter_dir}: {', '.join(extra)} not in dvc.lock's record of the adapter "
+            "(written there by hand, or by a run?): nothing registered"
+        )
 
 
 def _md5(path: Path) -> str | None:
@@ -295,6 +431,14 @@ def dvc_manifest(root: Path, dir_md5: str | None) -> dict[str, str] | None:
     except (OSError, json.JSONDecodeError):
         return None
     return {e["relpath"]: e["md5"] for e in entries}
+
+
+def dvc_dir_md5(manifest: dict[str, str]) -> str:
+    """The md5 DVC gives a directory of these files (relative path -> md5): that of the
+    JSON list of {"md5", "relpath"} entries sorted by path, as dvc-data's Tree hashes it."""
+    entries = [{"md5": manifest[path], "relpath": path} for path in sorted(manifest)]
+    data = json.dumps(entries, sort_keys=True).encode("utf-8")
+    return hashlib.md5(data, usedforsecurity=False).hexdigest() + ".dir"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -323,6 +467,14 @@ def stale_stages(root: Path, target: str = "gate") -> dict:
     except json.JSONDecodeError:
         raise StageError(f"`dvc status --json` printed no JSON: {done.stdout[:300]}") from None
     return settle_always_changed(status, root)
+
+
+def _lock_out(stages: dict, stage: str, path: Path) -> dict:
+    """dvc.lock's entry for one output of a stage."""
+    out = next((o for o in stages[stage].get("outs") or [] if o["path"] == path.as_posix()), None)
+    if out is None or not out.get("md5"):
+        raise StageError(f"dvc.lock: the {stage} stage has no output {path} (with an md5)")
+    return out
 
 
 def _lock_stages(root: Path) -> dict:
@@ -359,12 +511,7 @@ def build_lineage(root: Path) -> dict:
     from qlora.lineage import git_state, package_versions
 
     stages = _lock_stages(root)
-    adapter = next(
-        (o for o in stages["finetune"].get("outs") or [] if o["path"] == ADAPTER_DIR.as_posix()),
-        None,
-    )
-    if adapter is None:
-        raise StageError(f"dvc.lock: the finetune stage has no output {ADAPTER_DIR}")
+    adapter = _lock_out(stages, "finetune", ADAPTER_DIR)
     identity = root / ADAPTER_DIR / "base_identity.json"
     return {
         "git": git_state(root),
@@ -377,6 +524,49 @@ def build_lineage(root: Path) -> dict:
         "dvc_lock": stages,
         "packages": dict(package_versions()),
     }
+
+
+def _recorded_json(root: Path, path: Path, stages: dict, stage: str) -> dict:
+    """A stage's JSON output, read once and accepted only with the md5 dvc.lock records for
+    it: what is registered is then what dvc.lock describes, whatever ran since `dvc status`."""
+    file = root / path
+    try:
+        data = file.read_bytes()
+    except FileNotFoundError:
+        raise StageError(f"{file}: not found (run `qlora run`)") from None
+    want = _lock_out(stages, stage, path)["md5"]
+    got = hashlib.md5(data, usedforsecurity=False).hexdigest()
+    if got != want:
+        raise StageError(
+            f"{file}: changed since dvc.lock recorded it (md5 {got}, dvc.lock: {want}; is a "
+            "run writing it?): nothing registered; run `qlora run` first"
+        )
+    try:
+        return json.loads(data)
+    except ValueError as e:
+        raise StageError(f"{file}: not valid JSON ({e})") from None
+
+
+def adapter_manifest(root: Path, stages: dict) -> dict[str, str]:
+    """File name -> md5 of the adapter as dvc.lock records it: DVC's list from its cache,
+    else one computed from the workspace's files. Either is accepted only when it hashes to
+    dvc.lock's directory md5, so the files a promotion copies are always checked."""
+    dir_md5 = _lock_out(stages, "finetune", ADAPTER_DIR)["md5"]
+    manifest = dvc_manifest(root, dir_md5)
+    where = "DVC's cache"
+    if manifest is None:  # a clone that pulled other outputs only: hash the files here
+        folder = root / ADAPTER_DIR
+        files = (p for p in sorted(folder.rglob("*")) if p.is_file())
+        manifest = {p.relative_to(folder).as_posix(): _md5(p) or "" for p in files}
+        where = str(folder)
+    got = dvc_dir_md5(manifest)
+    if got != dir_md5:
+        raise StageError(
+            f"{root / ADAPTER_DIR}: the files listed by {where} hash to {got}, not to "
+            f"dvc.lock's {dir_md5}: nothing registered; run `qlora run` (or `dvc checkout "
+            f"{ADAPTER_DIR}`) first"
+        )
+    return manifest
 
 
 def _differences(a: dict, b: dict) -> list[str]:
@@ -430,7 +620,10 @@ def promote(
     """Register the workspace's adapter with its lineage and decision; move the champion
     alias to it when the gate passed and it is not worse than the champion. Returns the
     index event. Refuses (StageError, nothing written) a workspace that differs from
-    dvc.lock: the lineage would not describe the files."""
+    dvc.lock: the lineage would not describe the files. The adapter, metrics and gate
+    files are checked against dvc.lock's md5s as they are read; call it holding the
+    workspace lock (flows/dvc_workspace.py), as the flow and `qlora promote` do, so that no
+    run rewrites them meanwhile."""
     from qlora.model_card import render_card
 
     root = Path(root)
@@ -445,9 +638,12 @@ def promote(
     adapter_dir = root / ADAPTER_DIR
     if not (adapter_dir / "adapter_config.json").is_file():
         raise StageError(f"{adapter_dir}: no adapter_config.json (run the finetune stage)")
-    gate, metrics = read_json(root / GATE), read_json(root / METRICS)
     params = load_params(root / "params.yaml")
     lineage = build_lineage(root)
+    stages = lineage["dvc_lock"]
+    gate = _recorded_json(root, GATE, stages, "gate")
+    metrics = _recorded_json(root, METRICS, stages, "evaluate")
+    manifest = adapter_manifest(root, stages)
     with reg.writing():
         vs = _vs_champion(reg, metrics, lineage, params.gate, ignore_champion)
         before = reg.champion()
@@ -499,8 +695,7 @@ def promote(
             },
             "adapter_dvc_md5": lineage["adapter"]["dvc_md5"],
         }
-        expected = dvc_manifest(root, lineage["adapter"]["dvc_md5"])
-        return reg.add(version, adapter_dir, texts, event, expected)
+        return reg.add(version, adapter_dir, texts, event, manifest)
 
 
 def rollback(reg: Registry, version: str | None = None, reason: str = "") -> dict:
@@ -530,13 +725,21 @@ def rollback(reg: Registry, version: str | None = None, reason: str = "") -> dic
         return reg.move_alias(version, previous=current, action="rollback", reason=reason)
 
 
-def export_adapter(reg: Registry, version: str, out_dir: Path) -> Path:
-    """Copy a registered version (adapter + card + lineage) to out_dir, checked first."""
+def check_adapter_target(reg: Registry, out_dir: Path, replace: bool = False) -> None:
+    """Refuse an `export --adapter` folder that is in the registry, or not empty (with
+    `replace`: not a previous adapter export)."""
+    check_output_dir(out_dir, replace, ADAPTER_EXPORT_FILES, protected=(reg.root,))
+
+
+def export_adapter(reg: Registry, version: str, out_dir: Path, replace: bool = False) -> Path:
+    """Copy a registered version (adapter + card + lineage) to out_dir, checked first. A
+    non-empty out_dir is refused unless `replace` and it holds a previous adapter export."""
     from qlora.io import atomic_dir
 
+    check_adapter_target(reg, out_dir, replace)
     broken = reg.check_version(version)
     if broken:
         raise StageError(f"{reg.path(version)}: {'; '.join(broken)}")
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir, replace=replace) as tmp:
         shutil.copytree(reg.path(version), tmp, dirs_exist_ok=True)
     return out_dir

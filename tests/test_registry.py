@@ -8,14 +8,19 @@ reads a real dvc.lock, runs a real `dvc status`, and copies real adapter files.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -270,7 +275,9 @@ def test_files_that_differ_from_dvcs_record_of_the_adapter_are_not_registered(re
         reg.add(
             "v1", adapter, {"lineage.json": "{}"}, {"event": "register", "version": "v1"}, wrong
         )
-    assert reg.versions() == {} and [p.name for p in reg.root.iterdir()] == [".lock"]
+    assert reg.versions() == {}
+    assert sorted(p.name for p in reg.root.iterdir()) == [".lock", "index.jsonl"]
+    assert (reg.root / "index.jsonl").read_bytes() == b""
 
 
 # ---- rollback, list, show --------------------------------------------------------------
@@ -411,10 +418,13 @@ def test_a_promotion_killed_mid_write_leaves_the_previous_champion(repo, step):
     leftover = ".stage-v2-" if step == "staged" else "v2"
     assert any(p.name.startswith(leftover) for p in reg.root.iterdir())
     assert list(reg.versions()) == ["v1"] and reg.champion() == "v1" and reg.verify() == []
-    # The next promotion clears the leftovers and takes the version number.
+    # The next promotion sets the leftovers aside (never deleted) and takes the number.
     event = promote(repo, reg)
     assert event["version"] == "v2" and reg.champion() == "v2"
     assert not [p for p in reg.root.iterdir() if p.name.startswith(".stage-")]
+    assert [p.name.split("-")[0] for p in (reg.root / ".orphaned").iterdir()] == [
+        "stage" if step == "staged" else "v2"
+    ]
     assert reg.verify() == []
 
 
@@ -435,14 +445,304 @@ def test_promotions_killed_at_random_times_never_break_the_registry(repo):
     assert promote(repo, reg)["champion"] and reg.verify() == []
 
 
-def test_a_torn_last_line_of_the_index_is_ignored_and_removed(repo):
+def test_a_torn_last_line_of_the_index_is_ignored_then_cut_and_kept_aside(repo):
     reg = Registry(repo / "registry")
     promote(repo, reg)
+    torn = b'{"event": "register", "version": "v2", "cha'
     with (reg.root / "index.jsonl").open("ab") as f:
-        f.write(b'{"event": "register", "version": "v2", "cha')
+        f.write(torn)
     assert list(reg.versions()) == ["v1"] and reg.champion() == "v1"
     assert promote(repo, reg)["version"] == "v2"
     assert all(json.loads(line) for line in (reg.root / "index.jsonl").read_text().splitlines())
+    [kept] = (reg.root / ".orphaned").iterdir()
+    assert kept.name.startswith("index.jsonl.torn-") and kept.read_bytes() == torn
+    assert any(str(kept) in action for action in reg.recovered)
+
+
+# ---- recovery deletes nothing it cannot prove torn -------------------------------------
+
+
+def small_registry(root: Path, tmp_path: Path, versions: int) -> Registry:
+    """A registry of `versions` champions, written by Registry.add as a promotion does but
+    from a two-file adapter, without a DVC project (fast)."""
+    src = tmp_path / "small-adapter"
+    src.mkdir(exist_ok=True)
+    (src / "adapter_config.json").write_text('{"r": 4}')
+    (src / "adapter_model.safetensors").write_bytes(b"weights")
+    manifest = {p.name: hashlib.md5(p.read_bytes()).hexdigest() for p in src.iterdir()}
+    reg = Registry(root)
+    for _ in range(versions):
+        with reg.writing():
+            v = reg.next_version()
+            event = {"event": "register", "version": v, "decision": "promoted", "champion": True}
+            reg.add(v, src, {"lineage.json": json.dumps({"version": v})}, event, manifest)
+    return reg
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_an_index_whose_last_line_lost_only_its_newline_keeps_the_version(tmp_path):
+    reg = small_registry(tmp_path / "reg", tmp_path, versions=2)
+    index = reg.root / "index.jsonl"
+    lines = index.read_text().splitlines()
+    index.write_text("\n".join(lines))  # an editor that drops the final newline
+    assert list(reg.versions()) == ["v1", "v2"] and reg.champion() == "v2"
+    v2 = tree(reg.path("v2"))
+    with reg.writing():
+        pass
+    assert tree(reg.path("v2")) == v2 and reg.verify() == []
+    assert index.read_text() == "\n".join(lines) + "\n"  # repaired by appending, not cutting
+    assert [json.loads(line)["version"] for line in index.read_text().splitlines()] == [
+        "v1",
+        "v2",
+    ]
+    assert reg.champion() == "v2" and reg.next_version() == "v3"
+    assert reg.recovered and "no final newline" in reg.recovered[0]
+    assert not (reg.root / ".orphaned").exists()
+
+
+@pytest.mark.parametrize("how", ["index deleted", "wrong folder"])
+def test_a_folder_without_an_index_is_refused_and_nothing_in_it_changes(tmp_path, how):
+    if how == "index deleted":
+        reg = small_registry(tmp_path / "reg", tmp_path, versions=1)
+        (reg.root / "index.jsonl").unlink()
+    else:  # --registry pointing at someone's folder that happens to hold a v1/
+        reg = Registry(tmp_path / "reg")
+        (reg.root / "v1").mkdir(parents=True)
+        (reg.root / "v1/notes.txt").write_text("mine")
+    before = sorted(p.relative_to(reg.root) for p in reg.root.rglob("*")), tree(reg.root)
+    message = rf"{re.escape(str(reg.root))}: not a registry, or its index was lost: it holds .*v1"
+    with pytest.raises(StageError, match=message):
+        with reg.writing():
+            pass
+    with pytest.raises(StageError, match=message):
+        reg.versions()
+    refused = CliRunner().invoke(app, ["registry", "rollback", "--registry", str(reg.root)])
+    assert refused.exit_code == 1 and "not a registry" in refused.output
+    assert (sorted(p.relative_to(reg.root) for p in reg.root.rglob("*")), tree(reg.root)) == before
+
+
+def test_unregistered_folders_are_moved_aside_and_verify_lists_them(tmp_path):
+    reg = small_registry(tmp_path / "reg", tmp_path, versions=1)
+    (reg.root / "v2").mkdir()  # a version whose line never reached the index
+    (reg.root / "v2/adapter_model.safetensors").write_bytes(b"unregistered weights")
+    (reg.root / ".stage-v3-123").mkdir()
+    (reg.root / ".stage-v3-123/part").write_bytes(b"half")
+    cli, opt = CliRunner(), ["--registry", str(reg.root)]
+    pending = cli.invoke(app, ["registry", "verify", *opt])
+    assert pending.exit_code == 0, pending.output
+    assert "v2/ is registered by no index line: the next write sets it aside" in pending.output
+    with reg.writing():
+        pass
+    aside = reg.root / ".orphaned"
+    assert not (reg.root / "v2").exists() and not (reg.root / ".stage-v3-123").exists()
+    moved = {p.name.split("-")[0]: tree(p) for p in aside.iterdir()}
+    assert moved == {
+        "v2": {"adapter_model.safetensors": b"unregistered weights"},
+        "stage": {"part": b"half"},
+    }
+    assert len(reg.recovered) == 2 and all("moved to" in a for a in reg.recovered)
+    assert list(reg.versions()) == ["v1"] and reg.verify() == [] and reg.next_version() == "v2"
+    listed = cli.invoke(app, ["registry", "verify", *opt])
+    assert listed.exit_code == 0 and "all files intact" in listed.output
+    for p in aside.iterdir():
+        assert f"{p}: set aside by an earlier recovery" in listed.output
+
+
+# ---- export targets --------------------------------------------------------------------
+
+
+def test_export_refuses_a_folder_with_files_and_replace_replaces_only_an_export(tmp_path):
+    reg = small_registry(tmp_path / "reg", tmp_path, versions=1)
+    cli = CliRunner()
+
+    def export(out: Path, *flags: str):
+        return cli.invoke(
+            app, ["export", "v1", "--adapter", str(out), "--registry", str(reg.root), *flags]
+        )
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    plain = export(mine)
+    assert plain.exit_code == 1, plain.output
+    assert (
+        f"{mine}: folder is not empty (notes.txt)" in plain.output and "--replace" in plain.output
+    )
+    forced = export(mine, "--replace")  # not an export of ours: --replace does not apply
+    assert forced.exit_code == 1 and f"{mine}: not replaced" in forced.output
+    assert "so it is no previous export" in forced.output
+    assert tree(mine) == {"notes.txt": b"my notes"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "reg", "small-adapter"]
+
+    out = tmp_path / "upload"
+    assert export(out).exit_code == 0 and tree(out) == tree(reg.path("v1"))
+    (out / "stale.txt").write_text("from an older export")
+    assert export(out).exit_code == 1 and (out / "stale.txt").exists()
+    assert export(out, "--replace").exit_code == 0 and tree(out) == tree(reg.path("v1"))
+
+    inside = export(reg.root / "copy", "--replace")
+    assert inside.exit_code == 1 and "overlaps" in inside.output
+    assert not (reg.root / "copy").exists()
+
+
+def test_a_merged_export_is_refused_before_any_model_is_loaded(tmp_path):
+    from qlora.export import export_merged
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("my notes")
+    # Neither the adapter nor the base exists: reaching a load would fail otherwise.
+    with pytest.raises(
+        StageError, match=rf"{re.escape(str(mine))}: folder is not empty \(notes.txt\)"
+    ):
+        export_merged(tmp_path / "no-adapter", mine, tmp_path / "no-base")
+    with pytest.raises(StageError, match="no export_check.json, so it is no previous export"):
+        export_merged(tmp_path / "no-adapter", mine, tmp_path / "no-base", replace=True)
+    assert tree(mine) == {"notes.txt": b"my notes"}
+
+
+def test_a_folder_filled_while_an_output_is_written_is_not_replaced(tmp_path):
+    from qlora.io import atomic_dir
+
+    target = tmp_path / "out"
+    with pytest.raises(StageError, match=rf"{re.escape(str(target))}: not replaced"):
+        with atomic_dir(target, replace=False) as tmp:
+            (tmp / "model.safetensors").write_bytes(b"new")
+            target.mkdir()  # someone else's files arrive meanwhile
+            (target / "theirs.txt").write_text("theirs")
+    assert tree(target) == {"theirs.txt": b"theirs"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with atomic_dir(target / "empty", replace=False) as tmp:  # a missing target is fine
+        (tmp / "a").write_text("a")
+    assert tree(target / "empty") == {"a": b"a"}
+
+
+# ---- promotion under the workspace lock, against dvc.lock's hashes --------------------
+
+
+@contextlib.contextmanager
+def flow_run_holding(repo: Path, seconds: float = 60.0) -> Iterator[list[float]]:
+    """What a flow run does from its first stage to its promotion: hold the workspace lock,
+    here in a thread, for `seconds`. Yields the list that gets the time it let go."""
+    import logging
+
+    from flows.dvc_workspace import workspace_lock
+
+    held, release, released_at = threading.Event(), threading.Event(), []
+
+    def run_holding() -> None:
+        with workspace_lock(repo, 0, logging.getLogger("test"), owner="test flow run"):
+            held.set()
+            release.wait(seconds)
+            released_at.append(time.monotonic())
+
+    holder = threading.Thread(target=run_holding)
+    holder.start()
+    try:
+        assert held.wait(30)
+        yield released_at
+    finally:
+        release.set()
+        holder.join()
+
+
+def test_promote_waits_for_a_flow_run_holding_the_workspace_or_gives_up(repo, monkeypatch):
+    from qlora import registry
+
+    read_at = []
+    real_status = registry.stale_stages
+    monkeypatch.setattr(
+        registry, "stale_stages", lambda root: read_at.append(time.monotonic()) or real_status(root)
+    )
+    with flow_run_holding(repo, seconds=1.5) as released_at:
+        done = CliRunner().invoke(app, ["promote"])  # waits (up to 600 s by default)
+    assert done.exit_code == 0, done.output
+    assert read_at[0] > released_at[0]  # the workspace was read only once the run let go
+    assert "waiting up to 600 s for the workspace, held by pid" in done.output
+
+    with flow_run_holding(repo) as released_at:
+        busy = CliRunner().invoke(app, ["promote", "--wait", "0"])
+        assert not released_at  # refused while the run still held it
+    assert busy.exit_code == 1, busy.output
+    assert "another pipeline run still holds the workspace" in busy.output
+    assert "test flow run" in busy.output  # who holds it
+    assert list(Registry(repo / "registry").versions()) == ["v1"] and len(read_at) == 1
+
+
+def cache_elsewhere(repo: Path) -> None:
+    """A DVC cache outside the project (`dvc cache dir`, as a team shares one): `dvc status`
+    is clean, but DVC's list of the adapter's files is not where dvc_manifest looks."""
+    shared = repo.parent / "shared-cache"
+    shutil.move(repo / ".dvc/cache", shared)
+    run([sys.executable, "-m", "dvc", "cache", "dir", str(shared)], repo)
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    assert dvc_manifest(repo, next(o["md5"] for o in lock["stages"]["finetune"]["outs"])) is None
+
+
+def test_without_dvcs_list_of_the_adapter_files_its_files_are_checked_all_the_same(repo):
+    cache_elsewhere(repo)
+    reg = Registry(repo / "registry")
+    assert promote(repo, reg)["version"] == "v1"
+    adapter = repo / "data/prepared/adapter"
+    assert {
+        n: b for n, b in tree(reg.path("v1")).items() if n not in ("README.md", "lineage.json")
+    } == {n: b for n, b in tree(adapter).items() if n != "README.md"}
+
+
+# Written after `dvc status` found the workspace clean, before promote read it: a run that
+# finished in between (the workspace lock excludes the flow; this is what is left to check).
+CHANGED_AFTER_STATUS = {
+    "metrics": (
+        "reports/eval/metrics.json",
+        None,
+        r"reports/eval/metrics.json: changed since dvc.lock",
+    ),
+    "gate": ("reports/gate.json", None, r"reports/gate.json: changed since dvc.lock"),
+    "adapter, no DVC list": (
+        "data/prepared/adapter/adapter_model.safetensors",
+        cache_elsewhere,
+        r"data/prepared/adapter: the files listed by .*adapter hash to .*, not to dvc.lock's",
+    ),
+    "extra adapter file": (
+        "data/prepared/adapter/notes.txt",
+        None,
+        r"notes.txt not in dvc.lock's record of the adapter",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CHANGED_AFTER_STATUS))
+def test_a_file_changed_after_dvc_lock_was_written_is_not_registered(repo, monkeypatch, case):
+    from qlora import registry
+
+    path, prepare, message = CHANGED_AFTER_STATUS[case]
+    if prepare:
+        prepare(repo)
+    real_status = registry.stale_stages
+
+    def status_then_a_run_writes(root):
+        clean = real_status(root)
+        target = repo / path
+        if target.suffix == ".json":
+            data = json.loads(target.read_text())
+            target.write_text(json.dumps({**data, "rewritten": True}))
+        else:
+            target.write_bytes(b"written after dvc status")
+        return clean
+
+    monkeypatch.setattr(registry, "stale_stages", status_then_a_run_writes)
+    reg = Registry(repo / "registry")
+    with pytest.raises(StageError, match=message):
+        promote(repo, reg)
+    assert reg.versions() == {}
+    assert not [p for p in reg.root.glob("*") if p.name.startswith(("v", ".stage-"))]
 
 
 # ---- export ----------------------------------------------------------------------------
@@ -491,6 +791,18 @@ def test_export_writes_a_merged_model_that_plain_transformers_loads(repo):
     assert (got - want).abs().max().item() < 0.1 * effect  # rounding, far below the adapter
     config = json.loads((out / "config.json").read_text())
     assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
+
+    # The folder now holds an export: refused again unless told, then replaced whole.
+    (out / "stale.txt").write_text("left by hand")
+    again = CliRunner().invoke(app, ["export", "champion", "--merged", str(out)])
+    assert again.exit_code == 1 and f"{out}: folder is not empty" in again.output
+    assert (out / "stale.txt").exists()
+    replaced = CliRunner().invoke(app, ["export", "champion", "--merged", str(out), "--replace"])
+    assert replaced.exit_code == 0, replaced.output
+    assert (
+        not (out / "stale.txt").exists()
+        and json.loads((out / "export_check.json").read_text())["passed"]
+    )
 
 
 # A lost adapter fails the float32 merge check and, in every dtype, the end-to-end one.
