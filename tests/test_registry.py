@@ -755,6 +755,7 @@ def logits(model, tokenizer, text: str):
         return model(**tokenizer(text, return_tensors="pt")).logits.float()
 
 
+@pytest.mark.cpu_paths
 def test_export_writes_a_merged_model_that_plain_transformers_loads(repo):
     import torch
     from peft import PeftModel
@@ -921,6 +922,7 @@ CONVERSATIONS = [
 ]
 
 
+@pytest.mark.cpu_paths
 def test_generate_answers_as_an_independent_load_of_the_champion_does(repo):
     promote(repo, Registry(repo / "registry"))
     prompts = repo / "prompts.jsonl"
@@ -938,6 +940,7 @@ def test_generate_answers_as_an_independent_load_of_the_champion_does(repo):
     assert expected != independent_answers(base, None, CONVERSATIONS, 6)
 
 
+@pytest.mark.cpu_paths
 def test_chat_streams_each_answer_and_starts_over_on_reset(repo):
     promote(repo, Registry(repo / "registry"))
     said = "def add(a, b):\n/reset\nWhat does os.path.join do?\n/exit\nnever read\n"
