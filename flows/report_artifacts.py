@@ -24,6 +24,7 @@ from qlora import artifacts, train_log
 from qlora.artifacts import BASELINE, CANDIDATE, EVAL_METRICS, REPORT_HTML, REPORT_MD
 from qlora.artifacts import GATE_REPORT as GATE
 from qlora.gate import relative_gain
+from qlora.report import md_code, md_link, md_text
 
 # Prefect stores artifacts in its database; a report larger than this is cut, with a link.
 MAX_MARKDOWN_CHARS = 60_000
@@ -104,9 +105,11 @@ def gate_markdown(gate: dict) -> str:
     """gate.json as Markdown; raises ValueError when `gate` is not gate.json."""
     g = artifacts.GateDecision.model_validate(gate)
     p = g.primary
-    lines = [f"# Gate: {g.decision.upper()} {'✅' if g.passed else '❌'}", "", g.summary, ""]
+    # Task and metric names, the summary and the reasons come from the data: escaped.
+    mark = "✅" if g.passed else "❌"
+    lines = [f"# Gate: {g.decision.upper()} {mark}", "", md_text(g.summary), ""]
     lines += [
-        f"**Primary metric** `{p.task}/{p.metric}`: base {_fmt(p.base)} → adapter "
+        f"**Primary metric** {md_code(f'{p.task}/{p.metric}')}: base {_fmt(p.base)} → adapter "
         f"{_fmt(p.adapter)} ({p.relative_change:+.2%})",
         "",
     ]
@@ -119,19 +122,20 @@ def gate_markdown(gate: dict) -> str:
             change = "" if c.relative_change is None else f"{c.relative_change:+.2%}"
             verdict = {True: "✅", False: "❌", None: "➖ not judged"}[c.passed]
             lines.append(
-                f"| {c.task} | {c.metric} | {_fmt(c.base)} | {_fmt(c.adapter)} | {change} | "
-                f"{c.threshold:+.1%} | {verdict} |"
+                f"| {md_text(c.task)} | {md_text(c.metric)} | {_fmt(c.base)} | "
+                f"{_fmt(c.adapter)} | {change} | {c.threshold:+.1%} | {verdict} |"
             )
         lines.append("")
     if g.reasons:
-        lines += ["**Reasons**", ""] + [f"- {r}" for r in g.reasons]
+        lines += ["**Reasons**", ""] + [f"- {md_text(r)}" for r in g.reasons]
     return "\n".join(lines).rstrip() + "\n"
 
 
 def report_markdown(report_md: str | None, html_link: str | None) -> str:
     parts = []
     if html_link:
-        parts.append(f"Full report (HTML): [{html_link}]({html_link})\n")
+        # report_base_url is a flow parameter: never a javascript: link.
+        parts.append(f"Full report (HTML): {md_link(html_link)}\n")
     if report_md is None:
         parts.append(f"_{REPORT_MD} was not written by this run._")
     elif len(report_md) > MAX_MARKDOWN_CHARS:

@@ -13,6 +13,7 @@ qlora generate FILE.jsonl [VERSION]   answer a file of prompts, written as JSONL
 from __future__ import annotations
 
 import json
+import logging
 import re
 import subprocess
 import sys
@@ -105,7 +106,13 @@ def report(
 
 @flow_app.command("run")
 def flow_run(
-    set_: list[str] = typer.Option(None, "--set", "-S", help="override a param: key=value"),
+    set_: list[str] = typer.Option(
+        None,
+        "--set",
+        "-S",
+        help="override a params.yaml key: key=value (checked by the params schema; this "
+        "machine's own user may also change sources and base.trust_remote_code)",
+    ),
     only_if_changed: bool = typer.Option(
         False, "--only-if-changed", help="end at once when `dvc status` finds nothing stale"
     ),
@@ -141,11 +148,35 @@ def _registry(path: Path | None):
     return Registry(path)
 
 
+def _echo_recovery(reg) -> None:
+    """Say what the registry's recovery did before this command wrote (it deletes nothing)."""
+    for action in reg.recovered:
+        typer.echo(f"registry recovery: {action}", err=True)
+
+
+class _EchoHandler(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        typer.echo(self.format(record), err=True)
+
+
+def _echo_logger(name: str) -> logging.Logger:
+    """A logger whose messages reach the terminal, for helpers that report by logging."""
+    logger = logging.getLogger(name)
+    if not logger.handlers:
+        logger.addHandler(_EchoHandler())
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger
+
+
 @app.command()
 def promote(
     registry: Path = REGISTRY_OPTION,
     ignore_champion: bool = typer.Option(
         False, "--ignore-champion", help="decide on the base gate alone (recorded as such)"
+    ),
+    wait: float = typer.Option(
+        600.0, "--wait", min=0, help="seconds to wait for a pipeline run that holds the workspace"
     ),
 ) -> None:
     """Register the last run's adapter; it becomes champion if it passes both gates.
@@ -153,14 +184,26 @@ def promote(
     It must pass the gate against its base and be no worse than the champion (gate.champion).
     Exit 0: promoted; 3: registered but rejected, the champion stays; 1: nothing registered.
     """
+    from flows import dvc_workspace as ws
     from qlora.io import StageError
     from qlora.registry import promote as register
 
     reg = _registry(registry)
     try:
-        event = register(".", reg, ignore_champion)
-    except StageError as e:  # ParamsError is one too
+        root = ws.find_repo_root(Path("."))
+    except ValueError as e:
         _fail(e)
+    try:
+        # The lock a flow run holds from its first stage to its promotion: without it a
+        # finetune finishing meanwhile could be registered with the last run's metrics.
+        with ws.workspace_lock(root, wait, _echo_logger("qlora.promote"), owner="qlora promote"):
+            event = register(root, reg, ignore_champion)
+    except ws.WorkspaceBusy as e:
+        _fail(ws.WorkspaceBusy(f"{e}: nothing registered; promote when it ends, or --wait longer"))
+    except StageError as e:  # ParamsError is one too
+        _echo_recovery(reg)
+        _fail(e)
+    _echo_recovery(reg)
     where = reg.path(event["version"])
     typer.echo(event["summary"])
     for reason in event["reasons"]:
@@ -262,25 +305,33 @@ def registry_rollback(
     from qlora.io import StageError
     from qlora.registry import rollback
 
+    reg = _registry(registry)
     try:
-        event = rollback(_registry(registry), version, reason)
+        event = rollback(reg, version, reason)
     except StageError as e:
+        _echo_recovery(reg)
         _fail(e)
+    _echo_recovery(reg)
     typer.echo(f"champion: {event['previous']} -> {event['version']} (rollback)")
 
 
 @registry_app.command("verify")
 def registry_verify(registry: Path = REGISTRY_OPTION) -> None:
-    """Check every registered file against the hash recorded for it."""
+    """Check every registered file against the hash recorded for it; list what recovery set
+    aside (or will), which no version owns."""
     from qlora.io import StageError
 
     reg = _registry(registry)
     try:
-        problems = reg.verify()
+        problems, leftovers = reg.verify(), reg.leftovers()
     except StageError as e:
         _fail(e)
     for p in problems:
         typer.echo(f"  - {p}")
+    if leftovers:
+        typer.echo("not part of any version (kept, never served; inspect, then delete by hand):")
+        for note in leftovers:
+            typer.echo(f"  * {note}")
     n = len(reg.versions())
     typer.echo(
         f"{reg.root}: {n} version(s), "
@@ -301,18 +352,32 @@ def export(
         artifacts.BASE_MODEL_DIR, "--base", help="the base the adapter was trained on"
     ),
     registry: Path = REGISTRY_OPTION,
+    replace: bool = typer.Option(
+        False, "--replace", help="replace a previous export of the same kind in DIR (only one)"
+    ),
 ) -> None:
-    """Export a registered version: the adapter as is, or merged into its base."""
+    """Export a registered version: the adapter as is, or merged into its base.
+
+    A folder with files in it is refused; --replace replaces it only when it holds a
+    previous export (lineage.json and adapter_config.json; export_check.json for --merged).
+    """
     from qlora.io import StageError
-    from qlora.registry import export_adapter
+    from qlora.registry import check_adapter_target, export_adapter
 
     if merged is None and adapter is None:
         _fail(ValueError("say what to export: --merged DIR and/or --adapter DIR"))
     reg = _registry(registry)
     try:
         version = reg.resolve(version)
+        # Both folders checked before either is written or a model is loaded.
         if adapter is not None:
-            export_adapter(reg, version, adapter)
+            check_adapter_target(reg, adapter, replace)
+        if merged is not None:
+            from qlora.export import check_target
+
+            check_target(merged, replace, (reg.root, base, *([adapter] if adapter else [])))
+        if adapter is not None:
+            export_adapter(reg, version, adapter, replace)
             typer.echo(f"{version}: adapter, model card and lineage in {adapter}")
         if merged is not None:
             from qlora.export import export_merged
@@ -327,6 +392,8 @@ def export(
                 base,
                 dtype or base_params.get("save_dtype", "bfloat16"),
                 bool(base_params.get("trust_remote_code", False)),
+                replace,
+                (reg.root, *([adapter] if adapter else [])),
             )
             e2e, limits = result["end_to_end"], result["limits"]
             typer.echo(
@@ -381,7 +448,10 @@ def generate(
     batch_size: int = typer.Option(8, "--batch-size", min=1, help="prompts generated at once"),
     registry: Path = REGISTRY_OPTION,
 ) -> None:
-    """Answer every prompt of a JSONL file; each row is written back with its "answer"."""
+    """Answer every prompt of a JSONL file; each row is written back with its "answer".
+
+    Answers are appended a batch at a time; rerun the same command after an interruption and
+    it resumes after the prompts already answered."""
     from qlora.io import StageError
     from qlora.params import load_params
     from qlora.talk import generate_file, load_speaker, read_prompts
@@ -390,10 +460,13 @@ def generate(
     try:
         rows = read_prompts(prompts)  # every row checked before a model is loaded
         speaker = load_speaker(load_params(), version, base, registry)
-        count = generate_file(speaker, rows, output, max_new_tokens, batch_size)
+        resumed, generated = generate_file(speaker, rows, output, max_new_tokens, batch_size)
     except StageError as e:
         _fail(e)
-    typer.echo(f"{count} answers from {speaker.label} in {output}")
+    typer.echo(
+        f"{resumed + generated} answers from {speaker.label} in {output}: "
+        f"{resumed} resumed from an earlier run, {generated} generated"
+    )
 
 
 if __name__ == "__main__":

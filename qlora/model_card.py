@@ -15,6 +15,7 @@ from pathlib import Path
 import yaml
 
 from qlora import artifacts
+from qlora.report import md_code, md_fence, md_text
 
 # Embedded bases (stages/base.py) and the hub model each one carries.
 EMBEDDED_HUB_IDS = {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}
@@ -67,8 +68,23 @@ def _metric_table(record: dict) -> list[str]:
             entries = [variants[v].metrics.get(task, {}).get(name) for v in names]
             cells = ["-" if e is None else f"{e.value:.4g}" for e in entries]
             arrow = artifacts.ARROWS[artifacts.higher_is_better(*entries)]
-            rows.append(f"| {task}/{name} {arrow} | " + " | ".join(cells) + " |")
+            rows.append(f"| {md_text(f'{task}/{name}')} {arrow} | " + " | ".join(cells) + " |")
     return rows
+
+
+def _use_snippet(load_from: str) -> str:
+    """Python that loads the adapter on its base; `load_from` as a string literal (repr),
+    so no quote in a base's name ends it early."""
+    return "\n".join(
+        [
+            "from peft import PeftModel",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            f"base = AutoModelForCausalLM.from_pretrained({load_from!r})",
+            'model = PeftModel.from_pretrained(base, "path/to/this/folder")',
+            f"tokenizer = AutoTokenizer.from_pretrained({load_from!r})",
+        ]
+    )
 
 
 def render_card(record: dict) -> str:
@@ -92,30 +108,26 @@ def render_card(record: dict) -> str:
     finetune = {k: params[k] for k in ("finetune", "quantize") if k in params}
     git = record["git"]
     load_from = base_id or f"<the base directory with weights {record['base_weights_sha256']}>"
+    export = f"qlora export {record['version']} --merged DIR"
+    # Names, reasons and paths come from the data and params: escaped, or fenced.
     lines = [
         "---",
         data.to_yaml(),
         "---",
         "",
-        f"# QLoRA adapter {record['version']}",
+        f"# QLoRA adapter {md_text(record['version'])}",
         "",
-        f"A LoRA adapter trained with QLoRA (4-bit base) on `{dataset}`, base `{source}`. "
-        f"Registered {record['created']}: **{decision['decision']}**, {decision['summary']}.",
+        f"A LoRA adapter trained with QLoRA (4-bit base) on {md_code(dataset)}, base "
+        f"{md_code(source)}. Registered {md_text(record['created'])}: "
+        f"**{md_text(decision['decision'])}**, {md_text(decision['summary'])}.",
         "",
         "## Use",
         "",
-        "```python",
-        "from peft import PeftModel",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
-        "",
-        f'base = AutoModelForCausalLM.from_pretrained("{load_from}")',
-        'model = PeftModel.from_pretrained(base, "path/to/this/folder")',
-        f'tokenizer = AutoTokenizer.from_pretrained("{load_from}")',
-        "```",
+        md_fence(_use_snippet(load_from), "python"),
         "",
         "The adapter was trained on the base weights whose sha256 `base_identity.json` "
-        "records; LoRA deltas fit only those weights. `qlora export "
-        f"{record['version']} --merged DIR` writes a standalone merged model.",
+        "records; LoRA deltas fit only those weights. "
+        f"{md_code(export)} writes a standalone merged model.",
         "",
         "## Evaluation (lm-eval, test split)",
         "",
@@ -123,25 +135,21 @@ def render_card(record: dict) -> str:
         "",
         "## Decision",
         "",
-        *[f"- {r}" for r in decision["reasons"]],
+        *[f"- {md_text(r)}" for r in decision["reasons"]],
         "",
         "## Training parameters",
         "",
-        "```yaml",
-        yaml.safe_dump(finetune, sort_keys=False).strip(),
-        "```",
+        md_fence(yaml.safe_dump(finetune, sort_keys=False).strip(), "yaml"),
         "",
         "## Lineage",
         "",
-        f"- git commit: `{git.get('commit')}`"
+        f"- git commit: {md_code(git.get('commit'))}"
         + (" (uncommitted changes)" if git.get("dirty") else ""),
-        f"- adapter (DVC md5): `{record['adapter']['dvc_md5']}`",
-        f"- evaluation inputs fingerprint: `{record['evaluation']['fingerprint']}`",
+        f"- adapter (DVC md5): {md_code(record['adapter']['dvc_md5'])}",
+        f"- evaluation inputs fingerprint: {md_code(record['evaluation']['fingerprint'])}",
         "- data and model hashes, every stage's params: `lineage.json` (`dvc_lock`)",
         "",
-        "```json",
-        json.dumps(record["base_weights_sha256"], indent=2),
-        "```",
+        md_fence(json.dumps(record["base_weights_sha256"], indent=2), "json"),
         "",
     ]
     return "\n".join(lines)

@@ -29,10 +29,12 @@ import math
 import os
 import platform
 import re
+import string
 import subprocess
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlsplit
 
 import jinja2
 import yaml
@@ -172,17 +174,70 @@ def fmt_env(value: Any) -> str:
     return str(value)
 
 
-def md_cell(text: Any) -> str:
-    """A Markdown table cell: no pipes, newlines or raw HTML from model output."""
-    text = str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-    return text.replace("|", "\\|").replace("\n", " ")
+# ---------------------------------------------------------------- markdown
+# Every Markdown this project writes (report.md, the Prefect artifacts, model cards) puts
+# text from the data through these: a task name, a reason, a model's answer never becomes a
+# link, an image or HTML where the page is rendered.
+
+# CommonMark lets a backslash escape any ASCII punctuation character, and some dialect
+# gives each of them a meaning (links, emphasis, tables, headings, lists, "~~", "$" math,
+# ":emoji:", GFM's bare-URL autolinks on "://", "www." and "@"): escaped, all of them read
+# as themselves. & < > become entities instead, which every renderer shows as the
+# character, where a backslash before them is literal to some.
+_MD_ESCAPES = str.maketrans(
+    {c: "\\" + c for c in string.punctuation if c not in "&<>"}
+    | {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
+)
+# CommonMark's line endings: in a table cell or a list item a line break ends the construct.
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+# A link is made only to the web, a file, or a relative path; a flow parameter or a path
+# from the data must not become a javascript: or data: link.
+LINK_SCHEMES = frozenset({"http", "https", "file"})
+# Characters a URL keeps as they are in a link destination; the rest are percent-encoded,
+# so no space, quote, parenthesis or angle bracket can end the destination early.
+_URL_SAFE = "/:?#[]@!$&*+,;=%~"
+_ESCAPED_AMP = "\\&"
 
 
-def md_fence(text: Any) -> str:
+def md_text(text: Any) -> str:
+    """Untrusted text as literal Markdown on one line (a table cell, a list item, a heading):
+    every punctuation character escaped, line breaks turned into spaces."""
+    return _LINE_BREAK.sub(" ", str(text)).translate(_MD_ESCAPES)
+
+
+def _longest_backtick_run(text: str) -> int:
+    return max((len(run) for run in re.findall(r"`+", text)), default=0)
+
+
+def md_code(text: Any, cell: bool = False) -> str:
+    """Untrusted text as an inline code span, delimited by a backtick run longer than any
+    inside it. In a table `cell`, "|" is escaped: GFM splits a row on it even inside code
+    (and drops the backslash), where elsewhere the backslash would show."""
+    flat = _LINE_BREAK.sub(" ", str(text))
+    if cell:
+        flat = flat.replace("|", "\\|")
+    ticks = "`" * (_longest_backtick_run(flat) + 1)
+    # CommonMark strips one space from each end of a span: a space there is kept by a pad,
+    # and a pad keeps a backtick at either end from joining the delimiter.
+    pad = " " if flat[:1] in ("`", " ") or flat[-1:] in ("`", " ") else ""
+    return f"{ticks}{pad}{flat}{pad}{ticks}"
+
+
+def md_fence(text: Any, lang: str = "text") -> str:
     """A fenced block longer than any backtick run inside, so output cannot break out."""
     text = str(text)
-    fence = "`" * max(3, 1 + max((len(r) for r in re.findall(r"`+", text)), default=0))
-    return f"{fence}text\n{text}\n{fence}"
+    fence = "`" * max(3, 1 + _longest_backtick_run(text))
+    return f"{fence}{lang}\n{text}\n{fence}"
+
+
+def md_link(url: str, label: str | None = None) -> str:
+    """A link to `url` (its own text unless `label`), or plain text when `url` is not a web
+    or file address or a relative path."""
+    text = md_text(url if label is None else label)
+    if urlsplit(url).scheme.lower() not in LINK_SCHEMES | {""}:
+        return text if label is None else f"{text} ({md_text(url)})"
+    # "&" kept for query strings, escaped so no renderer reads an entity (&colon;) in it.
+    return f"[{text}]({quote(url, safe=_URL_SAFE).replace('&', _ESCAPED_AMP)})"
 
 
 FILTERS = {
@@ -196,8 +251,10 @@ FILTERS = {
     "arrow": ARROWS.get,
     "direction": DIRECTIONS.get,
     "env_value": fmt_env,
-    "md": md_cell,
+    "md": md_text,
+    "code": md_code,
     "fence": md_fence,
+    "link": md_link,
 }
 
 

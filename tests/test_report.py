@@ -20,11 +20,13 @@ import subprocess
 import sys
 import zlib
 from html import escape as html_escape
+from html import unescape as html_unescape
 from pathlib import Path
 
 import pytest
 import yaml
 from markupsafe import escape as markup_escape
+from test_markdown import HOSTILE, RENDERERS, STRUCTURE, flat, rendered, table_rows, tags, visible
 
 from conftest import gate_params
 from conftest import git as run_git
@@ -278,6 +280,73 @@ def test_model_output_is_escaped(root: Path):
             assert f"```text\n{output}\n```" in md
 
 
+# What report.md may hold: its own headings, tables, emphasis, code and the Data Docs link.
+REPORT_TAGS = STRUCTURE | {"h1", "h2", "em", "strong", "code", "pre", "blockquote", "a", "hr"}
+
+
+def assert_data_stays_text(md: str) -> None:
+    """Rendered, `md` has no element but the report's own, no link but its Data Docs one,
+    and nothing of the hostile values in any tag."""
+    for renderer in RENDERERS:
+        page = rendered(md, renderer)
+        assert tags(page) <= REPORT_TAGS, (renderer, tags(page) - REPORT_TAGS)
+        assert re.findall(r'<a href="([^"]*)"', page) == ["validation/data_docs/index.html"]
+        assert "evil.example" not in "".join(re.findall(r"<[^>]*>", page)), renderer
+
+
+def swap(value, old: str, new: str):
+    """`value` (parsed JSON or YAML) with every string `old` replaced by `new`."""
+    if isinstance(value, dict):
+        return {swap(k, old, new): swap(v, old, new) for k, v in value.items()}
+    if isinstance(value, list):
+        return [swap(v, old, new) for v in value]
+    return new if value == old else value
+
+
+def test_text_from_the_data_stays_text_in_the_markdown(root: Path):
+    reports = root / "reports"
+    edit_json(reports / "dataset.json", lambda d: d.update(groups_in_two_splits=HOSTILE))
+    edit_json(reports / "base.json", lambda b: b.update(source=HOSTILE[0]))
+
+    def hostile_reasons(gate: dict) -> None:
+        for check, value in zip(gate["checks"], HOSTILE, strict=False):
+            check["reason"] = value
+
+    def hostile_ids(examples: list) -> None:
+        for example, value in zip(examples, HOSTILE[1:], strict=False):
+            example["id"] = value
+
+    edit_json(reports / "gate.json", hostile_reasons)
+    edit_json(reports / "eval" / "examples.json", hostile_ids)
+    _, md = render(root)
+    assert_data_stays_text(md)
+    text = visible(md)
+    assert "groups in two splits: " + ", ".join(flat(h) for h in HOSTILE) in text
+    assert f"QLoRA report: {HOSTILE[0]}" in text
+    checks = load(root, "gate.json")["checks"]
+    for check in checks:
+        assert flat(check["reason"]).strip() in text
+
+
+def test_names_and_paths_from_the_data_cannot_break_out_of_code(root: Path):
+    """Inline code and code blocks that hold a layer's name, a path of dvc.lock, the primary
+    metric's task or a param: backticks in them do not end the code early."""
+    reports = root / "reports"
+    layer, hostile = "model.layers.0.self_attn.o_proj", "o_proj`![x](https://evil.example/p.png)`"
+    for name in ("quantize.json", "quantize_layers.json"):
+        edit_json(reports / name, lambda d: swap(d, layer, hostile))
+    edit_json(reports / "gate.json", lambda g: g["primary"].update(task=f"t`{HOSTILE[1]}`"))
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    lock = swap(lock, "data/prepared/adapter", f"data/`{HOSTILE[2]}`|x")
+    lock["stages"]["base"]["params"]["params.yaml"]["base"]["source"] = f"```\n{HOSTILE[0]}"
+    (root / "dvc.lock").write_text(yaml.safe_dump(lock))
+    _, md = render(root)
+    assert_data_stays_text(md)
+    codes = [html_unescape(c) for c in re.findall(r"<code>(.*?)</code>", rendered(md), re.S)]
+    assert hostile in codes and f"t`{HOSTILE[1]}` / bits_per_byte" in codes
+    assert f"data/`{HOSTILE[2]}`|x" in codes
+
+
 def test_gate_checks_and_validation_tables(root: Path):
     html, _ = render(root)
     gate = load(root, "gate.json")
@@ -423,7 +492,7 @@ def test_the_training_machine_is_shown_where_it_is_recorded(root: Path):
         in lineage
     )
     assert '<th>torch_cuda</th><td class="mono">n/a</td>' in lineage
-    assert "where it ran (training): cpu_model Intel(R) Xeon(R) Platinum 8480+" in md
+    assert "where it ran (training): cpu_model Intel(R) Xeon(R) Platinum 8480+" in visible(md)
 
 
 def test_the_batch_split_over_processes_is_shown(root: Path):
@@ -459,7 +528,7 @@ def test_compare_names_what_differs_between_the_two_runs_machines_and_adapters(r
         "the runs differ in: cpu_model (Intel(R) Xeon(R) Platinum 8480+ → Xeon), "
         "isa_flags (avx512_bf16), adapter (b6c7d8e9f0a1b2c3d4e5f60718293a4b.dir → 0a1b.dir)."
     )
-    assert expected in html and expected in md
+    assert expected in html and expected in visible(md)
 
 
 def test_compare_says_when_the_other_run_recorded_no_machine(root: Path):
@@ -523,7 +592,7 @@ def test_a_format_this_device_cannot_load_shows_its_reason(root: Path):
     int8 = re.search(r"<td>int8</td>(.*?)</tr>", table, re.S).group(1)
     assert f'<span class="badge plain">not measured</span> {markup_escape(reason)}' in int8
     assert "MB" not in int8
-    assert f"| int8 | not measured: {reason} |" in md
+    assert ["int8", f"not measured: {reason}"] in [row[:2] for row in table_rows(md)]
 
 
 def test_which_layers_suffer_most(root: Path):
@@ -709,7 +778,7 @@ def test_claims_table_shows_every_row_with_its_verdict_and_why(root: Path):
     table = re.search(r'<table id="claims-table">(.*?)</table>', html, re.S).group(1)
     assert table.count(markup_escape(claims["rows"][-1]["claim"])) == 1
     assert table.count('rowspan="7"') == 1
-    assert f"| memory (nf4) | 58.5% saved | **FAIL** | {memory['why']} |" in md
+    assert ["memory (nf4)", "58.5% saved", "FAIL", memory["why"]] in [r[1:] for r in table_rows(md)]
 
 
 def test_a_claim_that_holds_has_no_why_and_an_undecided_one_says_so(root: Path):
@@ -730,7 +799,7 @@ def test_a_claim_that_holds_has_no_why_and_an_undecided_one_says_so(root: Path):
     assert "no direction" in rows["docstring_choice/acc_norm"][1]
     summary = re.search(r'<p id="claims-summary">(.*?)</p>', html, re.S).group(1)
     assert "1 of 9 checks held, 7 did not</strong>, 1 undecided" in summary
-    assert "| docstring_choice/acc | 100.0% kept | PASS |  |" in md
+    assert ["docstring_choice/acc", "100.0% kept", "PASS", ""] in [r[1:] for r in table_rows(md)]
 
 
 def test_generation_speed_of_each_variant(root: Path):
@@ -749,7 +818,7 @@ def test_generation_speed_of_each_variant(root: Path):
         )
         assert row in table, name
     assert "4 test prompts &times; exactly 32 new tokens each" in html and "on cpu" in html
-    assert "| base (nf4+double_quant) | 6.21 | 5.15 | 0.25× |" in md
+    assert ["base (nf4+double_quant)", "6.21", "5.15", "0.25×"] in table_rows(md)
 
 
 # ---------------------------------------------------------------- older runs
