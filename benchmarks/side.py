@@ -11,7 +11,7 @@ Sides:
 - reference: the reference QLoRA recipe in plain Hugging Face code (peft's
   prepare_model_for_kbit_training, r=64, alpha=16, dropout 0.1 on q/k/v/o, gradient
   checkpointing, AdamW at 2e-4, rows in random order padded to the longest).
-- previous: the finetune stage's path before the lean path (issue 12): peft's fp32
+- previous: the finetune stage's path before the lean path: peft's fp32
   preparation, r=16, alpha=32, dropout 0.05 on all linear layers, no checkpointing, rows
   grouped by length, the model's own loss.
 """

@@ -1,5 +1,5 @@
 """The report's view of what quantization does to the weights, and of the 4-bit method's
-published claims against this run (what qlora/report.py adds for issue 13).
+published claims against this run (the sections qlora/report.py adds for quantization).
 
 Reads, beside the inputs report.py already has:
 - quantize.json's "formats" (NF4, FP4 and int8 each loaded for real), "analysis" (the

@@ -266,7 +266,7 @@ def resolve_loss(choice: str, model) -> tuple[str, str]:
 def prepare_for_training(model, checkpointing: bool) -> None:
     """Freeze the base and switch on checkpointing, keeping every tensor in the dtype it was
     loaded in. peft's prepare_model_for_kbit_training would cast the embeddings, lm_head and
-    norms to fp32 (on Llama-3-8B, 7.43 GiB of weights instead of about 5: FINDINGS), and an
+    norms to fp32 (measured on the Llama-3-8B shape: 7.43 GiB of weights instead of about 5), and an
     fp32 embedding output turns the whole residual stream fp32. The QLoRA method needs the
     norms computed in fp32, which transformers' RMSNorm/LayerNorm already do internally
     whatever their weights' dtype."""
