@@ -58,7 +58,8 @@ def fetch_embedded_gguf(name: str, cache: Path = CACHE) -> Path:
 
 def load_from_gguf(gguf: Path):
     """transformers dequantizes GGUF on load but refuses to save such a model, so copy its
-    weights into a plain model built from the same config (all keys match, checked on SmolLM2's GGUF)."""
+    weights into a plain model built from the same config (all keys match: checked on the
+    embedded SmolLM2 GGUF)."""
     kw = {"gguf_file": gguf.name}
     gguf_model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), **kw)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), **kw)
