@@ -422,11 +422,33 @@ def _check_grammar(items: list[str]) -> None:
                 f"{key}: {item!r} adds or deletes a key; an override only sets keys that "
                 f"{PARAMS_FILE} has"
             )
-        if "${" in item.partition("=")[2]:
+        if parsed.is_sweep_override():
             raise OverrideRefused(
-                f"{key}: {item!r} uses ${{...}} interpolation, which would write the worker's "
-                f"environment or other values into {PARAMS_FILE}; give the value itself"
+                f"{key}: {item!r} is a sweep; an override sets one value (queue a sweep with "
+                f"`dvc exp run --queue`)"
             )
+        # OmegaConf resolves `${...}` (`${oc.env:SECRET}` copies the worker's environment
+        # into params.yaml, and so into the data and reports). Hydra's escapes turn `$\{`
+        # into `${` after parsing, so the raw text is checked for any `$` and the parsed
+        # value for the interpolation itself.
+        if "$" in item.partition("=")[2] or _holds_interpolation(parsed.value()):
+            raise OverrideRefused(
+                f"{key}: {item!r} holds `$`, which OmegaConf reads as ${{...}} interpolation "
+                f"(it would write the worker's environment or other values into "
+                f"{PARAMS_FILE}); give the value itself, without `$`"
+            )
+
+
+def _holds_interpolation(value: Any) -> bool:
+    """Whether a parsed override value (a string, a list or dict of them, or a Hydra
+    function's arguments) holds `${` anywhere."""
+    if isinstance(value, str):
+        return "${" in value
+    if isinstance(value, dict):
+        return any(_holds_interpolation(k) or _holds_interpolation(v) for k, v in value.items())
+    if isinstance(value, list | tuple | set):
+        return any(_holds_interpolation(v) for v in value)
+    return "${" in str(value)
 
 
 def _overridden(path: Path, items: list[str]) -> tuple[str, Params]:
@@ -455,8 +477,9 @@ def _overridden(path: Path, items: list[str]) -> tuple[str, Params]:
 
 
 def risky_changes(before: Params, after: Params, repo_dir: Path) -> list[str]:
-    """One "key: why" line per change that runs code or reads from outside the project: a
-    new source, remote code turned on, a launcher config or lm-eval task from elsewhere.
+    """One "key: why" line per change that runs code, reads from or sends to outside the
+    project, or decides promotion: a new source, remote code turned on, the gate's rules,
+    trackers, a launcher config or lm-eval task from elsewhere.
     Values the project already had, or ships (data/eval_tasks, configs/accelerate), are no
     risk. Compared on the checked values, so a whole section given at once counts too."""
     found = [
@@ -466,6 +489,16 @@ def risky_changes(before: Params, after: Params, repo_dir: Path) -> list[str]:
     ]
     if after.base.trust_remote_code and not before.base.trust_remote_code:
         found.append("base.trust_remote_code: runs Python code from the model repository")
+    if after.gate != before.gate:
+        found.append(
+            "gate: its rules decide which adapter is promoted and served (a run could lift "
+            "every regression limit or pick the metric that decides)"
+        )
+    if after.finetune.report_to != before.finetune.report_to:
+        found.append(
+            "finetune.report_to: sends the run's metrics to outside trackers with the "
+            "worker's credentials"
+        )
     config = after.finetune.accelerate_config
     if config != before.finetune.accelerate_config and config is not None:
         shipped = (repo_dir / ACCELERATE_CONFIGS).resolve()

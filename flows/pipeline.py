@@ -80,6 +80,38 @@ def _risky_allowed_here() -> bool:
     return _LOCAL_RUN.get() or risky_overrides_allowed(os.environ, flow_run.job_variables)
 
 
+# Flow parameters that point the worker at other folders: another DVC repository (whose
+# dvc.yaml commands would run on the worker), or a registry written anywhere.
+PLACE_PARAMETERS = ("repo_dir", "registry_dir")
+
+
+def refused_places(given: Mapping[str, Any], deployment: Mapping[str, Any] | None) -> list[str]:
+    """The PLACE_PARAMETERS a deployment's run sets to something its deployment does not:
+    `deployment` is the deployment's own parameters, None for a run that no deployment
+    started (the machine's own user calling the flow)."""
+    if deployment is None:
+        return []
+    return [
+        f"{name}={given[name]!r} (the deployment's is {deployment.get(name)!r})"
+        for name in PLACE_PARAMETERS
+        if given.get(name) != deployment.get(name)
+    ]
+
+
+def _check_places(given: Mapping[str, Any]) -> None:
+    from prefect.runtime import deployment
+
+    if _risky_allowed_here():
+        return
+    refused = refused_places(given, deployment.parameters if deployment.id else None)
+    if refused:
+        raise StageError(
+            f"this run sets {'; '.join(refused)}: a deployment's run works in the deployment's "
+            f"own repository and registry; {ws.ALLOW_RISKY_ENV}=1 on the worker or in the "
+            "deployment's job variables allows other folders"
+        )
+
+
 def retry_if_transient(_task, _task_run, state) -> bool:
     """Retry network hiccups and busy locks; never bad data or a diverged run."""
     try:
@@ -235,7 +267,9 @@ def qlora_pipeline(
             the project needs QLORA_ALLOW_RISKY_OVERRIDES=1 on the worker or deployment.
         only_if_changed: end at once, "nothing to do", when `dvc status` finds nothing stale
             (the scheduled deployment); ignored with overrides.
-        repo_dir: the DVC repository (default: the one around the working directory).
+        repo_dir: the DVC repository (default: the one around the working directory). A
+            deployment's run may not point it (nor registry_dir) elsewhere than the
+            deployment does, unless QLORA_ALLOW_RISKY_OVERRIDES=1 allows it.
         pull: `dvc repro --pull`: fetch missing data from the DVC remote instead of
             rebuilding it (a fresh clone in a container).
         push: `dvc push` the results to the DVC remote at the end.
@@ -249,6 +283,7 @@ def qlora_pipeline(
             the repository).
     """
     logger = get_run_logger()
+    _check_places({"repo_dir": repo_dir, "registry_dir": registry_dir})
     repo = ws.find_repo_root(repo_dir)
     overrides = list(overrides or [])
     owner = f"flow run {experiment_name()}"

@@ -17,13 +17,14 @@ result saved in a 16-bit dtype as safetensors. The folder appears only after thr
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from qlora.artifacts import BASE_MODEL_DIR
-from qlora.io import StageError, atomic_dir, check_output_dir, write_json
+from qlora.io import StageError, atomic_dir, check_output_dir, sha256_of, write_json
 from qlora.models import DTYPES, check_adapter_base, load_full, load_tokenizer
 
 # Largest KL(base+adapter || merged export) over every position of the prompts, as a
@@ -135,8 +136,24 @@ def check_target(
     out_dir: Path | str, replace: bool = False, protected: Sequence[Path | str] = ()
 ) -> None:
     """Refuse a `--merged` folder that overlaps `protected`, or is not empty (with
-    `replace`: holds no previous merged export, whose mark is its CHECK_FILE)."""
-    check_output_dir(out_dir, replace, (CHECK_FILE,), protected)
+    `replace`: anything but the files of a previous merged export, as its CHECK_FILE lists
+    them)."""
+    check_output_dir(out_dir, replace, previous_merged_files, protected)
+
+
+def previous_merged_files(out_dir: Path) -> dict[str, str] | None:
+    """{name: sha256} of what a previous merged export wrote in out_dir (its CHECK_FILE
+    lists the rest), or None when out_dir holds none."""
+    check = out_dir / CHECK_FILE
+    if not check.is_file():
+        return None
+    try:
+        files = json.loads(check.read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(files, dict):
+        return None  # an export from before the list was kept: its files are unknown
+    return {**files, CHECK_FILE: sha256_of(check)}
 
 
 def export_merged(
@@ -241,5 +258,7 @@ def export_merged(
                 "merged export failed its check, nothing written: " + "; ".join(failures)
             )
         result["passed"] = True
+        # What this export wrote, so that `--replace` later removes these files and no other.
+        result["files"] = {f.name: sha256_of(f) for f in sorted(tmp.iterdir())}
         write_json(tmp / CHECK_FILE, result)
     return result

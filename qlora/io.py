@@ -66,13 +66,15 @@ def atomic_dir(target: Path | str, *, replace: bool = True) -> Iterator[Path]:
 def check_output_dir(
     target: Path | str,
     replace: bool,
-    ours: Sequence[str],
+    previous_files: Callable[[Path], dict[str, str] | None],
     protected: Iterable[Path | str] = (),
 ) -> None:
     """Refuse, before any work, an output folder whose contents are not ours to replace:
     one inside, around or equal to a `protected` folder; anything but a folder; a folder
-    with files in it unless `replace`, and even then one that lacks any of `ours` (the files
-    a previous output of the same kind holds). A missing or empty folder is fine."""
+    with files in it unless `replace`. Even with `replace`, every entry must be a file the
+    previous output wrote, unchanged: `previous_files(target)` gives its {name: sha256}
+    (None: no previous output of this kind is there). So a user's file, a `.git` folder or
+    an edited model card is never deleted. A missing or empty folder is fine."""
     target = Path(target)
     here = target.resolve()
     for folder in map(Path, protected):
@@ -84,19 +86,38 @@ def check_output_dir(
     entries = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
     if not entries:
         return
-    shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
     if not replace:
         raise StageError(
-            f"{target}: folder is not empty ({shown}): nothing written. Choose a new or empty "
-            "folder, or pass --replace to replace a previous export there"
+            f"{target}: folder is not empty ({_some(entries)}): nothing written. Choose a new "
+            "or empty folder, or pass --replace to replace a previous export there"
         )
-    missing = [name for name in ours if not (target / name).is_file()]
-    if missing:
+    files = previous_files(target)
+    if files is None:
         raise StageError(
-            f"{target}: not replaced: it holds {shown} but no {', '.join(missing)}, so it is "
-            "no previous export (--replace replaces only one): move its files away or choose "
-            "another folder"
+            f"{target}: not replaced: it holds {_some(entries)} but no record of a previous "
+            "export of this kind (--replace replaces only one): move its files away or "
+            "choose another folder"
         )
+    not_ours = [name for name in entries if not _unchanged(target / name, files.get(name))]
+    if not_ours:
+        raise StageError(
+            f"{target}: not replaced: {_some(not_ours)} {'is' if len(not_ours) == 1 else 'are'} "
+            "not what the previous export wrote (added or changed since): move "
+            f"{'it' if len(not_ours) == 1 else 'them'} away first"
+        )
+
+
+def _some(names: Sequence[str], shown: int = 5) -> str:
+    return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
+
+
+def _unchanged(path: Path, sha256: str | None) -> bool:
+    return (
+        sha256 is not None
+        and path.is_file()
+        and not path.is_symlink()
+        and sha256_of(path) == sha256
+    )
 
 
 def atomic_write_text(path: Path | str, text: str) -> None:
@@ -106,7 +127,13 @@ def atomic_write_text(path: Path | str, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; outputs are meant to be shared
+        # mkstemp makes it private: a file being replaced keeps its own mode (params.yaml
+        # may be the user's), a new output is shared.
+        try:
+            mode = path.stat().st_mode & 0o7777
+        except FileNotFoundError:
+            mode = 0o644
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

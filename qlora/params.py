@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from qlora.artifacts import PARAMS_FILE
 from qlora.io import StageError
@@ -67,7 +74,13 @@ class MinRows(_Section):
     test: int = Field(ge=1)
 
 
-Severity = Literal["error", "warning", "off"]
+def _off_is_a_word(value: object) -> object:
+    """`off` unquoted is the boolean false to a YAML 1.1 reader (PyYAML, which loads
+    params.yaml), while DVC writes it so when an override sets it: read it as the word."""
+    return "off" if value is False else value
+
+
+Severity = Annotated[Literal["error", "warning", "off"], BeforeValidator(_off_is_a_word)]
 
 
 class CheckSeverities(_Section):

@@ -47,8 +47,6 @@ REGISTRY_ENV = "QLORA_REGISTRY"
 DEFAULT_DIR = Path("registry")
 INDEX, LOCK, LINEAGE, CARD = "index.jsonl", ".lock", "lineage.json", "README.md"
 ORPHANED = ".orphaned"
-# What a previous `export --adapter` holds: only such a folder may be replaced.
-ADAPTER_EXPORT_FILES = (LINEAGE, "adapter_config.json")
 ALIAS = "champion"
 # From the torch-free artifacts module, so the registry starts without loading torch.
 ADAPTER_DIR = artifacts.ADAPTER_DIR
@@ -477,6 +475,29 @@ def _lock_out(stages: dict, stage: str, path: Path) -> dict:
     return out
 
 
+def check_lock_chain(stages: dict) -> None:
+    """Refuse a dvc.lock whose stages do not follow from each other: evaluate must have read
+    the adapter finetune wrote, and gate the metrics evaluate wrote. Each is checked against
+    its own stage's record elsewhere; this ties the records together, so what is registered
+    is one run's adapter, metrics and decision, not pieces of two."""
+    links = [("finetune", ADAPTER_DIR, "evaluate"), ("evaluate", METRICS, "gate")]
+    for writer, path, reader in links:
+        wrote = _lock_out(stages, writer, path)["md5"]
+        read = next(
+            (
+                d.get("md5")
+                for d in stages[reader].get("deps") or []
+                if d["path"] == path.as_posix()
+            ),
+            None,
+        )
+        if read != wrote:
+            raise StageError(
+                f"dvc.lock: {reader} read {path} at md5 {read}, but {writer} wrote {wrote}: "
+                "the stages come from different runs; run `qlora run` to bring them together"
+            )
+
+
 def _lock_stages(root: Path) -> dict:
     path = root / "dvc.lock"
     try:
@@ -641,6 +662,7 @@ def promote(
     params = load_params(root / "params.yaml")
     lineage = build_lineage(root)
     stages = lineage["dvc_lock"]
+    check_lock_chain(stages)
     gate = _recorded_json(root, GATE, stages, "gate")
     metrics = _recorded_json(root, METRICS, stages, "evaluate")
     manifest = adapter_manifest(root, stages)
@@ -727,8 +749,18 @@ def rollback(reg: Registry, version: str | None = None, reason: str = "") -> dic
 
 def check_adapter_target(reg: Registry, out_dir: Path, replace: bool = False) -> None:
     """Refuse an `export --adapter` folder that is in the registry, or not empty (with
-    `replace`: not a previous adapter export)."""
-    check_output_dir(out_dir, replace, ADAPTER_EXPORT_FILES, protected=(reg.root,))
+    `replace`: anything but the unchanged files of a version of this registry exported
+    there before, as the registry's index lists them)."""
+
+    def previous_export(folder: Path) -> dict[str, str] | None:
+        try:
+            version = read_json(folder / LINEAGE)["version"]
+            record = reg.record(version)
+        except (StageError, KeyError, TypeError, ValueError, OSError):
+            return None
+        return {**record["files"], LINEAGE: record["lineage_sha256"]}
+
+    check_output_dir(out_dir, replace, previous_export, protected=(reg.root,))
 
 
 def export_adapter(reg: Registry, version: str, out_dir: Path, replace: bool = False) -> Path:

@@ -30,6 +30,7 @@ EMBEDDED = {
 }
 EMBEDDED_PREFIX = "embedded:"
 COMMIT = re.compile(r"[0-9a-f]{40}")
+SHA256 = re.compile(r"[0-9a-f]{64}")
 # (size, mtime_ns) -> sha256 of files already hashed, so a large local model is read once
 # and not on every `dvc repro` (the same shortcut DVC takes for its own deps).
 HASH_CACHE = artifacts.CACHE_DIR / "source_hashes.json"
@@ -57,7 +58,12 @@ def _read_hash_cache(path: Path) -> dict:
     if not isinstance(cache, dict):
         log.warning("%s discarded (not a JSON object), the hashes are computed again", path)
         return {}
-    return cache
+    # Only sha256 digests are trusted: an entry of another shape (an older cache format, a
+    # hand edit) would go into the fingerprints as it is.
+    kept = {k: v for k, v in cache.items() if isinstance(v, str) and SHA256.fullmatch(v)}
+    if len(kept) < len(cache):
+        log.warning("%s: %d entries are no sha256, discarded", path, len(cache) - len(kept))
+    return kept
 
 
 def _save_hash_cache(path: Path, cache: dict) -> None:

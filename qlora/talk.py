@@ -216,8 +216,11 @@ def conversation(row: dict, where: str) -> list[dict]:
     messages = to_messages(filled, fmt)
     if fmt != "chat":
         messages = messages[:-1]  # drop the empty answer
-    elif messages[-1]["role"] == "assistant":
-        raise StageError(f"{where}: the last message is the assistant's; nothing to answer")
+    elif messages[-1]["role"] != "user":
+        raise StageError(
+            f"{where}: the last message is the {messages[-1]['role']}'s; the model answers "
+            "the user's last turn, and there is none after it"
+        )
     for k, m in enumerate(messages):
         if not m["content"].strip():
             name = f"messages[{k}].content" if fmt == "chat" else repr(PROMPT_KEYS[fmt])
@@ -276,7 +279,7 @@ def answered(prompts: list[Prompt], output: Path, label: str, max_new_tokens: in
     the first prompts in order. Each line must be the answer this run would write to its
     prompt, by the same model with the same --max-new-tokens: anything else is an error
     naming the line, and the file is left as it is. A last line cut short by a kill is
-    removed, to be answered again."""
+    removed, to be answered again; one that is whole but for its newline is kept."""
     try:
         data = output.read_bytes()
     except FileNotFoundError:
@@ -294,6 +297,10 @@ def answered(prompts: list[Prompt], output: Path, label: str, max_new_tokens: in
         why = _mismatch(line, prompt, label, max_new_tokens)
         if why:
             raise StageError(f"{output}, line {n} {why}{refuse}")
+    if tail and _mismatch(tail, prompts[len(lines)], label, max_new_tokens) is None:
+        # A whole answer that lost only its newline (an editor, another tool): kept.
+        _append(output, "\n")
+        return len(lines) + 1
     if tail:
         if not _is_torn_answer(tail, prompts[len(lines)], label, max_new_tokens):
             raise StageError(

@@ -45,6 +45,7 @@ from qlora.models import (
     load_full,
     load_quantized,
     load_tokenizer,
+    resolve_compute_dtype,
 )
 from qlora.params import Params
 
@@ -529,6 +530,7 @@ def train(params: Params) -> Trained:
     }
     if distributed.is_main_process():  # one writer: the others' files would collide
         live.write_summary(summary)
+    dtype, dtype_why = resolve_compute_dtype(params.quantize.compute_dtype)
     record = {
         "epochs": trainer.state.epoch,
         # This process alone: after a resume, the steps since the checkpoint.
@@ -542,7 +544,8 @@ def train(params: Params) -> Trained:
         "trainable_parameters": trainable,
         "total_parameters": total,
         "device": device(),
-        "compute_dtype": str(compute_dtype(params.quantize.compute_dtype)).split(".")[-1],
+        "compute_dtype": str(dtype).removeprefix("torch."),
+        "compute_dtype_why": dtype_why,  # beside the dtype: older run.json have no why
         "optimizer": optimizer_name(p.optimizer),
         "gradient_checkpointing": {"on": plan.checkpointing, "why": plan.checkpointing_reason},
         "loss": {"kind": plan.loss, "why": plan.loss_reason},

@@ -94,6 +94,14 @@ BAD_ROWS = [
     ),
     ('{"messages": [{"role": "user", "content": " "}]}', ROW + "messages[0].content is empty"),
     ('{"messages": [{"role": "user", "content": null}]}', ROW + "messages[0].content is null"),
+    (
+        '{"messages": [{"role": "system", "content": "Be brief."}]}',
+        ROW + "the last message is the system's",
+    ),
+    (
+        '{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}',
+        ROW + "the last message is the assistant's",
+    ),
     ('{"prompt": 3}', ROW + "'prompt' is int, expected str"),
     ('{"prompt": ""}', ROW + "'prompt' is empty"),
     ('{"instruction": "x", "input": {"a": 1}}', ROW + "'input' is dict, expected str"),
@@ -162,7 +170,7 @@ def test_the_output_is_each_row_as_it_was_with_its_answer(uninterrupted):
     assert rows[4]["answer"] != "7"  # the row's own "answer" is replaced, as before
 
 
-@pytest.mark.parametrize("keep", [1.0, 0.5, 0.0])
+@pytest.mark.parametrize("keep", [0.99, 0.5, 0.0])
 def test_a_last_line_cut_short_is_answered_again(tiny, prompts_file, uninterrupted, tmp_path, keep):
     lines = uninterrupted.splitlines(keepends=True)
     line = lines[2].removesuffix(b"\n")  # killed before its newline, or earlier
@@ -172,6 +180,20 @@ def test_a_last_line_cut_short_is_answered_again(tiny, prompts_file, uninterrupt
     speaker = make_speaker(tiny, loads)
     assert generate_file(speaker, read_prompts(prompts_file), out, TOKENS, BATCH) == (2, 3)
     assert out.read_bytes() == uninterrupted and loads == ["tiny model"]
+
+
+def test_a_last_answer_that_lost_only_its_newline_is_kept(
+    tiny, prompts_file, uninterrupted, tmp_path
+):
+    """A whole answer line without its newline (an editor, another tool) is an answer: kept,
+    not generated again."""
+    lines = uninterrupted.splitlines(keepends=True)
+    out = tmp_path / "prompts.answers.jsonl"
+    out.write_bytes(b"".join(lines[:2]) + lines[2].removesuffix(b"\n"))
+    loads = []
+    speaker = make_speaker(tiny, loads)
+    assert generate_file(speaker, read_prompts(prompts_file), out, TOKENS, BATCH) == (3, 2)
+    assert out.read_bytes() == uninterrupted
 
 
 def test_a_finished_output_loads_no_model(tiny, prompts_file, uninterrupted, tmp_path):

@@ -92,12 +92,24 @@ def test_overrides_neither_add_nor_delete_keys(project, override, key):
     assert key in message
 
 
-def test_an_override_cannot_copy_the_workers_environment_into_params(project, monkeypatch):
+@pytest.mark.parametrize(
+    "value",
+    [
+        "${oc.env:SOME_TOKEN}",
+        # Hydra's escapes: the parsed value is `${oc.env:SOME_TOKEN}` all the same.
+        r"$\{oc.env:SOME_TOKEN\}",
+        r"'$\{oc.env:SOME_TOKEN\}'",
+        "'prefix ${oc.env:SOME_TOKEN}'",
+    ],
+)
+def test_an_override_cannot_copy_the_workers_environment_into_params(project, monkeypatch, value):
     monkeypatch.setenv("SOME_TOKEN", "secret-value")
-    message = refused(
-        project, ["dataset.system_prompt=${oc.env:SOME_TOKEN}"], match="interpolation"
-    )
+    message = refused(project, [f"dataset.system_prompt={value}"], match="interpolation")
     assert "dataset.system_prompt" in message and "secret-value" not in message
+
+
+def test_a_sweep_is_not_an_override(project):
+    refused(project, ["finetune.learning_rate=1e-4,2e-4"], match="sweep")
 
 
 @pytest.mark.parametrize(
@@ -131,6 +143,11 @@ def test_a_value_the_schema_refuses_leaves_params_yaml_unchanged(project, overri
         ),
         ("evaluate.tasks=[docstring_loss,/tmp/x.yaml]", "evaluate.tasks"),
         ("evaluate.tasks=[docstring_loss,hellaswag]", "evaluate.tasks"),
+        # The gate decides what is promoted and served: a run may not loosen it.
+        ("gate.max_regression=100", "gate"),
+        ("gate.significance=false", "gate"),
+        ("gate.champion.max_regression=100", "gate"),
+        ("finetune.report_to=[wandb]", "finetune.report_to"),
         # A whole section at once is the same change.
         (
             "base={source: /etc, revision: null, trust_remote_code: false, chat_template: null, "
@@ -208,3 +225,30 @@ def test_the_flow_takes_no_parameter_that_would_allow_them():
 
     names = inspect.signature(pipeline.qlora_pipeline.fn).parameters
     assert not [n for n in names if "allow" in n or "risk" in n]
+
+
+def test_a_deployments_run_keeps_to_the_deployments_repository_and_registry():
+    """repo_dir would run another repository's dvc.yaml on the worker; registry_dir would
+    write a registry anywhere. A deployment's run may only use the deployment's own."""
+    own = {"only_if_changed": True}
+    assert pipeline.refused_places({"repo_dir": None, "registry_dir": None}, own) == []
+    refused_ = pipeline.refused_places({"repo_dir": "/srv/other", "registry_dir": None}, own)
+    assert len(refused_) == 1 and "repo_dir='/srv/other'" in refused_[0]
+    assert len(pipeline.refused_places({"repo_dir": None, "registry_dir": "/x"}, own)) == 1
+    pinned = {"repo_dir": "/srv/qlora"}
+    assert pipeline.refused_places({"repo_dir": "/srv/qlora", "registry_dir": None}, pinned) == []
+    # Not started by a deployment: the machine's own user, who may point it anywhere.
+    assert pipeline.refused_places({"repo_dir": "/srv/other", "registry_dir": "/x"}, None) == []
+
+
+def test_a_check_can_be_turned_off_by_override(project):
+    """DVC writes `off` unquoted; to PyYAML (YAML 1.1) that is the boolean false."""
+    ws.apply_param_overrides(project, ["validate.checks.pii=off"])
+    assert "pii: off" in (project / "params.yaml").read_text()
+    assert load_params(project / "params.yaml").validate_.checks.pii == "off"
+
+
+def test_an_override_keeps_the_mode_of_params_yaml(project):
+    (project / "params.yaml").chmod(0o600)
+    ws.apply_param_overrides(project, ["finetune.learning_rate=1e-4"])
+    assert (project / "params.yaml").stat().st_mode & 0o777 == 0o600

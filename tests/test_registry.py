@@ -577,15 +577,35 @@ def test_export_refuses_a_folder_with_files_and_replace_replaces_only_an_export(
     )
     forced = export(mine, "--replace")  # not an export of ours: --replace does not apply
     assert forced.exit_code == 1 and f"{mine}: not replaced" in forced.output
-    assert "so it is no previous export" in forced.output
+    assert "no record of a previous export" in forced.output
     assert tree(mine) == {"notes.txt": b"my notes"}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mine", "reg", "small-adapter"]
 
     out = tmp_path / "upload"
     assert export(out).exit_code == 0 and tree(out) == tree(reg.path("v1"))
-    (out / "stale.txt").write_text("from an older export")
-    assert export(out).exit_code == 1 and (out / "stale.txt").exists()
+    assert export(out).exit_code == 1, "a second export replaced the first unasked"
     assert export(out, "--replace").exit_code == 0 and tree(out) == tree(reg.path("v1"))
+    # --replace replaces the previous export's files, and nothing a user added or edited
+    # since: a `.git` of an upload, notes, an edited file of the export.
+    for added in [".git", "notes.txt", "adapter_config.json"]:
+        before = tree(out)
+        if added == ".git":
+            (out / ".git").mkdir()
+            (out / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+        else:
+            (out / added).write_text("the user's words")
+        refused = export(out, "--replace")
+        assert refused.exit_code == 1 and f"{added} is not what the previous export wrote" in (
+            refused.output
+        )
+        assert (out / added).exists()
+        if added == ".git":
+            shutil.rmtree(out / ".git")
+        elif added in before:
+            (out / added).write_bytes(before[added])
+        else:
+            (out / added).unlink()
+        assert tree(out) == before
 
     inside = export(reg.root / "copy", "--replace")
     assert inside.exit_code == 1 and "overlaps" in inside.output
@@ -603,7 +623,7 @@ def test_a_merged_export_is_refused_before_any_model_is_loaded(tmp_path):
         StageError, match=rf"{re.escape(str(mine))}: folder is not empty \(notes.txt\)"
     ):
         export_merged(tmp_path / "no-adapter", mine, tmp_path / "no-base")
-    with pytest.raises(StageError, match="no export_check.json, so it is no previous export"):
+    with pytest.raises(StageError, match="no record of a previous export"):
         export_merged(tmp_path / "no-adapter", mine, tmp_path / "no-base", replace=True)
     assert tree(mine) == {"notes.txt": b"my notes"}
 
@@ -745,6 +765,32 @@ def test_a_file_changed_after_dvc_lock_was_written_is_not_registered(repo, monke
     assert not [p for p in reg.root.glob("*") if p.name.startswith(("v", ".stage-"))]
 
 
+@pytest.mark.parametrize(
+    ("reader", "path"),
+    [("evaluate", "data/prepared/adapter"), ("gate", "reports/eval/metrics.json")],
+)
+def test_stages_of_two_runs_in_dvc_lock_are_not_registered(repo, monkeypatch, reader, path):
+    """Each file matches its own stage's record, but evaluate (or gate) read another
+    adapter (metrics) than the one recorded: pieces of two runs."""
+    from qlora import registry
+
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    dep = next(d for d in lock["stages"][reader]["deps"] if d["path"] == path)
+    dep["md5"] = "0" * 32 + (".dir" if dep["md5"].endswith(".dir") else "")
+    real_status = registry.stale_stages
+
+    def status_then_dvc_lock_changes(root):
+        clean = real_status(root)
+        (repo / "dvc.lock").write_text(yaml.safe_dump(lock, sort_keys=False))
+        return clean
+
+    monkeypatch.setattr(registry, "stale_stages", status_then_dvc_lock_changes)
+    reg = Registry(repo / "registry")
+    with pytest.raises(StageError, match=rf"dvc.lock: {reader} read {re.escape(path)} at md5 0+"):
+        promote(repo, reg)
+    assert reg.versions() == {}
+
+
 # ---- export ----------------------------------------------------------------------------
 
 
@@ -793,17 +839,19 @@ def test_export_writes_a_merged_model_that_plain_transformers_loads(repo):
     config = json.loads((out / "config.json").read_text())
     assert config.get("dtype", config.get("torch_dtype")) == "bfloat16"
 
-    # The folder now holds an export: refused again unless told, then replaced whole.
-    (out / "stale.txt").write_text("left by hand")
+    # The folder now holds an export: refused again unless told; --replace replaces the
+    # files it lists, and refuses while a file it did not write is there.
+    check = json.loads((out / "export_check.json").read_text())
+    assert set(check["files"]) == {p.name for p in out.iterdir()} - {"export_check.json"}
     again = CliRunner().invoke(app, ["export", "champion", "--merged", str(out)])
     assert again.exit_code == 1 and f"{out}: folder is not empty" in again.output
-    assert (out / "stale.txt").exists()
+    (out / "notes.txt").write_text("left by hand")
+    kept = CliRunner().invoke(app, ["export", "champion", "--merged", str(out), "--replace"])
+    assert kept.exit_code == 1 and "notes.txt is not what the previous export wrote" in kept.output
+    (out / "notes.txt").unlink()
     replaced = CliRunner().invoke(app, ["export", "champion", "--merged", str(out), "--replace"])
     assert replaced.exit_code == 0, replaced.output
-    assert (
-        not (out / "stale.txt").exists()
-        and json.loads((out / "export_check.json").read_text())["passed"]
-    )
+    assert json.loads((out / "export_check.json").read_text())["passed"]
 
 
 # A lost adapter fails the float32 merge check and, in every dtype, the end-to-end one.

@@ -118,6 +118,21 @@ def test_a_torn_hash_cache_is_discarded_and_rewritten_whole(tmp_path, caplog):
     assert list(json.loads(cache.read_text()).values()) == [digest]
 
 
+@pytest.mark.parametrize("stale", [{"sha256": "x"}, "not-a-digest", 12])
+def test_a_cache_entry_that_is_no_sha256_is_not_trusted(tmp_path, stale):
+    """An entry for the very file, of another shape (an older format, a hand edit), must not
+    go into the fingerprint: the file is hashed again."""
+    data, digest = hashed_file(tmp_path)
+    st = data.stat()
+    cache = tmp_path / HASH_CACHE
+    cache.parent.mkdir(parents=True)
+    cache.write_text(json.dumps({f"{data.resolve()}:{st.st_size}:{st.st_mtime_ns}": stale}))
+
+    found = fingerprint(str(data), None, "dataset", "dataset.source")
+
+    assert found["sha256"] == {"train.jsonl": digest}
+
+
 def test_a_failed_cache_write_keeps_the_previous_cache_and_the_fingerprint(tmp_path, monkeypatch):
     data, digest = hashed_file(tmp_path)
     cache = tmp_path / HASH_CACHE
