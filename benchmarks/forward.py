@@ -6,7 +6,8 @@ in one run (training is compared by benchmarks/train.py, `make bench`).
 A randomly initialised model of the embedded model's architecture (SmolLM2-135M: Llama,
 hidden 576, 30 layers, vocab 49152) stands in for the real one: weights do not change speed
 or memory, and no download is needed. On a GPU the same script measures the GPU.
-Reference: the full-precision model (fp32 on a CPU, bf16 on a GPU).
+Reference: the full-precision model in what quantize.compute_dtype auto picks here (bf16 on
+a GPU and on a CPU with bf16 units, fp32 on other CPUs).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from benchmarks.train import ARCHS
-from qlora.models import compute_dtype, footprint_bytes, load_full, load_quantized
+from qlora.models import footprint_bytes, load_full, load_quantized, resolve_compute_dtype
 from qlora.params import QuantizeParams, shipped_params
 
 
@@ -46,11 +47,12 @@ def main() -> None:
     args = ap.parse_args()
     torch.manual_seed(0)
     batch = torch.randint(0, ARCHS["smollm2-135m"]["vocab_size"], (args.batch, args.seq))
-    ref_dtype = str(compute_dtype()).removeprefix("torch.")
+    ref, why = resolve_compute_dtype()
+    ref_dtype = str(ref).removeprefix("torch.")
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(
         f"device {device}; model: SmolLM2-135M architecture, {args.layers} layers, random "
-        f"weights; batch {args.batch} x {args.seq} tokens; reference: {ref_dtype}"
+        f"weights; batch {args.batch} x {args.seq} tokens; reference: {ref_dtype} ({why})"
     )
 
     with tempfile.TemporaryDirectory() as tmp:

@@ -20,14 +20,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 STARTED = time.perf_counter()
+
+
+def synchronize() -> None:
+    """Wait for the GPU's queued work, so that a clock read after it counts that work."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 class StepClock(TrainerCallback):
@@ -37,9 +45,42 @@ class StepClock(TrainerCallback):
         self.marks: list[tuple[float, int]] = []
 
     def on_step_end(self, args, state, control, **kwargs):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        synchronize()
         self.marks.append((time.perf_counter(), int(state.num_input_tokens_seen)))
+
+
+def best_seconds(fn: Callable[[], object], repeats: int = 5) -> float:
+    """The fastest of `repeats` calls after a warm-up one: the rate the hardware gives when
+    nothing else is running (the machine may be shared), for a peak."""
+    fn()
+    synchronize()
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def matmul_peak(dtype: torch.dtype, tokens: int, hidden: int, intermediate: int) -> dict:
+    """This machine's matmul rate in `dtype`, on this process's device and threads, at the
+    shapes a batch of `tokens` tokens meets in the model's linear layers (tokens x in times
+    in x out: attention's hidden x hidden, the MLP's hidden x intermediate and back). The
+    peak is the best of them: the denominator of the side's model FLOP utilisation."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    rates = {}
+    for n_in, n_out in ((hidden, hidden), (hidden, intermediate), (intermediate, hidden)):
+        x = torch.randn(tokens, n_in, dtype=dtype, device=device)
+        w = torch.randn(n_in, n_out, dtype=dtype, device=device)
+        seconds = best_seconds(lambda x=x, w=w: x @ w)
+        rates[f"{tokens}x{n_in}x{n_out}"] = 2 * tokens * n_in * n_out / seconds
+    return {
+        "dtype": str(dtype).removeprefix("torch."),
+        "threads": torch.get_num_threads(),
+        "flops_per_s": rates,
+        "peak_flops_per_s": max(rates.values()),
+    }
 
 
 def project_trainer(side: str, model_dir: Path, rows: list[dict], batch: int, out: Path):
@@ -96,12 +137,15 @@ def recipe_trainer(recipe: str, model_dir: Path, rows: list[dict], batch: int, o
         DataCollatorForSeq2Seq,
     )
 
+    from qlora.models import compute_dtype
+
     r, alpha, dropout, targets, checkpointing, sampling = RECIPES[recipe]
     cuda = torch.cuda.is_available()
     # The reference recipe computes in fp16 on a GPU; the previous default in bf16 where the
-    # GPU has it. A CPU computes in fp32 (bf16 is ~7x slower there).
+    # GPU has it. On a CPU both take the project's own choice (bf16 where the CPU has bf16
+    # units, fp32 elsewhere), so that the sides differ in recipe, not in compute dtype.
     if not cuda:
-        dtype = torch.float32
+        dtype = compute_dtype()
     elif recipe == "reference" or not torch.cuda.is_bf16_supported():
         dtype = torch.float16
     else:
@@ -209,6 +253,15 @@ def main() -> None:
                 args.side, args.model_dir, rows, args.batch, Path(scratch)
             )
         trainer.train()
+        memory = peak_memory()  # training's own: before the matmuls below allocate theirs
+        # After training, so that neither the timed steps nor time_to_first_step_s pay for it.
+        config = trainer.model.config
+        peak = matmul_peak(
+            getattr(torch, settings["compute_dtype"]),
+            args.batch * max(len(r["input_ids"]) for r in rows),  # a padded batch's tokens
+            config.hidden_size,
+            config.intermediate_size,
+        )
     (first_end, first_tokens), (last_end, last_tokens) = clock.marks[0], clock.marks[-1]
     result = {
         "side": args.side,
@@ -219,7 +272,8 @@ def main() -> None:
         # allocator growth), which time_to_first_step_s reports instead.
         "tokens_per_s": (last_tokens - first_tokens) / (last_end - first_end),
         "time_to_first_step_s": first_end - STARTED,
-        "peak_memory_bytes": peak_memory(),
+        "peak_memory_bytes": memory,
+        "matmul": peak,
     }
     args.out.write_text(json.dumps(result, indent=2))
 

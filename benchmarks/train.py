@@ -13,6 +13,11 @@ or memory, and nothing is downloaded. Each side runs in its own process (benchma
 so its peak memory is its own: resident set size on a CPU, max allocated and max reserved
 on a GPU, model loading included.
 
+Each side also reports its model FLOP utilisation (MFU): model FLOPs per second (4 x the
+decoder layers' linear weights per trained token: MFU_FORMULA) over the best matmul rate
+that side's own process measured in its compute dtype at the model's shapes. The run says
+what it ran on: the CPU or GPU, its bf16 units, and the compute dtype auto chose there.
+
 Prints a table with the ratios and writes benchmarks/results/<arch>-<device>-seq<N>.json;
 benchmarks/RESULTS.md is rebuilt from every result file there, with device, versions and
 the command that produced each.
@@ -102,6 +107,70 @@ def build_model(arch: str, layers: int | None, out: Path) -> None:
         tok.save_pretrained(out)
 
 
+# Model FLOPs of LoRA training on a frozen base, per trained token: the forward pass, 2N, and
+# the activation gradients, 2N; the base's weights get no gradient, so none of full
+# training's other 2N (6N in all). N counts the decoder layers' linear weights: the
+# embedding lookup computes nothing, and the head is left out with it because the chunked
+# loss runs it on labelled positions only (counting it would credit a side for logits it
+# need not compute). Left out too: LoRA's own FLOPs (6 per adapter weight: about 7 % more
+# at r 16 on every linear layer of SmolLM2-135M) and attention scores (under 10 % more for
+# that shape at 512 tokens). So MFU is slightly understated, alike for every side.
+MFU_FORMULA = (
+    "model FLOPs = 4 x N per trained token (forward 2N + activation gradients 2N; the frozen "
+    "base has no weight gradients), N = the decoder layers' linear weights (embeddings and "
+    "head excluded); MFU = model FLOP/s over the best matmul rate measured in the side's own "
+    "process, compute dtype and threads"
+)
+FLOPS_PER_WEIGHT = 4  # per trained token: the 4 of MFU_FORMULA
+BF16_FLAGS = ("avx512_bf16", "amx_tile", "amx_bf16")  # /proc/cpuinfo's names
+
+
+def linear_parameters(shape: dict, layers: int) -> int:
+    """N of MFU_FORMULA for a Llama of `shape`: per layer the q and o projections (hidden x
+    hidden), k and v (hidden x the key-value heads' width) and the MLP's gate, up and down
+    (hidden x intermediate each). Llama's linear layers have no bias."""
+    hidden, inner = shape["hidden_size"], shape["intermediate_size"]
+    kv_width = hidden // shape["num_attention_heads"] * shape["num_key_value_heads"]
+    return layers * (2 * hidden * hidden + 2 * hidden * kv_width + 3 * hidden * inner)
+
+
+def utilisation(result: dict, flops_per_token: int) -> dict:
+    """A side's model FLOP/s and its MFU against the matmul peak its process measured."""
+    flops = result["tokens_per_s"] * flops_per_token
+    return {"model_flops_per_s": flops, "mfu": flops / result["matmul"]["peak_flops_per_s"]}
+
+
+def capability() -> dict:
+    """What the run's speed rests on: the CPU (or GPU), its bf16 units by /proc/cpuinfo and
+    by torch's checks, and the compute dtype that params.yaml's quantize.compute_dtype
+    resolves to here, with why."""
+    from qlora.lineage import cpu_info
+    from qlora.models import cpu_bf16_units, resolve_compute_dtype
+    from qlora.params import shipped_params
+
+    cpu_model, flags = cpu_info()
+    units, unknown = cpu_bf16_units()
+    dtype, why = resolve_compute_dtype(shipped_params().quantize.compute_dtype)
+    return {
+        "cpu_model": cpu_model,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "bf16_flags": [f for f in BF16_FLAGS if f in flags],
+        "torch_bf16_units": units,
+        "torch_checks_missing": unknown,
+        "compute_dtype": str(dtype).removeprefix("torch."),
+        "why": why,
+    }
+
+
+def capability_line(c: dict) -> str:
+    units = ", ".join(c["torch_bf16_units"]) or "none"
+    return (
+        f"{c['gpu'] or c['cpu_model']}; bf16 flags in /proc/cpuinfo: "
+        f"{' '.join(c['bf16_flags']) or 'none'}; torch sees bf16 units: {units}; "
+        f"compute dtype {c['compute_dtype']} ({c['why']})"
+    )
+
+
 def embedded_tokenizer_dir() -> Path | None:
     from qlora.artifacts import BASE_MODEL_DIR
 
@@ -183,13 +252,29 @@ def gib(n: int | None) -> str:
     return "-" if n is None else f"{n / 2**30:.2f}"
 
 
+def gflops(x: float) -> str:
+    return f"{x / 1e9:,.0f}"
+
+
+def utilisation_cells(r: dict) -> str:
+    """model GFLOP/s | matmul peak GFLOP/s | MFU; dashes for a record made before them."""
+    if "mfu" not in r:
+        return "- | - | -"
+    peak = r["matmul"]
+    return (
+        f"{gflops(r['model_flops_per_s'])} | {gflops(peak['peak_flops_per_s'])} "
+        f"({peak['dtype']}) | {r['mfu']:.1%}"
+    )
+
+
 def table(record: dict) -> str:
     results = record["results"]
     gpu = record["cuda"]
     mem_head = "max allocated GiB | max reserved GiB" if gpu else "peak RSS GiB"
     lines = [
-        f"| side | settings | tokens/s | {mem_head} | first step s |",
-        "|---|---|---|---|---|" + ("---|" if gpu else ""),
+        f"| side | settings | tokens/s | model GFLOP/s | matmul peak GFLOP/s | MFU | {mem_head} "
+        "| first step s |",
+        "|---|---|---|---|---|---|---|---|" + ("---|" if gpu else ""),
     ]
     for side in record["sides"]:
         r = results[side]
@@ -213,10 +298,16 @@ def table(record: dict) -> str:
             else gib(peak["max_rss"])
         )
         lines.append(
-            f"| {side} | {desc} | {r['tokens_per_s']:,.0f} | {mem} | "
+            f"| {side} | {desc} | {r['tokens_per_s']:,.0f} | {utilisation_cells(r)} | {mem} | "
             f"{r['time_to_first_step_s']:.1f} |"
         )
     lines.append("")
+    flops = record.get("model_flops")
+    if flops:
+        lines.append(
+            f"- MFU: {flops['formula']}; here N = {flops['linear_parameters']:,}, "
+            f"{flops['per_token']:,} FLOPs per token"
+        )
     for pair, ratio in record["ratios"].items():
         lines.append(
             f"- {pair}: **{ratio['speed']:.2f}x** the tokens/s at "
@@ -231,8 +322,14 @@ def section(record: dict) -> str:
         f"## {record['arch']}, {record['device']}, batch {record['batch']} x up to "
         f"{record['seq']} tokens\n\n"
         f"Measured {record['date']} with `{record['command']}`: {record['rows']} rows, "
-        f"{record['layers']} layers. Versions: {v}.\n\n{table(record)}\n"
+        f"{record['layers']} layers. Versions: {v}.\n\n{capability_part(record)}"
+        f"{table(record)}\n"
     )
+
+
+def capability_part(record: dict) -> str:
+    c = record.get("capability")
+    return f"Capability: {capability_line(c)}.\n\n" if c else ""
 
 
 def write_results_md() -> None:
@@ -261,6 +358,11 @@ def main() -> None:
     arch = ARCHS[args.arch]
     rows = synthetic_rows(args.steps * args.batch, args.seq, min(arch["vocab_size"], 49152))
     print(f"{args.arch} on {device_name()}: {len(rows)} rows, batch {args.batch}, seq {args.seq}")
+    where = capability()
+    print(f"capability: {capability_line(where)}", flush=True)
+    layers = args.layers or arch["num_hidden_layers"]
+    n = linear_parameters(arch, layers)
+    flops_per_token = FLOPS_PER_WEIGHT * n
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp)
         model_dir = scratch / "model"
@@ -268,14 +370,23 @@ def main() -> None:
         rows_file = scratch / "rows.json"
         rows_file.write_text(json.dumps(rows))
         results = {s: run_side(s, model_dir, rows_file, args.batch, scratch) for s in args.sides}
+    for result in results.values():
+        if "error" not in result:
+            result.update(utilisation(result, flops_per_token))
     record = {
         "arch": args.arch,
-        "layers": args.layers or arch["num_hidden_layers"],
+        "layers": layers,
         "seq": args.seq,
         "batch": args.batch,
         "rows": len(rows),
         "cuda": cuda,
         "device": device_name(),
+        "capability": where,
+        "model_flops": {
+            "linear_parameters": n,
+            "per_token": flops_per_token,
+            "formula": MFU_FORMULA,
+        },
         "versions": dict(package_versions()),
         "command": " ".join(["python -m benchmarks.train", *sys.argv[1:]]),
         "date": time.strftime("%Y-%m-%d"),

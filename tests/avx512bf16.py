@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 from collections.abc import Iterator
 
 import bitsandbytes.functional as bnbf
@@ -32,6 +33,9 @@ import bitsandbytes.nn.modules as bnb_modules
 import torch
 
 CPU_HAS_AVX512BF16 = bnbf.has_avx512bf16()
+# Set to 1 to run the AVX512-BF16 path on `reference_kernel` even where the CPU has the real
+# kernel: how a CPU without AVX512-BF16 runs these tests, checked on one that has it.
+REFERENCE_KERNEL_ENV = "QLORA_TEST_REFERENCE_KERNEL"
 PATHS = ("plain", "avx512bf16")  # the 4-bit CPU path without and with AVX512-BF16
 NATIVE = "avx512bf16" if CPU_HAS_AVX512BF16 else "plain"
 
@@ -94,7 +98,7 @@ def cpu_path(path: str) -> Iterator[str]:
             patch.setattr(bnb_modules, "has_avx512bf16", lambda: path == "avx512bf16")
         if path == "avx512bf16":
             patch.setattr(bnb_modules, "_convert_weight_packed_for_cpu", _recording_repack)
-            if path != NATIVE:
+            if path != NATIVE or os.environ.get(REFERENCE_KERNEL_ENV) == "1":
                 patch.setattr(bnbf, "gemv_4bit", reference_kernel)
         yield path
 

@@ -31,6 +31,22 @@ CHAT_TEMPLATE = (
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def fp32_compute_on_every_cpu() -> Iterator[None]:
+    """`quantize.compute_dtype: auto` computes in bf16 on CPUs with bf16 units. The numerical
+    tests compare against fp32 references at fp32 tolerances, so in this process every CPU
+    answers torch's bf16-unit checks with no, and auto means float32 as on a CPU without
+    them (tiny_params pins float32 for the stages the tests run as subprocesses).
+    tests/test_compute_dtype.py sets the checks itself to test the choice both ways."""
+    import torch
+
+    with pytest.MonkeyPatch.context() as patch:
+        for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+            if hasattr(torch.cpu, check):
+                patch.setattr(torch.cpu, check, lambda: False)
+        yield
+
+
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     """Tests marked `cpu_paths` (those that quantize, calibrate, evaluate or export) run on
     both of bitsandbytes' 4-bit CPU paths, one native and one simulated (tests/avx512bf16.py).
@@ -164,6 +180,10 @@ def tiny_params(model_dir: Path | None = None, source: str = "data/raw/train.jso
     )
     params["validate"]["min_rows"] = {"train": 4, "validation": 2, "test": 2}
     params["finetune"].update(max_steps=3, batch_size=4, eval_steps=2, logging_steps=1)
+    # The numerical tests compare against fp32 references at fp32 tolerances, on every CPU:
+    # `auto` would compute in bf16 where the CPU has bf16 units (tests/test_compute_dtype.py
+    # covers that choice).
+    params["quantize"]["compute_dtype"] = "float32"
     params["evaluate"].update(
         limit=8, examples=2, max_new_tokens=8, batch_size=4, speed_prompts=2, speed_new_tokens=6
     )
