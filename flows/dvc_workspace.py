@@ -429,26 +429,14 @@ def _check_grammar(items: list[str]) -> None:
             )
         # OmegaConf resolves `${...}` (`${oc.env:SECRET}` copies the worker's environment
         # into params.yaml, and so into the data and reports). Hydra's escapes turn `$\{`
-        # into `${` after parsing, so the raw text is checked for any `$` and the parsed
-        # value for the interpolation itself.
-        if "$" in item.partition("=")[2] or _holds_interpolation(parsed.value()):
+        # into `${` after parsing, so checking for `${` is not enough; no escape of its
+        # grammar makes a `$`, so refusing every `$` in the raw value refuses them all.
+        if "$" in item.partition("=")[2]:
             raise OverrideRefused(
                 f"{key}: {item!r} holds `$`, which OmegaConf reads as ${{...}} interpolation "
                 f"(it would write the worker's environment or other values into "
                 f"{PARAMS_FILE}); give the value itself, without `$`"
             )
-
-
-def _holds_interpolation(value: Any) -> bool:
-    """Whether a parsed override value (a string, a list or dict of them, or a Hydra
-    function's arguments) holds `${` anywhere."""
-    if isinstance(value, str):
-        return "${" in value
-    if isinstance(value, dict):
-        return any(_holds_interpolation(k) or _holds_interpolation(v) for k, v in value.items())
-    if isinstance(value, list | tuple | set):
-        return any(_holds_interpolation(v) for v in value)
-    return "${" in str(value)
 
 
 def _overridden(path: Path, items: list[str]) -> tuple[str, Params]:

@@ -358,24 +358,24 @@ def export(
 ) -> None:
     """Export a registered version: the adapter as is, or merged into its base.
 
-    A folder with files in it is refused; --replace replaces it only when it holds a
-    previous export (lineage.json and adapter_config.json; export_check.json for --merged).
+    A folder with files in it is refused; --replace replaces it only when it holds nothing
+    but a previous export's own files, unchanged (as the registry's index, or the merged
+    export's export_check.json, lists them).
     """
     from qlora.io import StageError
-    from qlora.registry import check_adapter_target, export_adapter
+    from qlora.registry import export_adapter
 
     if merged is None and adapter is None:
         _fail(ValueError("say what to export: --merged DIR and/or --adapter DIR"))
     reg = _registry(registry)
     try:
         version = reg.resolve(version)
-        # Both folders checked before either is written or a model is loaded.
-        if adapter is not None:
-            check_adapter_target(reg, adapter, replace)
-        if merged is not None:
+        # Each export checks its own folder before it writes; with both, the merged one is
+        # checked before the adapter is written too.
+        if merged is not None and adapter is not None:
             from qlora.export import check_target
 
-            check_target(merged, replace, (reg.root, base, *([adapter] if adapter else [])))
+            check_target(merged, replace, (reg.root, base, adapter))
         if adapter is not None:
             export_adapter(reg, version, adapter, replace)
             typer.echo(f"{version}: adapter, model card and lineage in {adapter}")

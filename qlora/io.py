@@ -88,26 +88,28 @@ def check_output_dir(
         return
     if not replace:
         raise StageError(
-            f"{target}: folder is not empty ({_some(entries)}): nothing written. Choose a new "
+            f"{target}: folder is not empty ({some_names(entries)}): nothing written. Choose a new "
             "or empty folder, or pass --replace to replace a previous export there"
         )
     files = previous_files(target)
     if files is None:
         raise StageError(
-            f"{target}: not replaced: it holds {_some(entries)} but no record of a previous "
+            f"{target}: not replaced: it holds {some_names(entries)} but no record of a previous "
             "export of this kind (--replace replaces only one): move its files away or "
             "choose another folder"
         )
     not_ours = [name for name in entries if not _unchanged(target / name, files.get(name))]
     if not_ours:
         raise StageError(
-            f"{target}: not replaced: {_some(not_ours)} {'is' if len(not_ours) == 1 else 'are'} "
+            f"{target}: not replaced: {some_names(not_ours)} "
+            f"{'is' if len(not_ours) == 1 else 'are'} "
             "not what the previous export wrote (added or changed since): move "
             f"{'it' if len(not_ours) == 1 else 'them'} away first"
         )
 
 
-def _some(names: Sequence[str], shown: int = 5) -> str:
+def some_names(names: Sequence[str], shown: int = 5) -> str:
+    """The first `shown` names, for a message about a folder's contents."""
     return ", ".join(names[:shown]) + (", ..." if len(names) > shown else "")
 
 

@@ -39,7 +39,14 @@ import yaml
 
 from qlora import artifacts
 from qlora.gate import decide_vs_champion
-from qlora.io import StageError, check_output_dir, pipeline_env, read_json, sha256_of
+from qlora.io import (
+    StageError,
+    check_output_dir,
+    pipeline_env,
+    read_json,
+    sha256_of,
+    some_names,
+)
 from qlora.params import load_params
 from qlora.sources import settle_always_changed
 
@@ -121,9 +128,9 @@ class Registry:
             return
         others = sorted(p.name for p in self.root.iterdir() if p.name != LOCK)
         if others:
-            shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
             raise StageError(
-                f"{self.root}: not a registry, or its index was lost: it holds {shown} but "
+                f"{self.root}: not a registry, or its index was lost: it holds "
+                f"{some_names(others)} but "
                 f"no {INDEX}. Nothing was changed: point --registry (or ${REGISTRY_ENV}) at "
                 f"a registry folder, or restore {self.root / INDEX} from a backup"
             )
@@ -467,9 +474,15 @@ def stale_stages(root: Path, target: str = "gate") -> dict:
     return settle_always_changed(status, root)
 
 
+def _lock_entry(stages: dict, stage: str, path: Path, kind: str) -> dict | None:
+    """dvc.lock's entry for `path` among a stage's `kind` ("outs" or "deps"), if any."""
+    entries = stages[stage].get(kind) or []
+    return next((e for e in entries if e["path"] == path.as_posix()), None)
+
+
 def _lock_out(stages: dict, stage: str, path: Path) -> dict:
     """dvc.lock's entry for one output of a stage."""
-    out = next((o for o in stages[stage].get("outs") or [] if o["path"] == path.as_posix()), None)
+    out = _lock_entry(stages, stage, path, "outs")
     if out is None or not out.get("md5"):
         raise StageError(f"dvc.lock: the {stage} stage has no output {path} (with an md5)")
     return out
@@ -483,14 +496,7 @@ def check_lock_chain(stages: dict) -> None:
     links = [("finetune", ADAPTER_DIR, "evaluate"), ("evaluate", METRICS, "gate")]
     for writer, path, reader in links:
         wrote = _lock_out(stages, writer, path)["md5"]
-        read = next(
-            (
-                d.get("md5")
-                for d in stages[reader].get("deps") or []
-                if d["path"] == path.as_posix()
-            ),
-            None,
-        )
+        read = (_lock_entry(stages, reader, path, "deps") or {}).get("md5")
         if read != wrote:
             raise StageError(
                 f"dvc.lock: {reader} read {path} at md5 {read}, but {writer} wrote {wrote}: "

@@ -40,8 +40,10 @@ def fp32_compute_on_every_cpu() -> Iterator[None]:
     tests/test_compute_dtype.py sets the checks itself to test the choice both ways."""
     import torch
 
+    from qlora.models import CPU_BF16_UNITS
+
     with pytest.MonkeyPatch.context() as patch:
-        for check in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        for check in CPU_BF16_UNITS.values():
             if hasattr(torch.cpu, check):
                 patch.setattr(torch.cpu, check, lambda: False)
         yield

@@ -13,7 +13,7 @@ import torch
 
 from qlora import models
 
-CHECKS = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+CHECKS = tuple(models.CPU_BF16_UNITS.values())  # AVX512-BF16's, then AMX's
 
 
 @pytest.fixture
