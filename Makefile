@@ -37,7 +37,7 @@ lint: install
 # installed. The lock files are DVC dependencies: stages they affect become stale.
 lock:
 	$(PY) -m pip install --quiet -e '.[dev]'
-	$(PY) -m qlora.lockfile
+	$(PY) -m tools.lockfile
 
 bench: install
 	$(PY) -m benchmarks.train

@@ -21,8 +21,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from benchmarks.train import ARCHS
-from qlora.models import footprint_bytes, load_full, load_quantized, resolve_compute_dtype
-from qlora.params import QuantizeParams, shipped_params
+from qlora.core.params import QuantizeParams, shipped_params
+from qlora.models.loading import footprint_bytes, load_full, load_quantized, resolve_compute_dtype
 
 
 def quantize_params(compute_dtype: str) -> QuantizeParams:

@@ -3,7 +3,7 @@ its own: `python -m benchmarks.side SIDE MODEL_DIR ROWS_JSON OUT_JSON --batch N`
 benchmarks/train.py runs every side this way and compares them.
 
 Sides:
-- qlora: the finetune stage's own path as shipped (qlora.training.lora_model and
+- qlora: the finetune stage's own path as shipped (qlora.train.recipe.lora_model and
   build_trainer, params.yaml's finetune and quantize sections).
 - qlora-ckpt: the same with gradient checkpointing forced on (where `auto` leaves it off:
   the comparison with the reference recipe at equal memory).
@@ -84,9 +84,9 @@ def matmul_peak(dtype: torch.dtype, tokens: int, hidden: int, intermediate: int)
 
 
 def project_trainer(side: str, model_dir: Path, rows: list[dict], batch: int, out: Path):
-    from qlora.models import compute_dtype, load_tokenizer
-    from qlora.params import shipped_params
-    from qlora.training import build_trainer, lora_model
+    from qlora.core.params import shipped_params
+    from qlora.models.loading import compute_dtype, load_tokenizer
+    from qlora.train.recipe import build_trainer, lora_model
 
     params = shipped_params()
     never = 10**9  # no evaluation, checkpoint or log line inside the timed steps
@@ -137,7 +137,7 @@ def recipe_trainer(recipe: str, model_dir: Path, rows: list[dict], batch: int, o
         DataCollatorForSeq2Seq,
     )
 
-    from qlora.models import compute_dtype
+    from qlora.models.loading import compute_dtype
 
     r, alpha, dropout, targets, checkpointing, sampling = RECIPES[recipe]
     cuda = torch.cuda.is_available()
@@ -162,7 +162,7 @@ def recipe_trainer(recipe: str, model_dir: Path, rows: list[dict], batch: int, o
         ),
     )
     if not cuda:
-        from qlora.models import keep_4bit_layout_trainable
+        from qlora.models.loading import keep_4bit_layout_trainable
 
         keep_4bit_layout_trainable(model)  # correct gradients on AVX512-BF16 CPUs too
     model = prepare_model_for_kbit_training(
@@ -224,7 +224,7 @@ def recipe_trainer(recipe: str, model_dir: Path, rows: list[dict], batch: int, o
 def peak_memory() -> dict[str, int]:
     """The finetune stage's own measure (max allocated on a GPU, peak RSS on a CPU), plus
     what the CUDA allocator reserved on a GPU."""
-    from qlora.training import peak_memory_bytes
+    from qlora.train.recipe import peak_memory_bytes
 
     if torch.cuda.is_available():
         return {

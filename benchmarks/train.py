@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from qlora.lineage import package_versions
+from qlora.core.lineage import package_versions
 
 HERE = Path(__file__).parent
 RESULTS_DIR = HERE / "results"
@@ -83,7 +83,7 @@ def build_model(arch: str, layers: int | None, out: Path) -> None:
     tokenizer (the embedded model's, whose ids fit every vocabulary here)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from qlora.models import load_tokenizer
+    from qlora.models.loading import load_tokenizer
 
     shape = dict(ARCHS[arch], max_position_embeddings=8192)
     if layers:
@@ -144,9 +144,9 @@ def capability() -> dict:
     """What the run's speed rests on: the CPU (or GPU), its bf16 units by /proc/cpuinfo and
     by torch's checks, and the compute dtype that params.yaml's quantize.compute_dtype
     resolves to here, with why."""
-    from qlora.lineage import cpu_info
-    from qlora.models import cpu_bf16_units, resolve_compute_dtype
-    from qlora.params import shipped_params
+    from qlora.core.lineage import cpu_info
+    from qlora.core.params import shipped_params
+    from qlora.models.loading import cpu_bf16_units, resolve_compute_dtype
 
     cpu_model, flags = cpu_info()
     units, unknown = cpu_bf16_units()
@@ -172,7 +172,7 @@ def capability_line(c: dict) -> str:
 
 
 def embedded_tokenizer_dir() -> Path | None:
-    from qlora.artifacts import BASE_MODEL_DIR
+    from qlora.core.paths import BASE_MODEL_DIR
 
     return BASE_MODEL_DIR if (BASE_MODEL_DIR / "tokenizer_config.json").exists() else None
 
@@ -193,7 +193,7 @@ def synthetic_rows(count: int, seq: int, vocab: int, seed: int = 0) -> list[dict
 def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name(0)
-    from qlora.lineage import cpu_info
+    from qlora.core.lineage import cpu_info
 
     model, flags = cpu_info()
     return f"{model} ({torch.get_num_threads()} threads; {' '.join(flags) or 'no AVX512'})"

@@ -30,9 +30,9 @@ from typing import Any
 import psutil
 from filelock import FileLock, Timeout
 
-from qlora.artifacts import EVAL_TASKS_DIR, PARAMS_FILE
-from qlora.io import atomic_write_text, pipeline_env
-from qlora.params import Params, ParamsError, load_params
+from qlora.core.io import atomic_write_text, pipeline_env
+from qlora.core.params import Params, ParamsError, load_params
+from qlora.core.paths import EVAL_TASKS_DIR, PARAMS_FILE
 
 # Every process a flow run starts carries this variable (inherited by the stage commands DVC
 # starts), so the next run can find and stop what a crashed run left behind.
@@ -366,7 +366,7 @@ def apply_param_overrides(
     Same grammar as `-S` (Hydra override syntax), minus what an untrusted run must not do:
     only params.yaml (dvc.yaml and the rest are code), no added or deleted keys, no
     `${...}` interpolation (it would copy the worker's environment in). The result must
-    pass the params schema (qlora/params.py), and a change of `risky_changes` needs
+    pass the params schema (qlora/core/params.py), and a change of `risky_changes` needs
     `allow_risky`. Only then is params.yaml replaced, atomically; a refusal leaves it
     byte-identical. Returns the overrides grouped by params file, as `dvc exp run` does.
     """

@@ -22,7 +22,7 @@ launcher file from outside the project only where the deployment allows it
 machine's own user, who may edit params.yaml anyway: it allows them.
 
 With `promote`, an adapter that passed the gate is registered last, still holding the
-workspace (qlora/registry.py: lineage from dvc.lock, the champion/challenger check, the
+workspace (qlora/registry/store.py: lineage from dvc.lock, the champion/challenger check, the
 "champion" alias); a rejected one is only reported.
 """
 
@@ -45,8 +45,9 @@ from prefect.tasks import exponential_backoff
 
 from flows import dvc_workspace as ws
 from flows import report_artifacts
-from qlora.io import StageError
-from qlora.sources import settle_always_changed
+from qlora.core import paths
+from qlora.core.io import StageError
+from qlora.core.sources import settle_always_changed
 
 NOTHING_TO_DO = "nothing to do: no data, code or params changed since the last run"
 # Seconds the temporary Prefect server (a run without PREFECT_API_URL) may take to start.
@@ -194,11 +195,12 @@ def push_outputs(repo_dir: Path) -> None:
 def promote_adapter(repo_dir: Path, registry_dir: str | None) -> dict[str, Any]:
     """After a passing gate: register the adapter; it becomes champion only if it also holds
     up against the current champion (the registry decides, under its own lock)."""
-    from qlora.io import read_json
-    from qlora.registry import GATE, Registry, default_dir, promote
+    from qlora.core.io import read_json
+    from qlora.registry.promotion import promote
+    from qlora.registry.store import Registry, default_dir
 
     logger = get_run_logger()
-    gate = read_json(repo_dir / GATE)
+    gate = read_json(repo_dir / paths.GATE_REPORT)
     if not gate.get("passed"):
         logger.info("not promoted, the gate rejected the adapter: %s", gate.get("summary"))
         return {"version": None, "champion": False, "summary": gate.get("summary")}

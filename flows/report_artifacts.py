@@ -20,11 +20,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from qlora import artifacts, train_log
-from qlora.artifacts import BASELINE, CANDIDATE, EVAL_METRICS, REPORT_HTML, REPORT_MD
-from qlora.artifacts import GATE_REPORT as GATE
-from qlora.gate import relative_gain
-from qlora.report import md_code, md_link, md_text
+from qlora.core import paths
+from qlora.core.paths import GATE_REPORT as GATE
+from qlora.evaluation.gate import relative_gain
+from qlora.report.text import md_code, md_link, md_text
+from qlora.schemas.gate import GateDecision
+from qlora.schemas.metrics import DIRECTIONS, EvalMetrics, MetricResult, higher_is_better
+from qlora.train import log_layout
 
 # Prefect stores artifacts in its database; a report larger than this is cut, with a link.
 MAX_MARKDOWN_CHARS = 60_000
@@ -38,7 +40,7 @@ def _fmt(value: Any) -> str:
     return f"{value:.4g}"
 
 
-def _with_stderr(entry: artifacts.MetricResult) -> str:
+def _with_stderr(entry: MetricResult) -> str:
     value, stderr = entry.value, entry.stderr
     if isinstance(stderr, int | float) and not math.isnan(stderr) and stderr > 0:
         return f"{_fmt(value)} ± {_fmt(stderr)}"
@@ -50,7 +52,7 @@ def metrics_table(metrics: dict) -> list[dict[str, str]]:
     relative to the 4-bit base (signed so that positive is better, as the gate counts it;
     two decimals, as a tiny model's changes are often below 0.1%). A metric lm-eval gave
     no direction has no signed change. Raises ValueError when `metrics` is not metrics.json."""
-    variants = artifacts.EvalMetrics.model_validate(metrics).variants
+    variants = EvalMetrics.model_validate(metrics).variants
     keys: list[tuple[str, str]] = []
     for variant in variants.values():
         for task, task_metrics in variant.metrics.items():
@@ -58,12 +60,12 @@ def metrics_table(metrics: dict) -> list[dict[str, str]]:
     rows = []
     for task, name in keys:
         entries = {v: variants[v].metrics.get(task, {}).get(name) for v in variants}
-        higher = artifacts.higher_is_better(*entries.values())
-        better = artifacts.DIRECTIONS[higher].removesuffix(" is better")
+        higher = higher_is_better(*entries.values())
+        better = DIRECTIONS[higher].removesuffix(" is better")
         row = {"task": task, "metric": name, "better": better}
         for variant, entry in entries.items():
             row[variants[variant].label or variant] = _with_stderr(entry) if entry else ""
-        base, cand = entries.get(BASELINE), entries.get(CANDIDATE)
+        base, cand = entries.get(paths.BASELINE), entries.get(paths.CANDIDATE)
         change = ""
         if base and cand and higher is not None:
             gain = relative_gain(base.value, cand.value, higher)
@@ -75,13 +77,13 @@ def metrics_table(metrics: dict) -> list[dict[str, str]]:
 
 TRAINING_ROWS = (
     ("optimizer steps", "step"),
-    ("final train loss", train_log.TRAIN_LOSS),
-    ("validation loss before training", train_log.INITIAL_EVAL_LOSS),
-    ("final validation loss", train_log.EVAL_LOSS),
-    ("best validation loss", train_log.BEST_EVAL_LOSS),
-    ("tokens / s (whole run)", train_log.TOKENS_PER_S),
-    ("training time, s", train_log.RUNTIME_S),
-    ("peak memory, GB", train_log.PEAK_MEMORY_GB),
+    ("final train loss", log_layout.TRAIN_LOSS),
+    ("validation loss before training", log_layout.INITIAL_EVAL_LOSS),
+    ("final validation loss", log_layout.EVAL_LOSS),
+    ("best validation loss", log_layout.BEST_EVAL_LOSS),
+    ("tokens / s (whole run)", log_layout.TOKENS_PER_S),
+    ("training time, s", log_layout.RUNTIME_S),
+    ("peak memory, GB", log_layout.PEAK_MEMORY_GB),
 )
 
 
@@ -89,7 +91,7 @@ def training_table(summary: dict) -> list[dict[str, str]]:
     """DVCLive's summary as rows; a metric the run did not log is left out."""
     rows = []
     for label, name in TRAINING_ROWS:
-        value = train_log.summary_value(summary, name)
+        value = log_layout.summary_value(summary, name)
         if value is not None:
             rows.append({"metric": label, "value": _fmt(value), "dvclive": name})
     if not rows:
@@ -103,7 +105,7 @@ def _number(x: Any) -> bool:
 
 def gate_markdown(gate: dict) -> str:
     """gate.json as Markdown; raises ValueError when `gate` is not gate.json."""
-    g = artifacts.GateDecision.model_validate(gate)
+    g = GateDecision.model_validate(gate)
     p = g.primary
     # Task and metric names, the summary and the reasons come from the data: escaped.
     mark = "✅" if g.passed else "❌"
@@ -137,7 +139,7 @@ def report_markdown(report_md: str | None, html_link: str | None) -> str:
         # report_base_url is a flow parameter: never a javascript: link.
         parts.append(f"Full report (HTML): {md_link(html_link)}\n")
     if report_md is None:
-        parts.append(f"_{REPORT_MD} was not written by this run._")
+        parts.append(f"_{paths.REPORT_MD} was not written by this run._")
     elif len(report_md) > MAX_MARKDOWN_CHARS:
         parts.append(report_md[:MAX_MARKDOWN_CHARS] + "\n\n_… cut here: see the HTML report._")
     else:
@@ -161,8 +163,8 @@ def report_link(repo_dir: Path, report_base_url: str | None) -> str:
     """Where reports/report.html can be opened: under `report_base_url` when the reports
     folder is published somewhere, else a file:// link valid on the worker's machine."""
     if report_base_url:
-        return report_base_url.rstrip("/") + "/" + REPORT_HTML.name
-    return (repo_dir / REPORT_HTML).resolve().as_uri()
+        return report_base_url.rstrip("/") + "/" + paths.REPORT_HTML.name
+    return (repo_dir / paths.REPORT_HTML).resolve().as_uri()
 
 
 def _read_json(path: Path, notes: list[str]) -> dict | None:
@@ -216,13 +218,13 @@ def publish_results(
 
     made: dict[str, str] = {}
     notes: list[str] = []
-    training = _built(repo_dir, artifacts.TRAIN_METRICS, training_table, notes)
+    training = _built(repo_dir, paths.TRAIN_METRICS, training_table, notes)
     if training is not None:
         create_table_artifact(
             training, key="qlora-training", description="fine-tune, from DVCLive's summary"
         )
         made["qlora-training"] = f"{len(training)} number(s)"
-    table = _built(repo_dir, EVAL_METRICS, metrics_table, notes)
+    table = _built(repo_dir, paths.EVAL_METRICS, metrics_table, notes)
     if table is not None:
         create_table_artifact(
             table,
@@ -235,7 +237,7 @@ def publish_results(
     if gate_md is not None:
         create_markdown_artifact(gate_md, key="qlora-gate", description="promotion gate decision")
         made["qlora-gate"] = str(gate.get("decision"))
-    html = repo_dir / REPORT_HTML
+    html = repo_dir / paths.REPORT_HTML
     link = report_link(repo_dir, report_base_url) if html.is_file() else None
     if link:
         create_link_artifact(
@@ -243,12 +245,12 @@ def publish_results(
         )
         made["qlora-report-html"] = link
     else:
-        notes.append(f"{REPORT_HTML}: not found, no link")
+        notes.append(f"{paths.REPORT_HTML}: not found, no link")
     try:
-        md = (repo_dir / REPORT_MD).read_text(encoding="utf-8")
+        md = (repo_dir / paths.REPORT_MD).read_text(encoding="utf-8")
     except OSError:
         md = None
-        notes.append(f"{REPORT_MD}: not found")
+        notes.append(f"{paths.REPORT_MD}: not found")
     if md is not None or link:
         create_markdown_artifact(
             report_markdown(md, link), key="qlora-report", description="pipeline report"

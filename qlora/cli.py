@@ -22,8 +22,8 @@ from pathlib import Path
 
 import typer
 
-from qlora import artifacts
-from qlora.io import pipeline_env
+from qlora.core import paths
+from qlora.core.io import pipeline_env
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
 flow_app = typer.Typer(help="Prefect flows that drive the DVC pipeline.", no_args_is_help=True)
@@ -88,7 +88,7 @@ def validate(
     max_length: int = typer.Option(None, "--max-length", help="max tokens (default: params)"),
 ) -> None:
     """Check a dataset file; exit 0 if it passes, 1 with every failed check if not."""
-    from qlora.validation import cli_validate
+    from qlora.data.validation import cli_validate
 
     raise typer.Exit(cli_validate(path, fmt, tokenizer, max_length))
 
@@ -98,8 +98,8 @@ def report(
     compare: str = typer.Option(None, "--compare", help="git revision to compare against"),
 ) -> None:
     """Render reports/report.html and report.md again, optionally beside an older revision."""
-    from qlora.io import run_stage
-    from qlora.report import main as report_main
+    from qlora.core.io import run_stage
+    from qlora.report.build import main as report_main
 
     run_stage("report", lambda: report_main(compare_rev=compare))
 
@@ -143,7 +143,7 @@ def _fail(e: Exception) -> None:
 
 
 def _registry(path: Path | None):
-    from qlora.registry import Registry
+    from qlora.registry.store import Registry
 
     return Registry(path)
 
@@ -185,8 +185,8 @@ def promote(
     Exit 0: promoted; 3: registered but rejected, the champion stays; 1: nothing registered.
     """
     from flows import dvc_workspace as ws
-    from qlora.io import StageError
-    from qlora.registry import promote as register
+    from qlora.core.io import StageError
+    from qlora.registry.promotion import promote as register
 
     reg = _registry(registry)
     try:
@@ -215,7 +215,7 @@ def promote(
 @registry_app.command("list")
 def registry_list(registry: Path = REGISTRY_OPTION) -> None:
     """Every registered version, oldest first, and where the champion alias points."""
-    from qlora.io import StageError
+    from qlora.core.io import StageError
 
     reg = _registry(registry)
     try:
@@ -254,7 +254,7 @@ def registry_show(
     as_json: bool = typer.Option(False, "--json", help="print the whole lineage.json"),
 ) -> None:
     """A version's decision with its reasons, metrics and lineage."""
-    from qlora.io import StageError
+    from qlora.core.io import StageError
 
     reg = _registry(registry)
     try:
@@ -302,8 +302,8 @@ def registry_rollback(
     registry: Path = REGISTRY_OPTION,
 ) -> None:
     """Move the champion alias back; the versions and their records stay as they are."""
-    from qlora.io import StageError
-    from qlora.registry import rollback
+    from qlora.core.io import StageError
+    from qlora.registry.promotion import rollback
 
     reg = _registry(registry)
     try:
@@ -319,7 +319,7 @@ def registry_rollback(
 def registry_verify(registry: Path = REGISTRY_OPTION) -> None:
     """Check every registered file against the hash recorded for it; list what recovery set
     aside (or will), which no version owns."""
-    from qlora.io import StageError
+    from qlora.core.io import StageError
 
     reg = _registry(registry)
     try:
@@ -349,7 +349,7 @@ def export(
         None, "--dtype", help="bfloat16 | float16 | float32 (default: base.save_dtype)"
     ),
     base: Path = typer.Option(
-        artifacts.BASE_MODEL_DIR, "--base", help="the base the adapter was trained on"
+        paths.BASE_MODEL_DIR, "--base", help="the base the adapter was trained on"
     ),
     registry: Path = REGISTRY_OPTION,
     replace: bool = typer.Option(
@@ -362,8 +362,8 @@ def export(
     but a previous export's own files, unchanged (as the registry's index, or the merged
     export's export_check.json, lists them).
     """
-    from qlora.io import StageError
-    from qlora.registry import export_adapter
+    from qlora.core.io import StageError
+    from qlora.registry.store import export_adapter
 
     if merged is None and adapter is None:
         _fail(ValueError("say what to export: --merged DIR and/or --adapter DIR"))
@@ -373,14 +373,14 @@ def export(
         # Each export checks its own folder before it writes; with both, the merged one is
         # checked before the adapter is written too.
         if merged is not None and adapter is not None:
-            from qlora.export import check_target
+            from qlora.models.merge import check_target
 
             check_target(merged, replace, (reg.root, base, adapter))
         if adapter is not None:
             export_adapter(reg, version, adapter, replace)
             typer.echo(f"{version}: adapter, model card and lineage in {adapter}")
         if merged is not None:
-            from qlora.export import export_merged
+            from qlora.models.merge import export_merged
 
             broken = reg.check_version(version)
             if broken:
@@ -421,8 +421,8 @@ def chat(
     registry: Path = REGISTRY_OPTION,
 ) -> None:
     """Talk to an adapter: a message per line, answers streamed as they are generated."""
-    from qlora.io import StageError
-    from qlora.params import load_params
+    from qlora.core.io import StageError
+    from qlora.core.params import load_params
     from qlora.talk import chat as chat_loop
     from qlora.talk import load_speaker
 
@@ -452,8 +452,8 @@ def generate(
 
     Answers are appended a batch at a time; rerun the same command after an interruption and
     it resumes after the prompts already answered."""
-    from qlora.io import StageError
-    from qlora.params import load_params
+    from qlora.core.io import StageError
+    from qlora.core.params import load_params
     from qlora.talk import generate_file, load_speaker, read_prompts
 
     output = output or prompts.with_name(prompts.name.removesuffix(".jsonl") + ".answers.jsonl")

@@ -1,6 +1,6 @@
 """Talk to an adapter: `qlora chat [VERSION]` and `qlora generate FILE.jsonl [VERSION]`.
 
-The model is loaded through qlora/models.py, as training and evaluation load it: the base
+The model is loaded through qlora/models/loading.py, as training and evaluation load it: the base
 in 4 bits with the adapter on top (or the base alone with --base). Prompts are rendered with
 the base's chat template and the dataset's system prompt, as the training examples were.
 
@@ -25,11 +25,11 @@ from typing import TextIO
 from jinja2 import TemplateError
 from transformers import TextStreamer
 
-from qlora import artifacts
-from qlora.data_checks import schema_problems
-from qlora.formats import to_messages
-from qlora.io import StageError, read_jsonl_numbered
-from qlora.params import Params, QuantizeParams
+from qlora.core import paths
+from qlora.core.io import StageError, read_jsonl_numbered
+from qlora.core.params import Params, QuantizeParams
+from qlora.data.check_table import schema_problems
+from qlora.data.records import to_messages
 
 CURRENT = "current"  # the adapter the pipeline last trained (data/prepared/adapter)
 # The keys `generate` adds to each row of the prompts file (a row's own are replaced): what
@@ -70,11 +70,11 @@ def _adapter(
 ) -> tuple[Path, QuantizeParams, str]:
     """The adapter folder a VERSION names, and the quantization it was trained under."""
     if version == CURRENT:
-        folder = artifacts.ADAPTER_DIR
+        folder = paths.ADAPTER_DIR
         if not (folder / "adapter_config.json").is_file():
             raise StageError(f"{folder}: no adapter yet (run `make run` or `dvc repro`)")
         return folder, params.quantize, f"adapter in {folder}"
-    from qlora.registry import Registry
+    from qlora.registry.store import Registry
 
     reg = Registry(registry)
     resolved = reg.resolve(version)
@@ -92,11 +92,11 @@ def load_speaker(
     version: str | None = None,
     base_only: bool = False,
     registry: Path | None = None,
-    base_dir: Path = artifacts.BASE_MODEL_DIR,
+    base_dir: Path = paths.BASE_MODEL_DIR,
 ) -> Speaker:
     """What answers: the adapter VERSION names (or the base alone) and the base's tokenizer.
     The model loads when it is first used (Speaker.load)."""
-    from qlora.models import load_adapted, load_quantized, load_tokenizer
+    from qlora.models.loading import load_adapted, load_quantized, load_tokenizer
 
     trust = params.base.trust_remote_code
     if not (base_dir / "config.json").is_file():
@@ -344,7 +344,7 @@ def generate_file(
     skipped (answered). Returns (resumed, generated)."""
     from tqdm import tqdm
 
-    from qlora.evaluation import generate
+    from qlora.evaluation.benchmark import generate
 
     done = answered(prompts, output, speaker.label, max_new_tokens)
     todo = prompts[done:]

@@ -1,7 +1,7 @@
 """Stage `base`: the configured base model as a local Hugging Face directory.
 
 `base.source` is the embedded SmolLM2-135M-Instruct, a hub id (loaded at the commit the
-sources stage resolved) or a local directory (qlora/base_model.py loads each);
+sources stage resolved) or a local directory (qlora/models/base.py loads each);
 `base.chat_template` gives one to a model that has none.
 Outputs: data/prepared/base_model/ (safetensors, tokenizer, chat template) and
 reports/base.json (identity: source and its fingerprint, parameters, weights' sha256).
@@ -9,12 +9,12 @@ reports/base.json (identity: source and its fingerprint, parameters, weights' sh
 
 from __future__ import annotations
 
-from qlora.artifacts import BASE_MODEL_DIR
-from qlora.base_model import REPORT, load_source
-from qlora.io import StageError, atomic_dir, run_stage, weights_identity, write_json
-from qlora.models import DTYPES
-from qlora.params import load_params
-from qlora.sources import recorded
+from qlora.core import paths
+from qlora.core.io import StageError, atomic_dir, run_stage, weights_identity, write_json
+from qlora.core.params import load_params
+from qlora.core.sources import recorded
+from qlora.models.base import load_source
+from qlora.models.loading import DTYPES
 
 
 def main() -> None:
@@ -30,11 +30,11 @@ def main() -> None:
             "template in base.chat_template (a Jinja string, as in tokenizer_config.json)"
         )
     model = model.to(DTYPES[p.save_dtype])
-    with atomic_dir(BASE_MODEL_DIR) as out:
+    with atomic_dir(paths.BASE_MODEL_DIR) as out:
         model.save_pretrained(out, safe_serialization=True)
         tokenizer.save_pretrained(out)
     write_json(
-        REPORT,
+        paths.BASE_REPORT,
         {
             "source": p.source,
             "revision": p.revision,
@@ -42,11 +42,11 @@ def main() -> None:
             "architecture": model.config.architectures,
             "parameters": sum(t.numel() for t in model.parameters()),
             "save_dtype": p.save_dtype,
-            "weights_sha256": weights_identity(BASE_MODEL_DIR),
+            "weights_sha256": weights_identity(paths.BASE_MODEL_DIR),
             "trust_remote_code": p.trust_remote_code,
         },
     )
-    print(f"saved {p.source} to {BASE_MODEL_DIR}")
+    print(f"saved {p.source} to {paths.BASE_MODEL_DIR}")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Stage `dataset`: the configured dataset as train / validation / test in chat format.
 
-qlora/dataset.py does the work: whole groups per split, the chat template, rows over
+qlora/data/splitting.py does the work: whole groups per split, the chat template, rows over
 dataset.max_length dropped and counted; plus the data of the local lm-eval tasks.
 Outputs: data/prepared/splits/, data/prepared/eval/, reports/dataset.json
 """
@@ -9,14 +9,14 @@ from __future__ import annotations
 
 from collections import Counter
 
-from qlora.artifacts import BASE_MODEL_DIR, SPLITS, SPLITS_DIR
-from qlora.artifacts import DATASET_REPORT as REPORT
-from qlora.artifacts import EVAL_DATA_DIR as EVAL_DIR
-from qlora.dataset import check_context, choice_rows, prepare, prose_rows
-from qlora.io import atomic_dir, run_stage, write_json, write_jsonl
-from qlora.models import load_tokenizer
-from qlora.params import load_params
-from qlora.sources import recorded
+from qlora.core.io import atomic_dir, run_stage, write_json, write_jsonl
+from qlora.core.params import load_params
+from qlora.core.paths import BASE_MODEL_DIR, SPLITS, SPLITS_DIR
+from qlora.core.paths import DATASET_REPORT as REPORT
+from qlora.core.paths import EVAL_DATA_DIR as EVAL_DIR
+from qlora.core.sources import recorded
+from qlora.data.splitting import check_context, choice_rows, prepare, prose_rows
+from qlora.models.loading import load_tokenizer
 
 
 def main() -> None:

@@ -1,27 +1,29 @@
 """Stage `evaluate`: the base and the adapter benchmarked side by side with lm-eval.
 
 Runs base_full, base_4bit and adapter_4bit one at a time on the same tasks and settings
-(qlora/evaluation.py says how, and why models are handed to lm-eval as objects).
+(qlora/evaluation/benchmark.py says how, and why models are handed to lm-eval as objects).
 Outputs, written only once every variant has finished (a failure leaves the previous
 results in place): reports/eval/metrics.json (a DVC metric, checked against
-artifacts.EvalMetrics), reports/eval/examples.json (greedy answers to the first test
+EvalMetrics), reports/eval/examples.json (greedy answers to the first test
 prompts).
 """
 
 from __future__ import annotations
 
-from qlora import artifacts
-from qlora.evaluation import benchmark
-from qlora.io import run_stage, write_json
-from qlora.params import load_params
+from qlora.core import paths
+from qlora.core.io import run_stage, write_json
+from qlora.core.params import load_params
+from qlora.evaluation.benchmark import benchmark
+from qlora.schemas.base import validated
+from qlora.schemas.metrics import EvalMetrics
 
 
 def main() -> None:
     metrics, examples = benchmark(load_params())
-    artifacts.validated(artifacts.EvalMetrics, metrics, artifacts.EVAL_METRICS)  # its schema
+    validated(EvalMetrics, metrics, paths.EVAL_METRICS)  # its schema
     # Both files at the end: a variant that fails leaves the previous results untouched.
-    write_json(artifacts.EVAL_METRICS, metrics)
-    write_json(artifacts.EVAL_EXAMPLES, examples)
+    write_json(paths.EVAL_METRICS, metrics)
+    write_json(paths.EVAL_EXAMPLES, examples)
     for v in metrics["variants"].values():
         print(f"[evaluate] {v['label']}: {v['seconds']:.1f} s")
         for task, task_metrics in v["metrics"].items():

@@ -8,21 +8,22 @@ stage succeeds and the decision file says "rejected" with every reason in plain 
 Output: reports/gate.json
 
 The champion/challenger half (`decide_vs_champion`, thresholds under `gate.champion`) runs
-at promotion time, under the registry's lock (qlora/registry.py), not in this stage: the
+at promotion time, under the registry's lock (qlora/registry/store.py), not in this stage: the
 champion is not a DVC dependency, and checking it here would let `dvc repro` keep a
 decision made against a champion that has since changed.
 """
 
 from __future__ import annotations
 
-from qlora.gate import METRICS, REPORT, decide
-from qlora.io import read_json, run_stage, write_json
-from qlora.params import load_params
+from qlora.core import paths
+from qlora.core.io import read_json, run_stage, write_json
+from qlora.core.params import load_params
+from qlora.evaluation.gate import decide
 
 
 def main() -> None:
-    decision = decide(read_json(METRICS), load_params().gate)
-    write_json(REPORT, decision)
+    decision = decide(read_json(paths.EVAL_METRICS), load_params().gate)
+    write_json(paths.GATE_REPORT, decision)
     print(decision["summary"])
     for reason in decision["reasons"]:
         print(f"  - {reason}")

@@ -1,29 +1,34 @@
 """Stage `quantize`: what quantization does to the base model, measured.
 
-qlora/quantization.py analyses the base's weights layer by layer, loads it in NF4, FP4 and
+qlora/quant/measure.py analyses the base's weights layer by layer, loads it in NF4, FP4 and
 int8 through the shared loader (memory, bits per parameter, weight error) and measures
 what LoftQ calibration at the adapter's rank would take back.
-Outputs: reports/quantize.json (a DVC metric, checked against artifacts.QuantizeReport),
-reports/quantize_layers.json (the per-layer analysis and the histogram the report draws)
+Outputs: reports/quantize.json (a DVC metric) and reports/quantize_layers.json (the per-layer
+analysis and the histogram the report draws), each checked against its schema
+(qlora/schemas/quantize.py)
 """
 
 from __future__ import annotations
 
-from qlora.artifacts import BASE_MODEL_DIR, QUANTIZE_LAYERS, QuantizeReport, validated
-from qlora.io import run_stage, write_json
-from qlora.params import load_params
-from qlora.quantization import REPORT, measure
+from qlora.core import paths
+from qlora.core.io import run_stage, write_json
+from qlora.core.params import load_params
+from qlora.quant.measure import measure
+from qlora.schemas.base import validated
+from qlora.schemas.quantize import QuantizeLayers, QuantizeReport
 
 
 def main() -> None:
     params = load_params()
     report, layers = measure(
-        params.quantize, params.finetune.lora, BASE_MODEL_DIR, params.base.trust_remote_code
+        params.quantize, params.finetune.lora, paths.BASE_MODEL_DIR, params.base.trust_remote_code
     )
-    checked = validated(QuantizeReport, report, REPORT)  # the report reads it through this
+    # Checked against the schemas the claims stage and the report read them with.
+    checked = validated(QuantizeReport, report, paths.QUANTIZE_REPORT)
+    validated(QuantizeLayers, layers, paths.QUANTIZE_LAYERS)
     # Both at the end: a failure above leaves the last good pair as it was.
-    write_json(QUANTIZE_LAYERS, layers)
-    write_json(REPORT, report)
+    write_json(paths.QUANTIZE_LAYERS, layers)
+    write_json(paths.QUANTIZE_REPORT, report)
     qt = checked.quant_type
     print(
         f"{report['parameters'] / 1e6:.1f} M parameters: {report['bytes']['full'] / 1e6:.1f} MB "

@@ -1,4 +1,4 @@
-"""Stage `sources`: fingerprint the configured base model and dataset (qlora/sources.py).
+"""Stage `sources`: fingerprint the configured base model and dataset (qlora/core/sources.py).
 
 Runs on every `dvc repro` (always_changed in dvc.yaml) and takes a second: it hashes the
 local folder or file a source names (hashes of unchanged files are cached by size and
@@ -10,9 +10,9 @@ Outputs: reports/sources/base.json, reports/sources/dataset.json
 
 from __future__ import annotations
 
-from qlora.io import read_json, run_stage, write_json
-from qlora.params import load_params
-from qlora.sources import current, fingerprint_file
+from qlora.core.io import read_json, run_stage, write_json
+from qlora.core.params import load_params
+from qlora.core.sources import current, fingerprint_file
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Stage `validate`: refuse data that would break fine-tuning, before any training starts.
 
 Each check is a Great Expectations expectation on a column of the table that
-qlora/data_checks.py derives from the rows (empty answers, blank fields, duplicates, chat
+qlora/data/check_table.py derives from the rows (empty answers, blank fields, duplicates, chat
 turns out of order, test rows that repeat train rows, encoding junk, PII, the base
 tokenizer's special tokens inside the text).
 params.yaml `validate.checks` makes each one an error (stops the pipeline), a warning
@@ -21,18 +21,18 @@ reports alone.
 
 from __future__ import annotations
 
-from qlora.artifacts import BASE_MODEL_DIR
-from qlora.data_checks import control_token_texts
-from qlora.io import StageError, run_stage
-from qlora.models import load_tokenizer
-from qlora.params import load_params
-from qlora.validation import OUT_DIR, SPLITS, describe, failed, validate_splits
+from qlora.core import paths
+from qlora.core.io import StageError, run_stage
+from qlora.core.params import load_params
+from qlora.data.check_table import control_token_texts
+from qlora.data.validation import describe, failed, validate_splits
+from qlora.models.loading import load_tokenizer
 
 
 def main() -> None:
     params = load_params()
     # The text the base tokenizer reads as its own control tokens must not be in the data.
-    tokenizer = load_tokenizer(BASE_MODEL_DIR, params.base.trust_remote_code)
+    tokenizer = load_tokenizer(paths.BASE_MODEL_DIR, params.base.trust_remote_code)
     result = validate_splits(
         params.validate_, params.dataset.max_length, control_token_texts(tokenizer)
     )
@@ -40,13 +40,13 @@ def main() -> None:
     warnings, errors = failed(checks, "warning"), failed(checks, "error")
     if warnings:
         print(f"{len(warnings)} warning(s):\n{describe(warnings)}")
-    where = f"details: {OUT_DIR / 'result.json'}, Data Docs: {result['data_docs']}"
+    where = f"details: {paths.VALIDATION_DIR / 'result.json'}, Data Docs: {result['data_docs']}"
     if errors:
         raise StageError(
             f"{len(errors)} error check(s) failed; the data is refused before training:\n"
             f"{describe(errors)}\n{where}"
         )
-    print(f"{len(checks)} checks on {', '.join(SPLITS)}: no error ({where})")
+    print(f"{len(checks)} checks on {', '.join(paths.SPLITS)}: no error ({where})")
 
 
 if __name__ == "__main__":

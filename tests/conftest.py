@@ -40,7 +40,7 @@ def fp32_compute_on_every_cpu() -> Iterator[None]:
     tests/test_compute_dtype.py sets the checks itself to test the choice both ways."""
     import torch
 
-    from qlora.models import CPU_BF16_UNITS
+    from qlora.models.loading import CPU_BF16_UNITS
 
     with pytest.MonkeyPatch.context() as patch:
         for check in CPU_BF16_UNITS.values():
@@ -198,7 +198,7 @@ def workspace(tmp_path, tiny_model_dir, monkeypatch) -> Path:
     splits made by the real dataset stage, so a stage's main() can run as in `dvc repro`."""
     import yaml
 
-    from qlora.io import write_jsonl
+    from qlora.core.io import write_jsonl
     from stages import dataset, sources
 
     monkeypatch.chdir(tmp_path)
@@ -215,7 +215,7 @@ def workspace(tmp_path, tiny_model_dir, monkeypatch) -> Path:
 def gate_params(**values):
     """A gate section for tests on hand-made metrics: these thresholds unless given
     (params.yaml's are tuned for the default run; the schema has no defaults)."""
-    from qlora.params import GateParams
+    from qlora.core.params import GateParams
 
     rules = {
         "primary": {"task": "docstring_loss", "metric": "bits_per_byte"},

@@ -13,11 +13,16 @@ import pytest
 
 from conftest import gate_params
 from flows.report_artifacts import metrics_table
-from qlora import artifacts
-from qlora.gate import decide
-from qlora.io import StageError
-from qlora.model_card import _metric_table
-from qlora.report import metric_rows
+from qlora.core import paths
+from qlora.core.io import StageError
+from qlora.evaluation.gate import decide
+from qlora.registry.model_card import _metric_table
+from qlora.report.sections import metric_rows
+from qlora.report.text import ARROWS
+from qlora.schemas.base import validated
+from qlora.schemas.gate import GateDecision
+from qlora.schemas.metrics import EvalMetrics, higher_is_better
+from qlora.schemas.quantize import QuantizeReport
 
 FIXTURES = Path(__file__).parent / "fixtures" / "report" / "reports"
 REPO = Path(__file__).resolve().parents[1]
@@ -29,10 +34,10 @@ def fixture(name: str) -> dict:
 
 
 def test_the_shipped_fixtures_match_the_schemas():
-    assert artifacts.EvalMetrics.model_validate(fixture("eval/metrics.json")).settings.tasks
-    gate = artifacts.GateDecision.model_validate(fixture("gate.json"))
+    assert EvalMetrics.model_validate(fixture("eval/metrics.json")).settings.tasks
+    gate = GateDecision.model_validate(fixture("gate.json"))
     assert gate.primary.metric == "bits_per_byte"
-    assert artifacts.QuantizeReport.model_validate(fixture("quantize.json")).four_bit_bytes > 0
+    assert QuantizeReport.model_validate(fixture("quantize.json")).four_bit_bytes > 0
 
 
 def test_a_bad_metrics_file_names_the_file_and_every_bad_field():
@@ -41,7 +46,7 @@ def test_a_bad_metrics_file_names_the_file_and_every_bad_field():
     entry["value"] = "N/A"
     entry["higher_is_btter"] = True  # a typo: metric entries are closed
     with pytest.raises(StageError) as err:
-        artifacts.validated(artifacts.EvalMetrics, metrics, "reports/eval/metrics.json")
+        validated(EvalMetrics, metrics, "reports/eval/metrics.json")
     message = str(err.value)
     assert message.startswith("reports/eval/metrics.json: does not match the EvalMetrics")
     assert "variants.adapter_4bit.metrics.docstring_choice.acc.value" in message
@@ -52,28 +57,28 @@ def test_every_variant_is_required_and_older_variant_names_still_read():
     metrics = fixture("eval/metrics.json")
     del metrics["variants"]["base_full"]
     with pytest.raises(StageError, match=r"variants lacks \['base_full'\]"):
-        artifacts.validated(artifacts.EvalMetrics, metrics, "m.json")
+        validated(EvalMetrics, metrics, "m.json")
     old = fixture("eval/metrics.json")
     old["variants"] = {
         {"base_4bit": "base_nf4", "adapter_4bit": "adapter_nf4"}.get(k, k): v
         for k, v in old["variants"].items()
     }
-    assert set(artifacts.EvalMetrics.model_validate(old).variants) == set(artifacts.VARIANTS)
+    assert set(EvalMetrics.model_validate(old).variants) == set(paths.VARIANTS)
 
 
 def test_a_gate_file_missing_the_interval_is_refused():
     gate = fixture("gate.json")
     del gate["primary"]["ci95"]
     with pytest.raises(StageError, match=r"gate.json.*\n  - primary.ci95: Field required"):
-        artifacts.validated(artifacts.GateDecision, gate, "reports/gate.json")
+        validated(GateDecision, gate, "reports/gate.json")
 
 
 def test_the_direction_rule():
-    first_known = artifacts.higher_is_better({"higher_is_better": None}, {"higher_is_better": 0})
+    first_known = higher_is_better({"higher_is_better": None}, {"higher_is_better": 0})
     assert first_known is False
-    assert artifacts.higher_is_better(None, {"higher_is_better": True}) is True
-    assert artifacts.higher_is_better({"higher_is_better": None}, {}) is None
-    assert artifacts.higher_is_better() is None
+    assert higher_is_better(None, {"higher_is_better": True}) is True
+    assert higher_is_better({"higher_is_better": None}, {}) is None
+    assert higher_is_better() is None
 
 
 def test_gate_report_prefect_artifacts_and_model_card_agree_on_every_direction():
@@ -81,7 +86,7 @@ def test_gate_report_prefect_artifacts_and_model_card_agree_on_every_direction()
     for variant in metrics["variants"].values():
         variant["metrics"]["docstring_choice"]["acc"]["higher_is_better"] = None
     gate = decide(metrics, RULES)
-    checked = artifacts.EvalMetrics.model_validate(metrics)
+    checked = EvalMetrics.model_validate(metrics)
     report = {(r["task"], r["metric"]): r["hib"] for r in metric_rows(checked, None)}
     prefect = {(r["task"], r["metric"]): r["better"] for r in metrics_table(metrics)}
     card = {  # the card escapes names from the data: read the cell as its text
@@ -95,7 +100,7 @@ def test_gate_report_prefect_artifacts_and_model_card_agree_on_every_direction()
         hib = check["higher_is_better"]
         assert report[key] is hib, key
         assert prefect[key] == words[hib], key
-        assert card[f"{key[0]}/{key[1]}"] == artifacts.ARROWS[hib], key
+        assert card[f"{key[0]}/{key[1]}"] == ARROWS[hib], key
     unknown = [c for c in gate["checks"] if c["higher_is_better"] is None]
     assert [(c["metric"], c["passed"]) for c in unknown] == [("acc", None)]
     acc = next(r for r in metrics_table(metrics) if r["metric"] == "acc")
@@ -104,7 +109,9 @@ def test_gate_report_prefect_artifacts_and_model_card_agree_on_every_direction()
 
 def test_the_schema_modules_stay_torch_free():
     code = (
-        "import sys, qlora.artifacts, qlora.lineage, qlora.gate, qlora.report, qlora.model_card;"
+        "import sys, qlora.core.paths, qlora.core.lineage, qlora.schemas.metrics,"
+        " qlora.schemas.gate, qlora.schemas.quantize, qlora.schemas.claims,"
+        " qlora.evaluation.gate, qlora.report.build, qlora.registry.model_card;"
         "sys.exit('torch' in sys.modules)"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)

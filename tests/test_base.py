@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from conftest import CHAT_TEMPLATE, alpaca_rows, tiny_params
-from qlora.io import StageError, write_jsonl
+from qlora.core.io import StageError, write_jsonl
 from stages import base, sources
 
 

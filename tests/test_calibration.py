@@ -11,14 +11,14 @@ import bitsandbytes.functional as bnbf
 import pytest
 import torch
 import yaml
+from avx512bf16 import is_repacked, weight_before_repacking
 from peft import LoraConfig, get_peft_model
 
-from avx512bf16 import is_repacked, weight_before_repacking
-from qlora import calibration
-from qlora.io import StageError
-from qlora.models import load_full, load_quantized
-from qlora.params import shipped_params
-from qlora.quantization import layer_weight
+from qlora.core.io import StageError
+from qlora.core.params import shipped_params
+from qlora.models.loading import load_full, load_quantized
+from qlora.quant import calibration
+from qlora.quant.formats import layer_weight
 from stages import finetune
 
 pytestmark = pytest.mark.cpu_paths
@@ -195,8 +195,8 @@ def test_finetune_in_int8_with_loftq(workspace):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from qlora.models import load_adapted
-    from qlora.params import load_params
+    from qlora.core.params import load_params
+    from qlora.models.loading import load_adapted
 
     base = workspace / "data/prepared/base_model"
     ours = load_adapted(load_params().quantize, adapter, base)

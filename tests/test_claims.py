@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from qlora import claims
+from qlora.evaluation import claims
 
 # SmolLM2-135M as the quantize stage measures it: tied 49152 x 576 embeddings stay 16-bit.
 SMALL_REPORT = {
@@ -186,7 +186,7 @@ def test_the_claims_file_counts_each_outcome():
 
 
 def test_the_claims_stage_reads_the_pipelines_files(tmp_path, monkeypatch):
-    from qlora.io import StageError, write_json
+    from qlora.core.io import StageError, write_json
     from stages import claims as stage
 
     monkeypatch.chdir(tmp_path)

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from qlora import models
+from qlora.models import loading
+from qlora.train import recipe
 
-CHECKS = tuple(models.CPU_BF16_UNITS.values())  # AVX512-BF16's, then AMX's
+CHECKS = tuple(loading.CPU_BF16_UNITS.values())  # AVX512-BF16's, then AMX's
 
 
 @pytest.fixture
@@ -38,9 +39,9 @@ def cpu_only(monkeypatch):
 )
 def test_auto_computes_in_bf16_on_a_cpu_with_bf16_units(cpu_only, avx512_bf16, amx, unit):
     cpu_only(avx512_bf16, amx)
-    dtype, why = models.resolve_compute_dtype("auto")
+    dtype, why = loading.resolve_compute_dtype("auto")
     assert dtype == torch.bfloat16 and why.startswith("auto: ") and unit in why
-    assert models.compute_dtype("auto") == models.compute_dtype() == torch.bfloat16
+    assert loading.compute_dtype("auto") == loading.compute_dtype() == torch.bfloat16
 
 
 @pytest.mark.parametrize(
@@ -53,16 +54,16 @@ def test_auto_computes_in_bf16_on_a_cpu_with_bf16_units(cpu_only, avx512_bf16, a
 )
 def test_auto_stays_float32_on_a_cpu_without_bf16_or_unknown(cpu_only, avx512_bf16, amx, reason):
     cpu_only(avx512_bf16, amx)
-    dtype, why = models.resolve_compute_dtype("auto")
+    dtype, why = loading.resolve_compute_dtype("auto")
     assert dtype == torch.float32 and why.startswith("auto: ") and reason in why
-    assert models.compute_dtype() == torch.float32
+    assert loading.compute_dtype() == torch.float32
 
 
 @pytest.mark.parametrize("amx", [None, True])
 def test_a_check_that_is_missing_still_lets_the_other_choose_bf16(cpu_only, amx):
     cpu_only(None, amx)
     expected = torch.bfloat16 if amx else torch.float32
-    assert models.resolve_compute_dtype("auto")[0] == expected
+    assert loading.resolve_compute_dtype("auto")[0] == expected
 
 
 @pytest.mark.parametrize("name", ["float32", "bfloat16", "float16"])
@@ -70,8 +71,8 @@ def test_a_check_that_is_missing_still_lets_the_other_choose_bf16(cpu_only, amx)
 def test_an_explicit_dtype_passes_through_whatever_the_cpu(cpu_only, name, units):
     cpu_only(*units)
     expected = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    assert models.resolve_compute_dtype(name) == (expected[name], "set in params.yaml")
-    assert models.compute_dtype(name) == expected[name]
+    assert loading.resolve_compute_dtype(name) == (expected[name], "set in params.yaml")
+    assert loading.compute_dtype(name) == expected[name]
 
 
 def test_gpus_keep_their_choice_whatever_the_cpu(monkeypatch):
@@ -81,7 +82,7 @@ def test_gpus_keep_their_choice_whatever_the_cpu(monkeypatch):
         monkeypatch.setattr(torch.cpu, name, lambda: pytest.fail("the CPU was asked"))
     for bf16, expected in ((True, torch.bfloat16), (False, torch.float16)):
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda bf16=bf16: bf16)
-        dtype, why = models.resolve_compute_dtype("auto")
+        dtype, why = loading.resolve_compute_dtype("auto")
         assert dtype == expected and why.startswith("auto: ") and "GPU" in why
 
 
@@ -96,7 +97,7 @@ def test_finetune_records_the_compute_dtype_and_why(
     in it (its 16-bit tensors, the embeddings among them, carry the compute dtype)."""
     import yaml
 
-    from qlora import train_log, training
+    from qlora.train import log_layout
     from stages import finetune
 
     params_file = workspace / "params.yaml"
@@ -105,20 +106,20 @@ def test_finetune_records_the_compute_dtype_and_why(
     params_file.write_text(yaml.safe_dump(params))
     cpu_only(*units)
     loaded: list[torch.dtype] = []
-    real = training.load_quantized
+    real = recipe.load_quantized
 
     def spy(*args, **kwargs):
         model = real(*args, **kwargs)
         loaded.append(model.get_input_embeddings().weight.dtype)
         return model
 
-    monkeypatch.setattr(training, "load_quantized", spy)
+    monkeypatch.setattr(recipe, "load_quantized", spy)
     finetune.main()
     run = json.loads((workspace / "reports/train/run.json").read_text())
     assert run["compute_dtype"] == dtype and loaded == [getattr(torch, dtype)]
     assert run["compute_dtype_why"].startswith("auto: ") and reason in run["compute_dtype_why"]
     # What the report reads: run.json merged with the DVCLive summary.
-    view = train_log.training_view(workspace / "reports/train")
+    view = log_layout.training_view(workspace / "reports/train")
     assert view["compute_dtype_why"] == run["compute_dtype_why"]
 
 
@@ -128,7 +129,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "report"
 def rendered_report(tmp_path: Path, why: str | None) -> tuple[str, str]:
     """The report of the fixture run, its run.json given a training path and `why` (None:
     a run.json from before the why was recorded)."""
-    from qlora.report import render_report
+    from qlora.report.build import render_report
 
     shutil.copytree(FIXTURES / "reports", tmp_path / "reports")
     shutil.copy(FIXTURES / "dvc_lock.yaml", tmp_path / "dvc.lock")
@@ -149,7 +150,7 @@ def rendered_report(tmp_path: Path, why: str | None) -> tuple[str, str]:
 
 
 def test_the_report_shows_the_compute_dtype_and_why_beside_checkpointing(tmp_path):
-    from qlora.report import md_text
+    from qlora.report.text import md_text
 
     why = "auto: this CPU has AVX512-BF16 (bf16 matmuls run at <native> speed)"
     html, md = rendered_report(tmp_path, why)
@@ -242,7 +243,7 @@ def test_the_benchmark_table_shows_mfu_and_what_it_ran_on(cpu_only, monkeypatch)
     """A run's record gains each side's MFU (its model FLOP/s over its own matmul peak) and
     the machine's bf16 capability; a record made before them still renders, with dashes."""
     from benchmarks import train
-    from qlora import lineage
+    from qlora.core import lineage
 
     old = made_before_mfu(json.loads(RECORD.read_text()))
     assert "| - | - | - |" in train.table(old).splitlines()[2]
@@ -252,7 +253,7 @@ def test_the_benchmark_table_shows_mfu_and_what_it_ran_on(cpu_only, monkeypatch)
     monkeypatch.setattr(lineage, "cpu_info", lambda: ("Some EPYC", ["avx2", "avx512_bf16"]))
     where = train.capability()
     assert where["bf16_flags"] == ["avx512_bf16"] and where["torch_bf16_units"] == ["AVX512-BF16"]
-    assert (where["compute_dtype"], where["why"]) == ("bfloat16", models.cpu_compute_dtype()[1])
+    assert (where["compute_dtype"], where["why"]) == ("bfloat16", loading.cpu_compute_dtype()[1])
 
     new = made_before_mfu(json.loads(RECORD.read_text()))
     n = train.linear_parameters(train.ARCHS["smollm2-135m"], 30)

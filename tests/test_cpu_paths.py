@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from avx512bf16 import CPU_HAS_AVX512BF16, cpu_path, is_repacked, reference_kernel
-from qlora.models import load_quantized
-from qlora.params import shipped_params
+
+from qlora.core.params import shipped_params
+from qlora.models.loading import load_quantized
 
 
 @pytest.mark.skipif(

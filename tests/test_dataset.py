@@ -7,12 +7,13 @@ import json
 import pytest
 
 from conftest import alpaca_rows
-from qlora import dataset
-from qlora.chat import IGNORE_INDEX, encode, render
-from qlora.formats import detect_format, read_records, to_messages
-from qlora.io import StageError, atomic_dir, read_jsonl, write_jsonl
-from qlora.models import load_tokenizer
-from qlora.params import DatasetParams, shipped_params
+from qlora.core import paths
+from qlora.core.io import StageError, atomic_dir, read_jsonl, write_jsonl
+from qlora.core.params import DatasetParams, shipped_params
+from qlora.data import splitting
+from qlora.data.chat_template import IGNORE_INDEX, encode, render
+from qlora.data.records import detect_format, read_records, to_messages
+from qlora.models.loading import load_tokenizer
 
 
 def dataset_params(**values) -> DatasetParams:
@@ -88,11 +89,11 @@ def test_prompt_is_masked_and_completion_trained(tiny_model_dir):
 def test_groups_never_span_two_splits_and_splits_are_deterministic():
     rows = alpaca_rows(60, groups=12)
     p = dataset_params(source="x", group_field="module", max_length=256, seed=3)
-    splits = dataset.split_by_group([{**r, "id": str(i)} for i, r in enumerate(rows)], p)
-    groups = [{r["group"] for r in splits[s]} for s in dataset.SPLITS]
+    splits = splitting.split_by_group([{**r, "id": str(i)} for i, r in enumerate(rows)], p)
+    groups = [{r["group"] for r in splits[s]} for s in paths.SPLITS]
     assert all(not (a & b) for i, a in enumerate(groups) for b in groups[i + 1 :])
     assert sum(len(v) for v in splits.values()) == 60
-    assert splits == dataset.split_by_group([{**r, "id": str(i)} for i, r in enumerate(rows)], p)
+    assert splits == splitting.split_by_group([{**r, "id": str(i)} for i, r in enumerate(rows)], p)
 
 
 def test_dataset_stage_writes_splits_eval_data_and_summary(workspace):
@@ -113,7 +114,7 @@ def test_duplicate_prompts_are_dropped_once(tmp_path, tiny_model_dir):
     rows = alpaca_rows(20)
     write_jsonl(tmp_path / "d.jsonl", rows + rows[:3])
     p = dataset_params(source=str(tmp_path / "d.jsonl"), group_field="module", max_length=256)
-    _, summary = dataset.prepare(p, tok)
+    _, summary = splitting.prepare(p, tok)
     assert summary["dropped_duplicate_prompts"] == 3
 
 
@@ -123,7 +124,7 @@ def test_a_row_missing_its_answer_is_named(tmp_path, tiny_model_dir):
     write_jsonl(tmp_path / "d.jsonl", rows)
     p = dataset_params(source=str(tmp_path / "d.jsonl"), format="alpaca", max_length=256)
     with pytest.raises(StageError, match=r"row 4: .*missing \['output'\]"):
-        dataset.prepare(p, load_tokenizer(tiny_model_dir))
+        splitting.prepare(p, load_tokenizer(tiny_model_dir))
 
 
 def test_atomic_dir_keeps_the_old_output_when_the_writer_fails(tmp_path):
@@ -148,9 +149,9 @@ def test_invalid_utf8_is_named_not_a_traceback(tmp_path):
 
 
 def test_max_length_beyond_the_model_context_is_refused(tiny_model_dir):
-    dataset.check_context(512, tiny_model_dir)  # the tiny model's context is 512
+    splitting.check_context(512, tiny_model_dir)  # the tiny model's context is 512
     with pytest.raises(StageError, match="dataset.max_length = 4096 exceeds .* context of 512"):
-        dataset.check_context(4096, tiny_model_dir)
+        splitting.check_context(4096, tiny_model_dir)
 
 
 def test_parquet_nulls_are_missing_values_not_the_text_nan(tmp_path, tiny_model_dir):
@@ -166,7 +167,7 @@ def test_parquet_nulls_are_missing_values_not_the_text_nan(tmp_path, tiny_model_
     assert to_messages(records[0], "alpaca")[0]["content"] == rows[0]["instruction"]
     p = dataset_params(source=str(path), format="alpaca", max_length=256)
     with pytest.raises(StageError, match=r"d\.parquet: row 3: .*missing \['output'\]"):
-        dataset.prepare(p, load_tokenizer(tiny_model_dir))
+        splitting.prepare(p, load_tokenizer(tiny_model_dir))
 
 
 def test_parquet_chat_turns_come_back_as_plain_lists_and_dicts(tmp_path):
@@ -201,9 +202,9 @@ def test_csv_cell_longer_than_the_csv_module_default_loads(tmp_path):
 
 
 def test_csv_cell_over_the_limit_names_the_file_and_line(tmp_path, monkeypatch):
-    from qlora import formats
+    from qlora.data import records
 
-    monkeypatch.setattr(formats, "CSV_FIELD_LIMIT", 1000)
+    monkeypatch.setattr(records, "CSV_FIELD_LIMIT", 1000)
     (tmp_path / "d.csv").write_text("prompt,completion\na,b\nc,d\ne," + "x" * 1001 + "\n")
     with pytest.raises(StageError, match=r"d\.csv: line 4 cannot be read as CSV \(field larger"):
         read_records(str(tmp_path / "d.csv"))

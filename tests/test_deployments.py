@@ -847,7 +847,7 @@ CONTEXT_FILES = {
 def test_the_build_context_holds_source_and_lock_files_only(tmp_path: Path):
     """A working tree after a real run, in miniature: weights, data, caches, the venv."""
     kept = CONTEXT_FILES | {
-        "qlora/io.py",
+        "qlora/core/io.py",
         "qlora/templates/report.html.j2",
         "stages/base.py",
         "flows/pipeline.py",
@@ -878,7 +878,7 @@ def test_the_build_context_holds_source_and_lock_files_only(tmp_path: Path):
 
 def test_the_real_build_context_has_no_weights_data_or_venv():
     context = build_context(REPO)
-    assert {"requirements.lock", "pyproject.toml", "qlora/params.py"} <= context
+    assert {"requirements.lock", "pyproject.toml", "qlora/core/params.py"} <= context
     assert {p for p in context if p.split("/")[0] not in SOURCE_DIRS} <= CONTEXT_FILES
     assert not [p for p in context if re.search(r"\.(safetensors|gguf|bin|pt|pth|ckpt)$", p)]
 

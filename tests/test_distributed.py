@@ -1,4 +1,4 @@
-"""Several training processes (qlora/distributed.py): DDP on the CPU with gloo, and the
+"""Several training processes (qlora/train/distributed.py): DDP on the CPU with gloo, and the
 FSDP + QLoRA configuration.
 
 The ground truth for two processes is one process trained on the same rows: with the same
@@ -18,9 +18,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from qlora import distributed, train_log
-from qlora.io import StageError
-from qlora.params import load_params
+from qlora.core.io import StageError
+from qlora.core.params import load_params
+from qlora.train import distributed, log_layout
 from stages import finetune
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,7 +45,7 @@ def train_with(workspace: Path, processes: int) -> tuple[dict, dict, dict, list[
     train_dir = workspace / "reports/train"
     weights = load_file(workspace / ADAPTER / "adapter_model.safetensors")
     run = json.loads((train_dir / "run.json").read_text())
-    return weights, train_log.training_view(train_dir), run, train_log.eval_curve(train_dir)
+    return weights, log_layout.training_view(train_dir), run, log_layout.eval_curve(train_dir)
 
 
 def test_two_processes_train_the_adapter_one_process_trains(workspace, monkeypatch):
@@ -83,7 +83,7 @@ def test_two_processes_train_the_adapter_one_process_trains(workspace, monkeypat
     for a, b in zip(two_evals, one_evals, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
     # One writer: each step appears once in DVCLive's series.
-    steps = [r["step"] for r in train_log.read_curve(workspace / "reports/train", "train/loss")]
+    steps = [r["step"] for r in log_layout.read_curve(workspace / "reports/train", "train/loss")]
     assert steps == [1, 2, 3]
 
 
@@ -134,7 +134,7 @@ def test_fsdp_wraps_the_4bit_lora_model_only_with_float_quant_storage(workspace,
     from peft.utils.other import fsdp_auto_wrap_policy
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    from qlora.training import lora_model
+    from qlora.train.recipe import lora_model
 
     config = load_config_from_file(str(FSDP_CONFIG))
     assert config.distributed_type == DistributedType.FSDP

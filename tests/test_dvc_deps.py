@@ -1,6 +1,6 @@
 """dvc.yaml holds every input that shapes a stage's result, and protects its outputs.
 
-The code lists are checked against the imports (qlora/code_deps.py walks them), so an edit
+The code lists are checked against the imports (tools/code_deps.py walks them), so an edit
 to a shared module always makes the stages that run it stale.
 """
 
@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from qlora.code_deps import stage_code_deps
+from tools.code_deps import stage_code_deps
 
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 # Stages whose results no third-party library shapes beyond the standard library,

@@ -12,14 +12,14 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import avx512bf16
 import pytest
 import torch
 import yaml
 
-import avx512bf16
 from conftest import REPO, alpaca_rows, tiny_params
-from qlora import evaluation
-from qlora.io import StageError, read_jsonl, write_jsonl
+from qlora.core.io import StageError, read_jsonl, write_jsonl
+from qlora.evaluation import benchmark
 from stages import evaluate
 
 pytestmark = pytest.mark.cpu_paths
@@ -142,8 +142,8 @@ def test_every_variant_is_timed_generating_the_same_tokens(evaluated):
 def test_generation_speed_makes_exactly_the_tokens_it_counts(tiny_model_dir):
     """Even a model that would stop at once (end-of-sequence the likeliest token) is made
     to generate the full count: the variants must all do the same work."""
-    from qlora.evaluation import generation_speed
-    from qlora.models import load_full, load_tokenizer
+    from qlora.evaluation.benchmark import generation_speed
+    from qlora.models.loading import load_full, load_tokenizer
 
     model, tokenizer = load_full(tiny_model_dir, "float32"), load_tokenizer(tiny_model_dir)
     with torch.no_grad():
@@ -233,7 +233,7 @@ def test_metrics_keep_filters_and_turn_missing_stderr_into_null():
             "prose_guard": {"bits_per_byte": False},
         },
     }
-    assert evaluation.task_metrics(results, "v") == {
+    assert benchmark.task_metrics(results, "v") == {
         "gsm8k": {
             "exact_match,strict-match": {"value": 0.25, "stderr": 0.05, "higher_is_better": True}
         },
@@ -241,11 +241,11 @@ def test_metrics_keep_filters_and_turn_missing_stderr_into_null():
     }
     results["results"]["prose_guard"]["bits_per_byte,none"] = float("nan")
     with pytest.raises(StageError, match="v: prose_guard/bits_per_byte,none"):
-        evaluation.task_metrics(results, "v")
+        benchmark.task_metrics(results, "v")
 
 
 def test_bootstrap_stderr_matches_the_textbook_value_for_a_mean():
-    from qlora.evaluation import bootstrap_stderr
+    from qlora.evaluation.benchmark import bootstrap_stderr
 
     def mean(xs):
         return sum(xs) / len(xs)

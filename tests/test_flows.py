@@ -52,7 +52,7 @@ TOY_STAGE = textwrap.dedent(
     elif name == "validate":
         rows = len(pathlib.Path("data.txt").read_text().splitlines())
         need = params["validate"]["min_rows"]["train"]
-        if rows < need:  # as qlora.io.run_stage reports a StageError
+        if rows < need:  # as qlora.core.io.run_stage reports a StageError
             print(f"[validate] FAILED: data.txt has {rows} rows, fewer than "
                   f"validate.min_rows.train={need}", file=sys.stderr)
             sys.exit(1)
@@ -138,7 +138,7 @@ def eval_metrics_fixture() -> dict:
 def gate_fixture(metrics: dict) -> dict:
     """The gate stage's own decision on the fixture metrics, so the schema cannot drift."""
     from conftest import gate_params
-    from qlora.gate import decide
+    from qlora.evaluation.gate import decide
 
     params = gate_params(min_gain=0.02, max_regression=0.10)
     return decide(metrics, params)

@@ -8,8 +8,8 @@ import copy
 import pytest
 
 from conftest import gate_params
-from qlora.gate import decide, decide_vs_champion, relative_gain
-from qlora.io import StageError
+from qlora.core.io import StageError
+from qlora.evaluation.gate import decide, decide_vs_champion, relative_gain
 
 
 def metric(value, higher_is_better, stderr=0.01):

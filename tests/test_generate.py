@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import qlora.evaluation
+import qlora.evaluation.benchmark
 from conftest import make_tiny_model_dir
 from qlora.cli import app
-from qlora.io import StageError
+from qlora.core.io import StageError
 from qlora.talk import ANSWER_KEYS, Speaker, generate_file, read_prompts
 
 PROMPTS = [
@@ -66,7 +66,7 @@ def uninterrupted(tiny, prompts_file, tmp_path) -> bytes:
 
 
 def crash_on_call(monkeypatch, n: int) -> list[int]:
-    """qlora.evaluation.generate, failing at its n-th call (a kill, an out-of-memory);
+    """qlora.evaluation.benchmark.generate, failing at its n-th call (a kill, an out-of-memory);
     returns the sizes of the batches it was asked for."""
     real, calls = qlora.evaluation.generate, []
 
@@ -246,7 +246,7 @@ def test_the_command_says_how_many_it_resumed_and_generated(
 ):
     loads = []
     monkeypatch.setattr("qlora.talk.load_speaker", lambda *a, **k: make_speaker(tiny, loads))
-    monkeypatch.setattr("qlora.params.load_params", lambda *a, **k: None)
+    monkeypatch.setattr("qlora.core.params.load_params", lambda *a, **k: None)
     args = ["generate", str(prompts_file), "--max-new-tokens", str(TOKENS), "--batch-size", "2"]
     crash_on_call(monkeypatch, 3)
     first = CliRunner().invoke(app, args)

@@ -12,7 +12,7 @@ import shutil
 import pytest
 import torch
 
-from qlora.train_log import training_view
+from qlora.train.log_layout import training_view
 
 pytestmark = [
     pytest.mark.gpu,
@@ -36,8 +36,8 @@ def test_qlora_trains_on_the_gpu_with_its_gpu_settings(trained):
     import bitsandbytes as bnb
     from safetensors.torch import load_file
 
-    from qlora.models import load_quantized
-    from qlora.params import load_params
+    from qlora.core.params import load_params
+    from qlora.models.loading import load_quantized
 
     metrics = training_view(trained / "reports/train")
     assert metrics["device"] == "cuda"
@@ -59,8 +59,8 @@ def test_the_gpu_adapter_matches_an_independent_load(trained):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from qlora.models import compute_dtype, load_adapted
-    from qlora.params import load_params
+    from qlora.core.params import load_params
+    from qlora.models.loading import compute_dtype, load_adapted
 
     base_dir, adapter = trained / "data/prepared/base_model", trained / "data/prepared/adapter"
     params = load_params()

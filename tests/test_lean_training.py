@@ -12,12 +12,12 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from conftest import make_tiny_model_dir
-from qlora import loss as chunked
-from qlora import training
-from qlora.batching import batch_plan
-from qlora.io import StageError
-from qlora.models import load_tokenizer
-from qlora.params import shipped_params
+from qlora.core.io import StageError
+from qlora.core.params import shipped_params
+from qlora.models.loading import load_tokenizer
+from qlora.train import loss as chunked
+from qlora.train import recipe
+from qlora.train.batching import batch_plan
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2-untied"])
@@ -91,8 +91,8 @@ def test_models_the_chunked_loss_cannot_stand_in_for_are_named(model_dir):
     model.config.final_logit_softcapping = 30.0
     assert "final_logit_softcapping=30.0" in chunked.unsupported_reason(model)
     with pytest.raises(StageError, match="finetune.loss=chunked does not fit this model"):
-        training.resolve_loss("chunked", model)
-    assert training.resolve_loss("auto", model)[0] == "standard"
+        recipe.resolve_loss("chunked", model)
+    assert recipe.resolve_loss("auto", model)[0] == "standard"
     model.config.final_logit_softcapping = None
     model.lm_head = nn.Sequential(model.lm_head)  # anything but a plain Linear
     assert "not a plain Linear" in chunked.unsupported_reason(model)
@@ -132,7 +132,7 @@ def test_the_lean_preparation_keeps_16_bit_tensors_16_bit(model_dir, monkeypatch
     here only the LoRA weights are fp32 (peft keeps adapters in fp32 for stable updates)."""
     params = params_with(gradient_checkpointing=False)
     params.quantize.compute_dtype = "bfloat16"
-    model, plan = training.lora_model(params, False, model_dir)
+    model, plan = recipe.lora_model(params, False, model_dir)
     widened = [
         name
         for name, p in model.named_parameters()
@@ -146,33 +146,33 @@ def test_the_lean_preparation_keeps_16_bit_tensors_16_bit(model_dir, monkeypatch
 def test_checkpointing_auto_follows_the_memory_left(model_dir, monkeypatch):
     params = params_with(gradient_checkpointing="auto")
     model = fresh(model_dir)
-    need = training.activation_bytes(
+    need = recipe.activation_bytes(
         model.config, params.finetune.batch_size * params.dataset.max_length, 4
     )
-    monkeypatch.setattr(training, "available_memory_bytes", lambda: 10 * need)
-    on, why = training.resolve_checkpointing("auto", model, params)
+    monkeypatch.setattr(recipe, "available_memory_bytes", lambda: 10 * need)
+    on, why = recipe.resolve_checkpointing("auto", model, params)
     assert on is False and "within half" in why
-    monkeypatch.setattr(training, "available_memory_bytes", lambda: need)
-    on, why = training.resolve_checkpointing("auto", model, params)
+    monkeypatch.setattr(recipe, "available_memory_bytes", lambda: need)
+    on, why = recipe.resolve_checkpointing("auto", model, params)
     assert on is True and "above half" in why
-    assert training.resolve_checkpointing(False, model, params) == (False, "set in params.yaml")
-    assert training.resolve_checkpointing(True, model, params)[0] is True
+    assert recipe.resolve_checkpointing(False, model, params) == (False, "set in params.yaml")
+    assert recipe.resolve_checkpointing(True, model, params)[0] is True
 
 
 def test_activation_estimate_grows_with_tokens_layers_and_width(model_dir):
     config = fresh(model_dir).config
-    base = training.activation_bytes(config, 100, 2)
-    assert training.activation_bytes(config, 200, 2) == 2 * base
+    base = recipe.activation_bytes(config, 100, 2)
+    assert recipe.activation_bytes(config, 200, 2) == 2 * base
     wider = copy.deepcopy(config)
     wider.num_hidden_layers *= 3
-    assert training.activation_bytes(wider, 100, 2) == 3 * base
+    assert recipe.activation_bytes(wider, 100, 2) == 3 * base
 
 
 def test_liger_is_refused_with_the_reason_where_it_cannot_run(model_dir):
     if torch.cuda.is_available():
         pytest.skip("on a GPU liger may be usable; this checks the CPU refusal")
     with pytest.raises(StageError, match="finetune.loss=liger needs a CUDA GPU"):
-        training.resolve_loss("liger", fresh(model_dir))
+        recipe.resolve_loss("liger", fresh(model_dir))
 
 
 def test_checkpointing_is_on_when_planned_and_leaves_the_gradients_unchanged(model_dir):
@@ -183,7 +183,7 @@ def test_checkpointing_is_on_when_planned_and_leaves_the_gradients_unchanged(mod
     inputs = padded(rows(), tokenizer)
     found = {}
     for on in (False, True):
-        model, plan = training.lora_model(params_with(gradient_checkpointing=on), False, model_dir)
+        model, plan = recipe.lora_model(params_with(gradient_checkpointing=on), False, model_dir)
         assert plan.checkpointing is on
         assert model.is_activation_checkpointing is on
         model.train()

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from qlora.lineage import cpu_info, differences, environment
+from qlora.core.lineage import cpu_info, differences, environment
 
 # The first processor of a Sapphire Rapids /proc/cpuinfo, shortened; the second is ignored.
 CPUINFO = """processor\t: 0

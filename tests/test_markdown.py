@@ -21,8 +21,8 @@ import pytest
 from markdown_it import MarkdownIt
 
 from flows import report_artifacts as ra
-from qlora.model_card import render_card
-from qlora.report import md_code, md_fence, md_link, md_text
+from qlora.registry.model_card import render_card
+from qlora.report.text import md_code, md_fence, md_link, md_text
 
 FIXTURES = Path(__file__).parent / "fixtures" / "report"
 

@@ -18,7 +18,7 @@ import yaml
 
 from flows import dvc_workspace as ws
 from flows import pipeline
-from qlora.params import load_params
+from qlora.core.params import load_params
 
 REPO = Path(__file__).resolve().parents[1]
 

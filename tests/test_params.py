@@ -7,7 +7,7 @@ import yaml
 from pydantic import BaseModel
 
 from conftest import REPO
-from qlora.params import Params, ParamsError, load_params, shipped_params
+from qlora.core.params import Params, ParamsError, load_params, shipped_params
 
 
 def test_shipped_params_file_is_valid():

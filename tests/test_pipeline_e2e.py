@@ -19,9 +19,9 @@ import pytest
 import yaml
 
 from conftest import REPO, alpaca_rows, git, make_tiny_model_dir, tiny_params
-from qlora.io import pipeline_env, write_jsonl
-from qlora.sources import settle_always_changed
-from qlora.train_log import training_view
+from qlora.core.io import pipeline_env, write_jsonl
+from qlora.core.sources import settle_always_changed
+from qlora.train.log_layout import training_view
 
 pytestmark = pytest.mark.slow
 # Outputs of the developer's own runs: the copy must build them itself.

@@ -10,10 +10,10 @@ import pytest
 import torch
 import yaml
 
-from qlora.io import StageError
-from qlora.models import UnsupportedFormat, format_unsupported, load_quantized, skip_list
-from qlora.params import shipped_params
-from qlora.quantization import measure
+from qlora.core.io import StageError
+from qlora.core.params import shipped_params
+from qlora.models.loading import UnsupportedFormat, format_unsupported, load_quantized, skip_list
+from qlora.quant.measure import measure
 from tests.conftest import TINY_LINEAR_SHAPES as LAYER
 
 pytestmark = pytest.mark.cpu_paths

@@ -9,10 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from qlora import train_log, training
-from qlora.io import StageError
-from qlora.params import shipped_params
-from qlora.quantization import measure
+from qlora.core.io import StageError
+from qlora.core.params import shipped_params
+from qlora.quant.measure import measure
+from qlora.train import callbacks, log_layout, recipe
 from stages import finetune
 from tests.conftest import TINY_LINEAR_SHAPES
 
@@ -55,7 +55,7 @@ def test_finetune_trains_an_adapter_in_standard_peft_format(workspace):
     lora_b = [t for name, t in weights.items() if "lora_B" in name]
     # LoRA initialises B to zero: a non-zero B proves the optimizer stepped.
     assert lora_b and any(t.abs().sum() > 0 for t in lora_b)
-    metrics = train_log.training_view(workspace / "reports/train")
+    metrics = log_layout.training_view(workspace / "reports/train")
     assert metrics["steps"] == 3 and metrics["tokens_per_s"] > 0
     assert metrics["optimizer"] == "adamw_torch" and metrics["compute_dtype"] == "float32"
     # The lean path as shipped: the chunked loss, and no checkpointing where memory is ample.
@@ -69,24 +69,24 @@ def test_dvclive_logs_each_metric_at_its_optimizer_step(workspace):
     """DVCLive's files, as `dvc plots` and `dvc exp show` read them: every series on the
     Trainer's global step (validation at 0 and at the end), the summary's last values
     equal to the series' last rows, and the run totals beside them."""
-    from qlora.params import load_params
+    from qlora.core.params import load_params
 
     finetune.main()
     train_dir = workspace / "reports/train"
-    evals = train_log.eval_curve(train_dir)
+    evals = log_layout.eval_curve(train_dir)
     every = load_params().finetune.eval_steps
     assert [e["step"] for e in evals] == sorted({0, *range(every, 4, every), 3})
     assert all(math.isfinite(e["loss"]) for e in evals)
-    for name in (train_log.TRAIN_LOSS, train_log.LEARNING_RATE, train_log.TOKENS_PER_S):
-        assert [r["step"] for r in train_log.read_curve(train_dir, name)] == [1, 2, 3], name
-    memory = train_log.read_curve(train_dir, train_log.PEAK_MEMORY_GB)
+    for name in (log_layout.TRAIN_LOSS, log_layout.LEARNING_RATE, log_layout.TOKENS_PER_S):
+        assert [r["step"] for r in log_layout.read_curve(train_dir, name)] == [1, 2, 3], name
+    memory = log_layout.read_curve(train_dir, log_layout.PEAK_MEMORY_GB)
     assert all(r["peak_memory_gb"] > 0.01 for r in memory)  # a Python process alone is more
     summary = json.loads((train_dir / "metrics.json").read_text())
     assert summary["step"] == 3
     assert summary["eval"]["loss"] == evals[-1]["loss"]
     assert summary["eval"]["initial_loss"] == evals[0]["loss"]
     assert summary["eval"]["best_loss"] == min(e["loss"] for e in evals)
-    last_train = train_log.read_curve(train_dir, train_log.TRAIN_LOSS)[-1]["loss"]
+    last_train = log_layout.read_curve(train_dir, log_layout.TRAIN_LOSS)[-1]["loss"]
     assert summary["train"]["loss"] == last_train
     # The whole run's speed: every trained token over the training seconds.
     assert summary["train"]["tokens_per_s"] == pytest.approx(
@@ -99,12 +99,12 @@ def test_dvclive_logs_each_metric_at_its_optimizer_step(workspace):
 
 
 def test_a_target_module_that_matches_no_layer_is_named(workspace, monkeypatch):
-    from qlora.params import load_params
+    from qlora.core.params import load_params
 
     params = load_params()
     params.finetune.lora.target_modules = ["attention_qkv"]
     with pytest.raises(StageError, match=r"target_modules=\['attention_qkv'\]"):
-        training.lora_model(params, trust_remote_code=False)
+        recipe.lora_model(params, trust_remote_code=False)
 
 
 def test_a_nan_loss_stops_training_with_a_clear_error():
@@ -112,20 +112,20 @@ def test_a_nan_loss_stops_training_with_a_clear_error():
         global_step = 7
 
     with pytest.raises(StageError, match="diverged: loss = nan at step 7"):
-        training.DivergenceGuard().on_log(None, State(), None, logs={"loss": float("nan")})
-    training.DivergenceGuard().on_log(None, State(), None, logs={"loss": 1.5})
+        callbacks.DivergenceGuard().on_log(None, State(), None, logs={"loss": float("nan")})
+    callbacks.DivergenceGuard().on_log(None, State(), None, logs={"loss": 1.5})
 
 
 def test_optimizer_is_paged_only_on_cuda():
     expected = "paged_adamw_32bit" if torch.cuda.is_available() else "adamw_torch"
-    assert training.optimizer_name("auto") == expected
-    assert training.optimizer_name("adamw_torch") == "adamw_torch"
+    assert recipe.optimizer_name("auto") == expected
+    assert recipe.optimizer_name("adamw_torch") == "adamw_torch"
 
 
 def test_an_adapter_is_refused_on_a_different_base(workspace, tmp_path_factory):
     from conftest import make_tiny_model_dir
-    from qlora.models import check_adapter_base, load_adapted
-    from qlora.params import load_params
+    from qlora.core.params import load_params
+    from qlora.models.loading import check_adapter_base, load_adapted
 
     finetune.main()
     adapter = workspace / "data/prepared/adapter"
@@ -141,7 +141,7 @@ def test_out_of_memory_names_the_parameters_to_lower(workspace, monkeypatch):
     def no_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(training.Trainer, "train", no_memory)
+    monkeypatch.setattr(recipe.Trainer, "train", no_memory)
     with pytest.raises(StageError) as err:
         finetune.main()
     message = str(err.value)

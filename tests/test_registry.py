@@ -28,8 +28,10 @@ import yaml
 from typer.testing import CliRunner
 
 from qlora.cli import EXIT_REJECTED, app
-from qlora.io import StageError, pipeline_env, weights_identity, write_json
-from qlora.registry import Registry, dvc_manifest, promote, rollback
+from qlora.core.io import StageError, pipeline_env, weights_identity, write_json
+from qlora.registry import promotion
+from qlora.registry.promotion import promote, rollback
+from qlora.registry.store import Registry, dvc_manifest
 from tests.conftest import tiny_params
 
 TOY_FINETUNE = """import json, pathlib, shutil
@@ -201,7 +203,7 @@ def test_promotion_registers_the_adapter_with_its_lineage_card_and_the_champion_
 
 
 def test_a_card_names_the_hub_base_so_the_folder_can_be_pushed_as_it_is():
-    from qlora.model_card import base_model_id
+    from qlora.registry.model_card import base_model_id
 
     assert base_model_id("embedded:smollm2-135m-instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert (
@@ -343,7 +345,7 @@ def test_a_changed_file_in_a_version_is_found_and_it_cannot_serve(repo):
 # staged: the version's files are complete in .stage-*, not yet renamed into place;
 # renamed: the folder is in place (the directory synced), its index line not yet written.
 PAUSING_PROMOTE = """import pathlib, sys, time
-from qlora import registry
+from qlora.registry import store
 from qlora.cli import app
 
 step = sys.argv.pop(1)
@@ -364,13 +366,13 @@ if step == "staged":
 
     pathlib.Path.rename = rename_after_a_pause
 else:
-    fsync_dir = registry._fsync_dir
+    fsync_dir = store._fsync_dir
 
     def pause_after_the_sync(path):
         fsync_dir(path)
         pause()
 
-    registry._fsync_dir = pause_after_the_sync
+    store._fsync_dir = pause_after_the_sync
 app()
 """
 
@@ -613,7 +615,7 @@ def test_export_refuses_a_folder_with_files_and_replace_replaces_only_an_export(
 
 
 def test_a_merged_export_is_refused_before_any_model_is_loaded(tmp_path):
-    from qlora.export import export_merged
+    from qlora.models.merge import export_merged
 
     mine = tmp_path / "mine"
     mine.mkdir()
@@ -629,7 +631,7 @@ def test_a_merged_export_is_refused_before_any_model_is_loaded(tmp_path):
 
 
 def test_a_folder_filled_while_an_output_is_written_is_not_replaced(tmp_path):
-    from qlora.io import atomic_dir
+    from qlora.core.io import atomic_dir
 
     target = tmp_path / "out"
     with pytest.raises(StageError, match=rf"{re.escape(str(target))}: not replaced"):
@@ -674,12 +676,13 @@ def flow_run_holding(repo: Path, seconds: float = 60.0) -> Iterator[list[float]]
 
 
 def test_promote_waits_for_a_flow_run_holding_the_workspace_or_gives_up(repo, monkeypatch):
-    from qlora import registry
 
     read_at = []
-    real_status = registry.stale_stages
+    real_status = promotion.stale_stages
     monkeypatch.setattr(
-        registry, "stale_stages", lambda root: read_at.append(time.monotonic()) or real_status(root)
+        promotion,
+        "stale_stages",
+        lambda root: read_at.append(time.monotonic()) or real_status(root),
     )
     with flow_run_holding(repo, seconds=1.5) as released_at:
         done = CliRunner().invoke(app, ["promote"])  # waits (up to 600 s by default)
@@ -740,12 +743,11 @@ CHANGED_AFTER_STATUS = {
 
 @pytest.mark.parametrize("case", list(CHANGED_AFTER_STATUS))
 def test_a_file_changed_after_dvc_lock_was_written_is_not_registered(repo, monkeypatch, case):
-    from qlora import registry
 
     path, prepare, message = CHANGED_AFTER_STATUS[case]
     if prepare:
         prepare(repo)
-    real_status = registry.stale_stages
+    real_status = promotion.stale_stages
 
     def status_then_a_run_writes(root):
         clean = real_status(root)
@@ -757,7 +759,7 @@ def test_a_file_changed_after_dvc_lock_was_written_is_not_registered(repo, monke
             target.write_bytes(b"written after dvc status")
         return clean
 
-    monkeypatch.setattr(registry, "stale_stages", status_then_a_run_writes)
+    monkeypatch.setattr(promotion, "stale_stages", status_then_a_run_writes)
     reg = Registry(repo / "registry")
     with pytest.raises(StageError, match=message):
         promote(repo, reg)
@@ -772,19 +774,18 @@ def test_a_file_changed_after_dvc_lock_was_written_is_not_registered(repo, monke
 def test_stages_of_two_runs_in_dvc_lock_are_not_registered(repo, monkeypatch, reader, path):
     """Each file matches its own stage's record, but evaluate (or gate) read another
     adapter (metrics) than the one recorded: pieces of two runs."""
-    from qlora import registry
 
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     dep = next(d for d in lock["stages"][reader]["deps"] if d["path"] == path)
     dep["md5"] = "0" * 32 + (".dir" if dep["md5"].endswith(".dir") else "")
-    real_status = registry.stale_stages
+    real_status = promotion.stale_stages
 
     def status_then_dvc_lock_changes(root):
         clean = real_status(root)
         (repo / "dvc.lock").write_text(yaml.safe_dump(lock, sort_keys=False))
         return clean
 
-    monkeypatch.setattr(registry, "stale_stages", status_then_dvc_lock_changes)
+    monkeypatch.setattr(promotion, "stale_stages", status_then_dvc_lock_changes)
     reg = Registry(repo / "registry")
     with pytest.raises(StageError, match=rf"dvc.lock: {reader} read {re.escape(path)} at md5 0+"):
         promote(repo, reg)
@@ -875,7 +876,7 @@ def test_the_export_limit_is_a_share_of_the_adapters_own_effect(tiny_model_dir, 
     less than bfloat16 rounding costs (~2e-7): the bfloat16 export carries mostly noise and
     is refused (an absolute limit of 0.25 nats, once tuned on SmolLM2-135M, passed it);
     float32 keeps it."""
-    from qlora.export import export_merged
+    from qlora.models.merge import export_merged
 
     weak = make_adapter(tiny_model_dir, tmp_path / "weak", scale=1e-4)
     out = tmp_path / "merged"

@@ -31,8 +31,8 @@ from test_pipeline_e2e import files_under, repro_in_copy
 
 from conftest import REPO, alpaca_rows, git, tiny_params
 from flows import dvc_workspace as ws
-from qlora.io import pipeline_env, write_jsonl
-from qlora.sources import settle_always_changed
+from qlora.core.io import pipeline_env, write_jsonl
+from qlora.core.sources import settle_always_changed
 
 pytestmark = pytest.mark.slow
 

@@ -3,7 +3,7 @@
 The fixtures follow the schemas the other stages write; base, dataset, quantize and
 quantize_layers are real outputs of the embedded SmolLM2 model (its weight analysis and its
 LoftQ errors, every 4th layer at rank 16), the rest realistic values of a CPU run;
-claims.json is what qlora.claims makes of the fixture's quantize.json and metrics.json (a
+claims.json is what qlora.evaluation.claims makes of the fixture's quantize.json and metrics.json (a
 test checks it; `python tests/test_report.py` rewrites it). One test opens the HTML in
 headless Chromium, checks that the headline, the table and the charts render, and saves the
 screenshot under tests/artifacts/ for a human to look at.
@@ -30,20 +30,15 @@ from test_markdown import HOSTILE, RENDERERS, STRUCTURE, flat, rendered, table_r
 
 from conftest import gate_params
 from conftest import git as run_git
-from qlora import train_log
-from qlora.claims import claims_report
-from qlora.gate import decide
-from qlora.io import StageError
-from qlora.lineage import git_state
-from qlora.report import (
-    fmt,
-    fmt_bytes,
-    fmt_duration,
-    fmt_pct,
-    load_compare,
-    render_report,
-)
-from qlora.report_plots import nice_ticks
+from qlora.core.io import StageError
+from qlora.core.lineage import git_state
+from qlora.evaluation.claims import claims_report
+from qlora.evaluation.gate import decide
+from qlora.report.build import render_report
+from qlora.report.lineage import load_compare
+from qlora.report.plots import nice_ticks
+from qlora.report.text import fmt, fmt_bytes, fmt_duration, fmt_pct
+from qlora.train import log_layout
 
 FIXTURES = Path(__file__).parent / "fixtures" / "report"
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -223,7 +218,7 @@ def test_quantization_keeps_share_is_direction_aware(root: Path):
 def test_loss_chart_is_inline_svg_with_every_point(root: Path):
     html, _ = render(root)
     train_dir = root / "reports" / "train"
-    train, evals = train_log.train_curve(train_dir), train_log.eval_curve(train_dir)
+    train, evals = log_layout.train_curve(train_dir), log_layout.eval_curve(train_dir)
     assert len(train) == 16 and len(evals) == 5  # the fixture, as DVCLive wrote it
     chart = re.search(
         r'<svg class="chart"[^>]*aria-label="Training and validation loss.*?</svg>', html, re.S
@@ -252,7 +247,7 @@ def test_no_overfitting_warning_when_validation_loss_keeps_falling(root: Path):
 
 def test_overfitting_warning_when_validation_rises_and_train_falls(root: Path):
     rising = [[0, 2.21], [20, 1.74], [40, 1.62], [60, 1.69], [80, 1.81]]
-    write_curve(root, train_log.EVAL_LOSS, rising)
+    write_curve(root, log_layout.EVAL_LOSS, rising)
     html, md = render(root)
     warning = re.search(r'<div class="callout warn" id="overfit-warning">(.*?)</div>', html, re.S)
     assert warning, "overfitting warning missing"
@@ -261,8 +256,8 @@ def test_overfitting_warning_when_validation_rises_and_train_falls(root: Path):
 
 
 def test_no_overfitting_warning_when_train_loss_rises_too(root: Path):
-    write_curve(root, train_log.EVAL_LOSS, [[0, 2.0], [40, 1.6], [80, 1.9]])
-    write_curve(root, train_log.TRAIN_LOSS, [[s, 1.3 + s / 100] for s in range(5, 85, 5)])
+    write_curve(root, log_layout.EVAL_LOSS, [[0, 2.0], [40, 1.6], [80, 1.9]])
+    write_curve(root, log_layout.TRAIN_LOSS, [[s, 1.3 + s / 100] for s in range(5, 85, 5)])
     html, _ = render(root)
     assert 'id="overfit-warning"' not in html  # diverging, not overfitting
 
@@ -743,7 +738,7 @@ def fixture_claims(reports: Path) -> dict:
 
 def test_the_fixture_claims_are_what_qlora_claims_makes():
     assert load_fixture("claims.json") == fixture_claims(FIXTURES / "reports"), (
-        "qlora/claims.py changed: `python tests/test_report.py` rewrites the fixture"
+        "qlora/evaluation/claims.py changed: `python tests/test_report.py` rewrites the fixture"
     )
 
 
@@ -932,7 +927,7 @@ def test_missing_key_names_file_and_key(root: Path):
 
 
 def test_a_bad_row_of_a_dvclive_curve_names_the_file_and_line(root: Path):
-    write_curve(root, train_log.EVAL_LOSS, [[0, 2.0], [40, "nan?"]])
+    write_curve(root, log_layout.EVAL_LOSS, [[0, 2.0], [40, "nan?"]])
     with pytest.raises(StageError, match=r"eval/loss\.tsv, line 3: expected a step and a number"):
         render(root)
 
@@ -1056,7 +1051,7 @@ def test_report_renders_in_headless_chromium(root: Path, tmp_path: Path):
 
 
 if __name__ == "__main__":
-    # Rewrite the claims fixture after a change to qlora/claims.py (or to its inputs).
+    # Rewrite the claims fixture after a change to qlora/evaluation/claims.py (or to its inputs).
     reports = FIXTURES / "reports"
     (reports / "claims.json").write_text(
         json.dumps(fixture_claims(reports), indent=2, ensure_ascii=False) + "\n"

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from qlora import train_log, training
-from qlora.train_log import read_curve
+from qlora.core import paths
+from qlora.train import callbacks, log_layout, recipe
+from qlora.train.log_layout import read_curve
 from stages import finetune
 
 ADAPTER = Path("data/prepared/adapter/adapter_model.safetensors")
@@ -40,10 +41,10 @@ def test_two_runs_give_byte_identical_adapters(workspace):
 def test_incomplete_checkpoint_is_skipped(tmp_path):
     sealed, cut = tmp_path / "checkpoint-4", tmp_path / "checkpoint-6"
     sealed.mkdir()
-    (sealed / training.COMPLETE).write_text("4")
+    (sealed / callbacks.COMPLETE).write_text("4")
     cut.mkdir()
     (cut / "adapter_model.safetensors").write_bytes(b"half a file")
-    assert training.last_complete_checkpoint(tmp_path) == sealed
+    assert recipe.last_complete_checkpoint(tmp_path) == sealed
     assert not cut.exists()
 
 
@@ -59,7 +60,7 @@ def test_sigkill_mid_training_then_rerun_resumes_to_the_same_adapter(
     uninterrupted = sha256(workspace / ADAPTER)
     (workspace / ADAPTER).unlink()
     train_dir = workspace / "reports/train"
-    curves = {n: read_curve(train_dir, n) for n in (train_log.TRAIN_LOSS, train_log.EVAL_LOSS)}
+    curves = {n: read_curve(train_dir, n) for n in (log_layout.TRAIN_LOSS, log_layout.EVAL_LOSS)}
 
     cmd = [sys.executable, "-m", "stages.finetune"]
     env = {**os.environ, "PYTHONPATH": str(Path(finetune.__file__).parents[1])}
@@ -73,7 +74,7 @@ def test_sigkill_mid_training_then_rerun_resumes_to_the_same_adapter(
     )
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and proc.poll() is None:
-        if list((workspace / training.WORK_DIR).glob(f"*/checkpoint-*/{training.COMPLETE}")):
+        if list((workspace / paths.FINETUNE_WORK_DIR).glob(f"*/checkpoint-*/{callbacks.COMPLETE}")):
             os.killpg(proc.pid, signal.SIGKILL)
             break
         time.sleep(0.01)
@@ -92,7 +93,7 @@ def test_sigkill_mid_training_then_rerun_resumes_to_the_same_adapter(
     # and the resumed process's own share is reported apart.
     # DVCLive's curves read as one uninterrupted run: each step once, the same losses.
     assert {n: read_curve(train_dir, n) for n in curves} == curves
-    m = train_log.training_view(train_dir)
+    m = log_layout.training_view(train_dir)
     assert m["steps"] == 12 and 0 < m["resumed_from_step"] < 12
     assert m["session"]["steps"] == 12 - m["resumed_from_step"]
     assert m["session"]["tokens"] < m["trained_tokens"]
@@ -123,13 +124,13 @@ def test_the_adapter_directory_is_byte_identical_across_processes(workspace):
 
 def test_checkpoints_are_not_resumed_onto_another_base(workspace, tmp_path_factory):
     from conftest import make_tiny_model_dir
-    from qlora.artifacts import BASE_MODEL_DIR, split_file
-    from qlora.io import weights_identity
-    from qlora.params import load_params
+    from qlora.core.io import weights_identity
+    from qlora.core.params import load_params
+    from qlora.core.paths import BASE_MODEL_DIR, split_file
 
     params, splits = load_params(), [split_file("train"), split_file("validation")]
     other = make_tiny_model_dir(tmp_path_factory.mktemp("other_base"), seed=1)
     base = weights_identity(BASE_MODEL_DIR)
-    same = training.run_fingerprint(params, splits, base)
-    assert training.run_fingerprint(params, splits, base) == same
-    assert training.run_fingerprint(params, splits, weights_identity(other)) != same
+    same = recipe.run_fingerprint(params, splits, base)
+    assert recipe.run_fingerprint(params, splits, base) == same
+    assert recipe.run_fingerprint(params, splits, weights_identity(other)) != same

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from qlora.io import StageError, TransientStageError
-from qlora.params import load_params
-from qlora.sources import HASH_CACHE, fingerprint, fingerprint_file
+from qlora.core.io import StageError, TransientStageError
+from qlora.core.params import load_params
+from qlora.core.sources import HASH_CACHE, fingerprint, fingerprint_file
 
 REPO = Path(__file__).resolve().parents[1]
 

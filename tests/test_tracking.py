@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from qlora import train_log
-from qlora.io import StageError
+from qlora.core.io import StageError
+from qlora.train import log_layout
 from stages import finetune
 
 SECRET = "hf_NotARealTokenButSecret0123456789"
@@ -39,7 +39,7 @@ def test_tensorboard_and_mlflow_get_the_same_curves_as_dvclive_and_no_secret(
     set_report_to(workspace, ["tensorboard", "mlflow"])
     finetune.main()
 
-    logged = train_log.read_curve(workspace / "reports/train", train_log.TRAIN_LOSS)
+    logged = log_layout.read_curve(workspace / "reports/train", log_layout.TRAIN_LOSS)
     dvclive = {r["step"]: r["loss"] for r in logged}
     assert sorted(dvclive) == [1, 2, 3]
 
@@ -76,7 +76,7 @@ def test_a_tracker_that_is_not_installed_is_named_with_what_to_install(workspace
 
 
 def test_dvclive_is_not_a_report_to_choice_because_it_always_logs(workspace):
-    from qlora.params import load_params
+    from qlora.core.params import load_params
 
     set_report_to(workspace, ["dvclive"])
     with pytest.raises(StageError, match="report_to"):

@@ -1,7 +1,7 @@
 """QLoRA gradients against ground truth: a fresh model's, on the same batch.
 
 bitsandbytes repacks 4-bit weights for CPU inference after a no-grad eval-mode forward on
-CPUs with AVX512-BF16, and the repacked path has no autograd (qlora/models.py,
+CPUs with AVX512-BF16, and the repacked path has no autograd (qlora/models/loading.py,
 keep_4bit_layout_trainable). The Trainer's step-0 validation loss is such a forward, so the
 tests below run one before the training step and compare the LoRA gradients with those of
 a model that never ran it. Both CPU paths run on every machine (tests/avx512bf16.py): on a
@@ -15,13 +15,13 @@ from __future__ import annotations
 import bitsandbytes as bnb
 import pytest
 import torch
-
 from avx512bf16 import is_repacked
+
 from conftest import make_tiny_model_dir, tiny_params
-from qlora import training
-from qlora.chat import encode, render
-from qlora.models import load_quantized, load_tokenizer
-from qlora.params import Params
+from qlora.core.params import Params
+from qlora.data.chat_template import encode, render
+from qlora.models.loading import load_quantized, load_tokenizer
+from qlora.train import recipe
 
 pytestmark = pytest.mark.cpu_paths
 
@@ -75,9 +75,9 @@ def no_grad_evaluation(model, inputs) -> None:
 
 def test_lora_gradients_after_an_evaluation_equal_a_fresh_models(base_dir):
     params, inputs = params_for(base_dir), batch(base_dir)
-    expected = lora_gradients(training.lora_model(params, False, base_dir)[0], inputs)
+    expected = lora_gradients(recipe.lora_model(params, False, base_dir)[0], inputs)
 
-    model, _ = training.lora_model(params, False, base_dir)
+    model, _ = recipe.lora_model(params, False, base_dir)
     no_grad_evaluation(model, inputs)
     got = lora_gradients(model, inputs)
 
@@ -90,7 +90,7 @@ def test_lora_gradients_after_an_evaluation_equal_a_fresh_models(base_dir):
 
 def test_the_training_models_4bit_layers_never_switch_to_the_packed_layout(base_dir):
     params, inputs = params_for(base_dir), batch(base_dir)
-    model, _ = training.lora_model(params, False, base_dir)
+    model, _ = recipe.lora_model(params, False, base_dir)
     no_grad_evaluation(model, inputs)
     layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert layers, "the training model has no 4-bit layers"

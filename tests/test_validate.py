@@ -15,8 +15,8 @@ import pytest
 import yaml
 
 from conftest import REPO, SPECIAL_TOKENS, alpaca_rows
-from qlora import validation
-from qlora.io import StageError, read_json
+from qlora.core.io import StageError, read_json
+from qlora.data import validation
 from stages import validate
 
 
@@ -150,7 +150,7 @@ def test_each_defect_is_caught_and_named(case, outside, tiny_model_dir, capsys):
 
 
 def test_control_tokens_are_the_tokenizers_special_tokens(tiny_model_dir):
-    from qlora.models import load_tokenizer
+    from qlora.models.loading import load_tokenizer
 
     tokens = validation.dc.control_token_texts(load_tokenizer(tiny_model_dir))
     assert sorted(tokens) == sorted(SPECIAL_TOKENS)
@@ -450,7 +450,7 @@ def prepared(user: str, answer: str) -> dict:
 
 
 def test_leakage_by_ngram_overlap_despite_a_new_name():
-    from qlora import data_checks as dc
+    from qlora.data import check_table as dc
 
     def function(name: str, k: int) -> str:
         body = "".join(f"    total_{j} = values[{j}] * {k} + offset_{j}\n" for j in range(6))
@@ -476,7 +476,7 @@ def test_leakage_by_ngram_overlap_despite_a_new_name():
 
 
 def test_every_check_has_a_severity_in_the_shipped_params():
-    from qlora.params import ValidateParams
+    from qlora.core.params import ValidateParams
 
     shipped = yaml.safe_load((REPO / "params.yaml").read_text())["validate"]
     v = ValidateParams.model_validate(shipped)

@@ -10,8 +10,9 @@ import scipy.stats
 import torch
 from transformers import LlamaForCausalLM
 
-from qlora import weight_analysis as wa
-from qlora.quantization import quantizable_linears, squared_error
+from qlora.core.params import QUANT_FORMATS
+from qlora.quant import analysis as wa
+from qlora.quant.formats import quantizable_linears, squared_error
 
 PLANTED = "model.layers.0.mlp.down_proj"  # 64 x 128: 8192 weights, 128 blocks of 64
 OUTLIERS = {5: 0.6, 700: -0.6, 4000: 0.6, 8100: -0.6}  # flat index -> value: 4 blocks
@@ -125,7 +126,7 @@ def test_histogram_shows_the_most_sensitive_layer_against_the_nf4_levels(planted
 def test_nf4_beats_fp4_and_int8_beats_both_on_gaussian_weights():
     w = torch.randn(256, 512, generator=torch.Generator().manual_seed(1)) * 0.02
     norm_sq = w.pow(2).sum().item()
-    error = {f: (squared_error(w, f, double_quant=True) / norm_sq) ** 0.5 for f in wa.FORMATS}
+    error = {f: (squared_error(w, f, double_quant=True) / norm_sq) ** 0.5 for f in QUANT_FORMATS}
     # NF4's levels are normal quantiles: ~9 % error where FP4 leaves ~12 %.
     assert 0.08 < error["nf4"] < 0.10 < 0.11 < error["fp4"] < 0.13
     assert error["int8"] < error["nf4"] / 8

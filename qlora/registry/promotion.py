@@ -1,0 +1,326 @@
+"""Promotion and rollback: what may be registered (the workspace is exactly what dvc.lock
+records, the stages follow from each other), the lineage recorded with it, and the
+champion rules."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from qlora.core import paths
+from qlora.core.io import (
+    StageError,
+    pipeline_env,
+    read_json,
+)
+from qlora.core.params import load_params
+from qlora.core.sources import settle_always_changed
+from qlora.evaluation.gate import decide_vs_champion
+from qlora.registry.store import (
+    CARD,
+    LINEAGE,
+    Registry,
+    _md5,
+    _now,
+    _user,
+    default_dir,
+    dvc_dir_md5,
+    dvc_manifest,
+)
+
+
+def stale_stages(root: Path, target: str = "gate") -> dict:
+    """`dvc status` of `target` and every stage upstream of it: {} when the workspace is
+    exactly what dvc.lock records."""
+    cmd = [sys.executable, "-m", "dvc", "status", "--json", "--with-deps", target]
+    done = subprocess.run(
+        cmd, cwd=root, capture_output=True, text=True, env=pipeline_env(), timeout=900
+    )
+    if done.returncode != 0:
+        raise StageError(f"`dvc status` failed in {root}: {(done.stderr or done.stdout).strip()}")
+    try:
+        status = json.loads(done.stdout or "{}")
+    except json.JSONDecodeError:
+        raise StageError(f"`dvc status --json` printed no JSON: {done.stdout[:300]}") from None
+    return settle_always_changed(status, root)
+
+
+def _lock_entry(stages: dict, stage: str, path: Path, kind: str) -> dict | None:
+    """dvc.lock's entry for `path` among a stage's `kind` ("outs" or "deps"), if any."""
+    entries = stages[stage].get(kind) or []
+    return next((e for e in entries if e["path"] == path.as_posix()), None)
+
+
+def _lock_out(stages: dict, stage: str, path: Path) -> dict:
+    """dvc.lock's entry for one output of a stage."""
+    out = _lock_entry(stages, stage, path, "outs")
+    if out is None or not out.get("md5"):
+        raise StageError(f"dvc.lock: the {stage} stage has no output {path} (with an md5)")
+    return out
+
+
+def check_lock_chain(stages: dict) -> None:
+    """Refuse a dvc.lock whose stages do not follow from each other: evaluate must have read
+    the adapter finetune wrote, and gate the metrics evaluate wrote. Each is checked against
+    its own stage's record elsewhere; this ties the records together, so what is registered
+    is one run's adapter, metrics and decision, not pieces of two."""
+    links = [("finetune", paths.ADAPTER_DIR, "evaluate"), ("evaluate", paths.EVAL_METRICS, "gate")]
+    for writer, path, reader in links:
+        wrote = _lock_out(stages, writer, path)["md5"]
+        read = (_lock_entry(stages, reader, path, "deps") or {}).get("md5")
+        if read != wrote:
+            raise StageError(
+                f"dvc.lock: {reader} read {path} at md5 {read}, but {writer} wrote {wrote}: "
+                "the stages come from different runs; run `qlora run` to bring them together"
+            )
+
+
+def _lock_stages(root: Path) -> dict:
+    path = root / "dvc.lock"
+    try:
+        lock = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise StageError(f"{path}: not found: run the pipeline (`qlora run`) first") from None
+    stages = lock.get("stages") if isinstance(lock, dict) else None
+    missing = [s for s in ("finetune", "evaluate", "gate") if s not in (stages or {})]
+    if missing:
+        raise StageError(f"{path}: no entry for {', '.join(missing)}: run `qlora run` first")
+    return stages
+
+
+def evaluation_inputs(stages: dict) -> dict:
+    """What the evaluate stage read besides the adapter (code, data, base, eval tasks) and
+    its params. Two adapters' metrics compare only when these are equal."""
+    trained = {o["path"] for o in stages["finetune"].get("outs") or []}
+    deps = {
+        d["path"]: d.get("md5") or d.get("hash")
+        for d in stages["evaluate"].get("deps") or []
+        if d["path"] not in trained
+    }
+    params = stages["evaluate"].get("params") or {}
+    digest = hashlib.sha256(
+        json.dumps({"deps": deps, "params": params}, sort_keys=True, default=str).encode()
+    ).hexdigest()
+    return {"fingerprint": digest, "deps": deps, "params": params}
+
+
+def build_lineage(root: Path) -> dict:
+    """Everything needed to rebuild the adapter: code, data and base hashes, params."""
+    from qlora.core.lineage import git_state, package_versions
+
+    stages = _lock_stages(root)
+    adapter = _lock_out(stages, "finetune", paths.ADAPTER_DIR)
+    identity = root / paths.ADAPTER_DIR / "base_identity.json"
+    return {
+        "git": git_state(root),
+        "adapter": {"path": adapter["path"], "dvc_md5": adapter.get("md5")},
+        "base_weights_sha256": read_json(identity).get("weights_sha256")
+        if identity.exists()
+        else None,
+        "evaluation": evaluation_inputs(stages),
+        "params": yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8")),
+        "dvc_lock": stages,
+        "packages": dict(package_versions()),
+    }
+
+
+def _recorded_json(root: Path, path: Path, stages: dict, stage: str) -> dict:
+    """A stage's JSON output, read once and accepted only with the md5 dvc.lock records for
+    it: what is registered is then what dvc.lock describes, whatever ran since `dvc status`."""
+    file = root / path
+    try:
+        data = file.read_bytes()
+    except FileNotFoundError:
+        raise StageError(f"{file}: not found (run `qlora run`)") from None
+    want = _lock_out(stages, stage, path)["md5"]
+    got = hashlib.md5(data, usedforsecurity=False).hexdigest()
+    if got != want:
+        raise StageError(
+            f"{file}: changed since dvc.lock recorded it (md5 {got}, dvc.lock: {want}; is a "
+            "run writing it?): nothing registered; run `qlora run` first"
+        )
+    try:
+        return json.loads(data)
+    except ValueError as e:
+        raise StageError(f"{file}: not valid JSON ({e})") from None
+
+
+def adapter_manifest(root: Path, stages: dict) -> dict[str, str]:
+    """File name -> md5 of the adapter as dvc.lock records it: DVC's list from its cache,
+    else one computed from the workspace's files. Either is accepted only when it hashes to
+    dvc.lock's directory md5, so the files a promotion copies are always checked."""
+    dir_md5 = _lock_out(stages, "finetune", paths.ADAPTER_DIR)["md5"]
+    manifest = dvc_manifest(root, dir_md5)
+    where = "DVC's cache"
+    if manifest is None:  # a clone that pulled other outputs only: hash the files here
+        folder = root / paths.ADAPTER_DIR
+        files = (p for p in sorted(folder.rglob("*")) if p.is_file())
+        manifest = {p.relative_to(folder).as_posix(): _md5(p) or "" for p in files}
+        where = str(folder)
+    got = dvc_dir_md5(manifest)
+    if got != dir_md5:
+        raise StageError(
+            f"{root / paths.ADAPTER_DIR}: the files listed by {where} hash to {got}, not to "
+            f"dvc.lock's {dir_md5}: nothing registered; run `qlora run` (or `dvc checkout "
+            f"{paths.ADAPTER_DIR}`) first"
+        )
+    return manifest
+
+
+def _differences(a: dict, b: dict) -> list[str]:
+    out = [
+        f"{path} ({a['deps'].get(path)} -> {b['deps'].get(path)})"
+        for path in sorted(set(a["deps"]) | set(b["deps"]))
+        if a["deps"].get(path) != b["deps"].get(path)
+    ]
+    if a["params"] != b["params"]:
+        out.append("evaluate/quantize params")
+    return out
+
+
+def _vs_champion(reg: Registry, metrics: dict, lineage: dict, gate_params, ignore: bool) -> dict:
+    champion = reg.champion()
+    if champion is None:
+        return decide_vs_champion(metrics, None, gate_params)
+    if ignore:
+        reason = f"SKIPPED: the comparison with champion {champion} (--ignore-champion)"
+        return {
+            "passed": True,
+            "champion": champion,
+            "checks": [],
+            "reasons": [reason],
+            "summary": f"not compared with {champion} (--ignore-champion)",
+        }
+    recorded = reg.lineage(champion)
+    changed = _differences(recorded["evaluation"], lineage["evaluation"])
+    if changed:
+        reason = (
+            f"FAIL: champion {champion} was evaluated on other inputs, so the metrics do not "
+            f"compare: {'; '.join(changed)}. Promote with --ignore-champion to decide on the "
+            "base gate alone"
+        )
+        return {
+            "passed": False,
+            "champion": champion,
+            "checks": [],
+            "reasons": [reason],
+            "summary": f"not comparable with {champion}",
+        }
+    return decide_vs_champion(metrics, recorded["metrics"], gate_params, champion)
+
+
+def promote(
+    root: Path | str = ".", registry: Registry | None = None, ignore_champion: bool = False
+) -> dict:
+    """Register the workspace's adapter with its lineage and decision; move the champion
+    alias to it when the gate passed and it is not worse than the champion. Returns the
+    index event. Refuses (StageError, nothing written) a workspace that differs from
+    dvc.lock: the lineage would not describe the files. The adapter, metrics and gate
+    files are checked against dvc.lock's md5s as they are read; call it holding the
+    workspace lock (flows/dvc_workspace.py), as the flow and `qlora promote` do, so that no
+    run rewrites them meanwhile."""
+    from qlora.registry.model_card import render_card
+
+    root = Path(root)
+    reg = registry or Registry(root / default_dir())
+    stale = stale_stages(root)
+    if stale:
+        raise StageError(
+            "the workspace differs from dvc.lock (stale: "
+            f"{', '.join(sorted(stale))}): run `qlora run` first, so that what is registered "
+            "is what dvc.lock describes"
+        )
+    adapter_dir = root / paths.ADAPTER_DIR
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise StageError(f"{adapter_dir}: no adapter_config.json (run the finetune stage)")
+    params = load_params(root / "params.yaml")
+    lineage = build_lineage(root)
+    stages = lineage["dvc_lock"]
+    check_lock_chain(stages)
+    gate = _recorded_json(root, paths.GATE_REPORT, stages, "gate")
+    metrics = _recorded_json(root, paths.EVAL_METRICS, stages, "evaluate")
+    manifest = adapter_manifest(root, stages)
+    with reg.writing():
+        vs = _vs_champion(reg, metrics, lineage, params.gate, ignore_champion)
+        before = reg.champion()
+        passed = bool(gate["passed"]) and vs["passed"]
+        version = reg.next_version()
+        failed = [r for r in gate["reasons"] + vs["reasons"] if r.startswith("FAIL")]
+        if passed:
+            summary = f"PROMOTED {version}: champion {before or 'none'} -> {version}"
+        else:
+            summary = f"REJECTED {version}: champion stays {before or 'none'}"
+        decision = {
+            "decision": "promoted" if passed else "rejected",
+            "summary": summary,
+            "champion_before": before,
+            "gate": {k: gate[k] for k in ("decision", "summary", "reasons", "thresholds")},
+            "vs_champion": vs,
+            "reasons": failed or gate["reasons"] + vs["reasons"],
+        }
+        record = {
+            "version": version,
+            "created": _now(),
+            "by": _user(),
+            **lineage,
+            "metrics": metrics,
+            "decision": decision,
+        }
+        texts = {
+            LINEAGE: json.dumps(record, indent=2, ensure_ascii=False, default=str) + "\n",
+            CARD: render_card(record),
+        }
+        primary = gate["primary"]
+        event = {
+            "event": "register",
+            "version": version,
+            "created": record["created"],
+            "by": record["by"],
+            "git_commit": lineage["git"].get("commit"),
+            "git_dirty": lineage["git"].get("dirty"),
+            "decision": decision["decision"],
+            "champion": passed,
+            "summary": summary,
+            "reasons": decision["reasons"],
+            "primary": {
+                "task": primary["task"],
+                "metric": primary["metric"],
+                "value": primary["adapter"],
+                "base": primary["base"],
+                "gain_over_base": primary["relative_change"],
+            },
+            "adapter_dvc_md5": lineage["adapter"]["dvc_md5"],
+        }
+        return reg.add(version, adapter_dir, texts, event, manifest)
+
+
+def rollback(reg: Registry, version: str | None = None, reason: str = "") -> dict:
+    """Move the champion alias back: to `version`, or to the champion before this one."""
+    with reg.writing():
+        history = reg.champion_history()
+        if not history:
+            raise StageError(f"{reg.root}: there is no champion to roll back")
+        current = history[-1]
+        if version is None:
+            if len(history) < 2:
+                raise StageError(
+                    f"{current} was the first champion: there is none before it to roll back to"
+                )
+            version = history[-2]
+        record = reg.record(version)
+        if version == current:
+            raise StageError(f"{version} is the champion already")
+        if record["decision"] != "promoted":
+            raise StageError(
+                f"{version} was rejected ({'; '.join(record['reasons'][:2])}): only a "
+                "version that passed its gate can serve"
+            )
+        broken = reg.check_version(version)
+        if broken:
+            raise StageError(f"cannot serve {version}: {'; '.join(broken)}")
+        return reg.move_alias(version, previous=current, action="rollback", reason=reason)
