@@ -19,7 +19,6 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -30,7 +29,8 @@ from typing import Any
 import psutil
 from filelock import FileLock, Timeout
 
-from qlora.core.io import atomic_write_text, pipeline_env
+from qlora.core import dvc
+from qlora.core.io import StageError, atomic_write_text, pipeline_env
 from qlora.core.params import Params, ParamsError, load_params
 from qlora.core.paths import EVAL_TASKS_DIR, PARAMS_FILE
 
@@ -224,7 +224,7 @@ def run_dvc(
     cancelling the run), the command and everything it started are stopped before the
     exception goes on, so no stage keeps writing into the workspace behind the next run.
     """
-    cmd = [sys.executable, "-m", "dvc", *args]
+    cmd = dvc.command(*args)
     result = CommandResult(returncode=-1)
     last_progress = 0.0
     proc = subprocess.Popen(
@@ -275,12 +275,10 @@ def dvc_status(repo_dir: Path, logger: logging.Logger | logging.LoggerAdapter) -
     """`dvc status --json`: {} when every stage is up to date, else what changed per stage."""
     done = run_dvc(repo_dir, ["status", "--json"], logger, stream=False)
     text = "\n".join(done.lines)
-    # Warnings may precede the JSON object on the merged output.
-    start = text.find("{")
     try:
-        return json.loads(text[start:]) if start >= 0 else {}
-    except json.JSONDecodeError as e:
-        raise DvcCommandFailed(["status", "--json"], 0, f"output is not JSON ({e})", text) from e
+        return dvc.parse_status(text)
+    except StageError as e:
+        raise DvcCommandFailed(["status", "--json"], 0, str(e), text) from e
 
 
 # What `dvc status` says of data that is merely absent here (a fresh clone), not changed.

@@ -22,7 +22,7 @@ launcher file from outside the project only where the deployment allows it
 machine's own user, who may edit params.yaml anyway: it allows them.
 
 With `promote`, an adapter that passed the gate is registered last, still holding the
-workspace (qlora/registry/store.py: lineage from dvc.lock, the champion/challenger check, the
+workspace (qlora/registry/promotion.py: lineage from dvc.lock, the champion/challenger check, the
 "champion" alias); a rejected one is only reported.
 """
 

@@ -23,7 +23,7 @@ from typing import Any
 from qlora.core import paths
 from qlora.core.paths import GATE_REPORT as GATE
 from qlora.evaluation.gate import relative_gain
-from qlora.report.text import md_code, md_link, md_text
+from qlora.report.text import fmt, md_code, md_link, md_text
 from qlora.schemas.gate import GateDecision
 from qlora.schemas.metrics import DIRECTIONS, EvalMetrics, MetricResult, higher_is_better
 from qlora.train import log_layout
@@ -32,19 +32,11 @@ from qlora.train import log_layout
 MAX_MARKDOWN_CHARS = 60_000
 
 
-def _fmt(value: Any) -> str:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return "" if value is None else str(value)
-    if math.isnan(value):
-        return "nan"
-    return f"{value:.4g}"
-
-
 def _with_stderr(entry: MetricResult) -> str:
     value, stderr = entry.value, entry.stderr
     if isinstance(stderr, int | float) and not math.isnan(stderr) and stderr > 0:
-        return f"{_fmt(value)} ± {_fmt(stderr)}"
-    return _fmt(value)
+        return f"{fmt(value)} ± {fmt(stderr)}"
+    return fmt(value)
 
 
 def metrics_table(metrics: dict) -> list[dict[str, str]]:
@@ -93,7 +85,7 @@ def training_table(summary: dict) -> list[dict[str, str]]:
     for label, name in TRAINING_ROWS:
         value = log_layout.summary_value(summary, name)
         if value is not None:
-            rows.append({"metric": label, "value": _fmt(value), "dvclive": name})
+            rows.append({"metric": label, "value": fmt(value), "dvclive": name})
     if not rows:
         raise ValueError("no metric of the training log found")
     return rows
@@ -111,8 +103,8 @@ def gate_markdown(gate: dict) -> str:
     mark = "✅" if g.passed else "❌"
     lines = [f"# Gate: {g.decision.upper()} {mark}", "", md_text(g.summary), ""]
     lines += [
-        f"**Primary metric** {md_code(f'{p.task}/{p.metric}')}: base {_fmt(p.base)} → adapter "
-        f"{_fmt(p.adapter)} ({p.relative_change:+.2%})",
+        f"**Primary metric** {md_code(f'{p.task}/{p.metric}')}: base {fmt(p.base)} → adapter "
+        f"{fmt(p.adapter)} ({p.relative_change:+.2%})",
         "",
     ]
     if g.checks:
@@ -124,8 +116,8 @@ def gate_markdown(gate: dict) -> str:
             change = "" if c.relative_change is None else f"{c.relative_change:+.2%}"
             verdict = {True: "✅", False: "❌", None: "➖ not judged"}[c.passed]
             lines.append(
-                f"| {md_text(c.task)} | {md_text(c.metric)} | {_fmt(c.base)} | "
-                f"{_fmt(c.adapter)} | {change} | {c.threshold:+.1%} | {verdict} |"
+                f"| {md_text(c.task)} | {md_text(c.metric)} | {fmt(c.base)} | "
+                f"{fmt(c.adapter)} | {change} | {c.threshold:+.1%} | {verdict} |"
             )
         lines.append("")
     if g.reasons:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import typer
 
-from qlora.core import paths
+from qlora.core import dvc, paths
 from qlora.core.io import pipeline_env
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
@@ -46,9 +46,12 @@ _DONE = re.compile(r"\[(?P<stage>[\w-]+)\] done in (?P<seconds>[\d.]+) s\s*$")
 def repro(args: list[str]) -> tuple[int, dict[str, float]]:
     """Run `dvc repro`, streaming its output, and collect each stage's reported time."""
     timings: dict[str, float] = {}
-    cmd = [sys.executable, "-m", "dvc", "repro", *args]
     with subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=pipeline_env()
+        dvc.command("repro", *args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=pipeline_env(),
     ) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:

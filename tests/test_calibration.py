@@ -142,7 +142,7 @@ def test_loftq_corrects_a_layer_repacked_for_inference(tiny_model_dir, bnb_cpu_p
 
 
 def test_a_repacked_layer_reads_as_its_codes_at_its_bf16_scales(tiny_model_dir, bnb_cpu_path):
-    """quantization.layer_weight on a layer before and after an inference forward, against
+    """formats.layer_weight on a layer before and after an inference forward, against
     the weight recomputed from an independent load's plain storage; the layer keeps its
     layout (reading it changes nothing)."""
     q = shipped_params().quantize

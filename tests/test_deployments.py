@@ -848,7 +848,7 @@ def test_the_build_context_holds_source_and_lock_files_only(tmp_path: Path):
     """A working tree after a real run, in miniature: weights, data, caches, the venv."""
     kept = CONTEXT_FILES | {
         "qlora/core/io.py",
-        "qlora/templates/report.html.j2",
+        "qlora/report/templates/report.html.j2",
         "stages/base.py",
         "flows/pipeline.py",
     }

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from tools.code_deps import stage_code_deps
+from tools.code_deps import import_cycles, import_graph, rewrite_dvc_yaml, stage_code_deps
 
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 # Stages whose results no third-party library shapes beyond the standard library,
@@ -45,6 +45,65 @@ def test_every_stage_script_is_a_stage_and_every_stage_a_script():
 def test_a_stage_depends_on_every_project_file_it_runs(stage):
     missing = sorted(set(stage_code_deps(stage, REPO)) - deps(stage))
     assert not missing, f"dvc.yaml: stage {stage!r} runs {missing} but does not list them in deps"
+
+
+@pytest.mark.parametrize("stage", sorted(DVC))
+def test_a_stage_depends_on_no_project_file_it_does_not_run(stage):
+    """A listed module the stage never imports reruns it for edits that cannot change it."""
+    listed = {d for d in deps(stage) if d.startswith(("qlora/", "stages/"))}
+    extra = sorted(listed - set(stage_code_deps(stage, REPO)))
+    assert not extra, f"dvc.yaml: stage {stage!r} lists {extra}, which it never imports"
+
+
+def test_dvc_yaml_is_what_the_rewriter_writes():
+    """`python -m tools.code_deps --write` leaves dvc.yaml as it is: the code deps are
+    exactly the imports, in its order."""
+    assert rewrite_dvc_yaml(REPO) == (REPO / "dvc.yaml").read_text()
+
+
+def test_the_library_imports_in_no_circle():
+    """A circle makes every stage that enters it depend on all of it: an edit to analysis
+    code once retrained the adapter because the quantize report and LoftQ imported each
+    other."""
+    assert import_cycles(import_graph(REPO)) == []
+
+
+def _tree(root: Path, files: dict[str, str]) -> Path:
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    return root
+
+
+def test_a_circle_is_found_and_names_its_files(tmp_path):
+    root = _tree(
+        tmp_path,
+        {
+            "stages/train.py": "from qlora import recipe\n",
+            "qlora/recipe.py": "from qlora.formats import x\n",
+            "qlora/formats.py": "from qlora.report import y\nx = 1\n",
+            "qlora/report.py": "import qlora.formats\ny = 2\n",
+            "qlora/alone.py": "import os\n",
+        },
+    )
+    assert import_cycles(import_graph(root)) == [["qlora/formats.py", "qlora/report.py"]]
+    # The stage runs the report module only because formats and report import each other.
+    assert "qlora/report.py" in stage_code_deps("train", root)
+
+
+@pytest.mark.parametrize(
+    ("edited", "stale"),
+    [
+        ("qlora/quant/analysis.py", {"quantize"}),
+        ("qlora/report/templates", {"report"}),
+        ("qlora/report/quantization.py", {"report"}),
+        ("qlora/schemas/claims.py", {"claims", "report"}),
+        ("qlora/train/recipe.py", {"finetune"}),
+    ],
+)
+def test_an_edit_makes_stale_only_the_stages_that_show_it(edited, stale):
+    """What `dvc status` lists after an edit to one file: the stages that list it."""
+    assert {s for s in DVC if edited in deps(s)} == stale
 
 
 @pytest.mark.parametrize("stage", sorted(set(DVC) - NO_LIBRARY_STAGES))

@@ -6,11 +6,11 @@ True, False, or None when the inputs cannot decide it, and `why` is a line built
 inputs that says what most likely kept a failing (or undecided) claim from holding.
 
 Inputs, as the pipeline writes them:
-- quantize_report: reports/quantize.json (qlora/quantization.measure): "bytes" keyed
+- quantize_report: reports/quantize.json (qlora/quant/measure.py): "bytes" keyed
   "full" and by "quant_type", "parameters", "quantized_weights", "bits_per_parameter".
 - speed: {"device": "cpu" | "cuda" ..., "tokens_per_s": {variant: float}} or, for the same
   work timed on both models, {"device", "seconds": {variant: float}}; variants are
-  evaluate's names, artifacts.REFERENCE ("base_full") and artifacts.BASELINE ("base_4bit").
+  evaluate's names, paths.REFERENCE ("base_full") and paths.BASELINE ("base_4bit").
   `speed_from_eval` builds it from reports/eval/metrics.json: the generation speed each
   variant was timed at, or lm-eval's seconds where a file has none (older revisions).
 - eval_metrics: reports/eval/metrics.json (qlora/evaluation.benchmark): {"settings",

@@ -1,15 +1,15 @@
 """What the base's weights look like to a 4-bit quantizer, layer by layer.
 
-For every linear layer bitsandbytes quantizes (quantization.quantizable_linears: every
+For every linear layer bitsandbytes quantizes (formats.quantizable_linears: every
 nn.Linear but the ones transformers keeps in 16 bits, lm_head among them) this measures
 - the distribution: range, absmax, standard deviation, excess kurtosis, the share of
   weights beyond 3 and 6 standard deviations, and the absmax of each 64-weight block
   bitsandbytes scales by (median, max and max/median: one outlier sets its block's scale
   and leaves the other 63 weights few of the 16 code points);
 - the relative error ||W - deq(q(W))|| / ||W|| that NF4, FP4 and LLM.int8()'s row-wise
-  int8 leave (quantization.squared_error: the same function the quantize report uses);
+  int8 leave (formats.squared_error: the same function the quantize report uses);
 - a ranking, most damaged first, whose top names are the candidates for
-  quantize.skip_modules (kept in 16 bits: qlora/models.skip_list);
+  quantize.skip_modules (kept in 16 bits: qlora.models.loading.skip_list);
 - a histogram of one layer's weights as NF4 sees them (divided by their block's absmax)
   beside the 16 NF4 code points.
 How much of the error a LoftQ-initialised adapter takes back: qlora/quant/calibration.py.

@@ -15,7 +15,7 @@ from pathlib import Path
 import yaml
 
 from qlora.core import paths
-from qlora.report.text import ARROWS, md_code, md_fence, md_text
+from qlora.report.text import ARROWS, fmt, md_code, md_fence, md_text
 from qlora.schemas.base import validated
 from qlora.schemas.metrics import EvalMetrics, VariantResult, higher_is_better
 
@@ -65,7 +65,7 @@ def _metric_table(record: dict) -> list[str]:
     for task, task_metrics in variants[paths.CANDIDATE].metrics.items():
         for name in task_metrics:
             entries = [variants[v].metrics.get(task, {}).get(name) for v in names]
-            cells = ["-" if e is None else f"{e.value:.4g}" for e in entries]
+            cells = ["-" if e is None else fmt(e.value) for e in entries]
             arrow = ARROWS[higher_is_better(*entries)]
             rows.append(f"| {md_text(f'{task}/{name}')} {arrow} | " + " | ".join(cells) + " |")
     return rows

@@ -6,16 +6,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
 
-from qlora.core import paths
+from qlora.core import dvc, paths
 from qlora.core.io import (
     StageError,
-    pipeline_env,
     read_json,
 )
 from qlora.core.params import load_params
@@ -37,31 +34,7 @@ from qlora.registry.store import (
 def stale_stages(root: Path, target: str = "gate") -> dict:
     """`dvc status` of `target` and every stage upstream of it: {} when the workspace is
     exactly what dvc.lock records."""
-    cmd = [sys.executable, "-m", "dvc", "status", "--json", "--with-deps", target]
-    done = subprocess.run(
-        cmd, cwd=root, capture_output=True, text=True, env=pipeline_env(), timeout=900
-    )
-    if done.returncode != 0:
-        raise StageError(f"`dvc status` failed in {root}: {(done.stderr or done.stdout).strip()}")
-    try:
-        status = json.loads(done.stdout or "{}")
-    except json.JSONDecodeError:
-        raise StageError(f"`dvc status --json` printed no JSON: {done.stdout[:300]}") from None
-    return settle_always_changed(status, root)
-
-
-def _lock_entry(stages: dict, stage: str, path: Path, kind: str) -> dict | None:
-    """dvc.lock's entry for `path` among a stage's `kind` ("outs" or "deps"), if any."""
-    entries = stages[stage].get(kind) or []
-    return next((e for e in entries if e["path"] == path.as_posix()), None)
-
-
-def _lock_out(stages: dict, stage: str, path: Path) -> dict:
-    """dvc.lock's entry for one output of a stage."""
-    out = _lock_entry(stages, stage, path, "outs")
-    if out is None or not out.get("md5"):
-        raise StageError(f"dvc.lock: the {stage} stage has no output {path} (with an md5)")
-    return out
+    return settle_always_changed(dvc.status(root, target), root)
 
 
 def check_lock_chain(stages: dict) -> None:
@@ -71,8 +44,8 @@ def check_lock_chain(stages: dict) -> None:
     is one run's adapter, metrics and decision, not pieces of two."""
     links = [("finetune", paths.ADAPTER_DIR, "evaluate"), ("evaluate", paths.EVAL_METRICS, "gate")]
     for writer, path, reader in links:
-        wrote = _lock_out(stages, writer, path)["md5"]
-        read = (_lock_entry(stages, reader, path, "deps") or {}).get("md5")
+        wrote = dvc.lock_out(stages, writer, path)["md5"]
+        read = (dvc.lock_entry(stages, reader, path, "deps") or {}).get("md5")
         if read != wrote:
             raise StageError(
                 f"dvc.lock: {reader} read {path} at md5 {read}, but {writer} wrote {wrote}: "
@@ -81,15 +54,12 @@ def check_lock_chain(stages: dict) -> None:
 
 
 def _lock_stages(root: Path) -> dict:
-    path = root / "dvc.lock"
-    try:
-        lock = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise StageError(f"{path}: not found: run the pipeline (`qlora run`) first") from None
-    stages = lock.get("stages") if isinstance(lock, dict) else None
-    missing = [s for s in ("finetune", "evaluate", "gate") if s not in (stages or {})]
+    stages = dvc.read_lock(root)
+    missing = [s for s in ("finetune", "evaluate", "gate") if s not in stages]
     if missing:
-        raise StageError(f"{path}: no entry for {', '.join(missing)}: run `qlora run` first")
+        raise StageError(
+            f"{root / dvc.LOCK}: no entry for {', '.join(missing)}: run `qlora run` first"
+        )
     return stages
 
 
@@ -114,7 +84,7 @@ def build_lineage(root: Path) -> dict:
     from qlora.core.lineage import git_state, package_versions
 
     stages = _lock_stages(root)
-    adapter = _lock_out(stages, "finetune", paths.ADAPTER_DIR)
+    adapter = dvc.lock_out(stages, "finetune", paths.ADAPTER_DIR)
     identity = root / paths.ADAPTER_DIR / "base_identity.json"
     return {
         "git": git_state(root),
@@ -137,7 +107,7 @@ def _recorded_json(root: Path, path: Path, stages: dict, stage: str) -> dict:
         data = file.read_bytes()
     except FileNotFoundError:
         raise StageError(f"{file}: not found (run `qlora run`)") from None
-    want = _lock_out(stages, stage, path)["md5"]
+    want = dvc.lock_out(stages, stage, path)["md5"]
     got = hashlib.md5(data, usedforsecurity=False).hexdigest()
     if got != want:
         raise StageError(
@@ -154,7 +124,7 @@ def adapter_manifest(root: Path, stages: dict) -> dict[str, str]:
     """File name -> md5 of the adapter as dvc.lock records it: DVC's list from its cache,
     else one computed from the workspace's files. Either is accepted only when it hashes to
     dvc.lock's directory md5, so the files a promotion copies are always checked."""
-    dir_md5 = _lock_out(stages, "finetune", paths.ADAPTER_DIR)["md5"]
+    dir_md5 = dvc.lock_out(stages, "finetune", paths.ADAPTER_DIR)["md5"]
     manifest = dvc_manifest(root, dir_md5)
     where = "DVC's cache"
     if manifest is None:  # a clone that pulled other outputs only: hash the files here

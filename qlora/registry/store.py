@@ -56,7 +56,7 @@ ORPHANED = ".orphaned"
 ALIAS = "champion"
 
 
-# From the torch-free artifacts module, so the registry starts without loading torch.
+# From the torch-free core, so the registry starts without loading torch.
 
 
 # A promotion holds the lock for seconds (copying ~20 MB); ten minutes means a stuck peer.

@@ -1,16 +1,16 @@
 """The `report` stage's library: the run on one page, for a reviewer of the adapter.
 
 Reads what the other stages wrote under reports/ and renders two templates from
-qlora/templates/:
+qlora/report/templates/:
 - reports/report.html: one self-contained file (inline CSS and SVG, no scripts, no network)
   that prints well: the gate decision first, then what quantization costs (formats, the
   layers it damages most, skip_modules, LoftQ), how training went, every metric for the
   three variants, the method's claims against them, the gate's checks, example outputs,
   the data, and the lineage (git revision, params, hashes from dvc.lock, package versions);
 - reports/report.md: the same story in Markdown (for Prefect artifacts and pull requests).
-metrics.json, gate.json and quantize.json are read through their schemas (qlora/core/paths.py);
-quantize_layers.json, claims.json and the issue-13 keys of quantize.json and metrics.json
-through those of qlora/report/quantization.py, which builds their part of the page.
+Every JSON report is read through its schema (qlora/schemas/), the one its writer checked
+it against; qlora/report/quantization.py builds the quantization and claims parts of the
+page, sections.py the rest, lineage.py the provenance.
 The gate's numbers (the primary metric's gain, its 95% interval, each check's verdict) are
 shown as gate.json has them, never recomputed; this module derives the rest (share of the
 score the 4-bit base keeps, overfitting, lineage); the templates only lay them out and

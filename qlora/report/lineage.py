@@ -11,85 +11,48 @@ from typing import Any
 
 import yaml
 
-from qlora.core import paths
+from qlora.core import dvc, paths
 from qlora.core.io import StageError
 from qlora.core.lineage import differences, git_state, package_versions
 from qlora.schemas.base import validated
 from qlora.schemas.metrics import EvalMetrics
 
 
-def _nest(flat: dict) -> dict:
-    """dvc.lock records params as dotted keys ("base.trust_remote_code"): nest them back."""
-    out: dict = {}
-    for key, value in flat.items():
-        *parents, leaf = str(key).split(".")
-        node = out
-        for p in parents:
-            node = node.setdefault(p, {})
-        node[leaf] = _merge(node[leaf], value) if isinstance(node.get(leaf), dict) else value
-    return out
-
-
-def _merge(a: dict, b: Any) -> Any:
-    if not isinstance(b, dict):
-        return b
-    out = dict(a)
-    for k, v in b.items():
-        out[k] = _merge(out[k], v) if isinstance(out.get(k), dict) else v
-    return out
-
-
 def dvc_lineage(root: Path) -> dict:
-    """Hashes of the data and model outputs and the params each stage ran with (dvc.lock)."""
+    """Hashes of the data and model outputs and the params each stage ran with (dvc.lock).
+    A missing or unreadable dvc.lock is a note on the page, not an error."""
     result: dict[str, Any] = {"artifacts": [], "inputs": [], "params": None, "notes": []}
-    path = root / "dvc.lock"
-    try:
-        lock = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        lock = None
+    if not (root / dvc.LOCK).exists():
         result["notes"].append(
             "dvc.lock not found: run the pipeline with `dvc repro` to record the hashes of "
             "its data and models"
         )
-    except (OSError, yaml.YAMLError) as e:
-        lock = None
-        result["notes"].append(f"dvc.lock could not be read ({e.__class__.__name__}): no hashes")
-    stages = lock.get("stages") if isinstance(lock, dict) else None
-    if not isinstance(stages, dict):
-        if lock is not None:
-            result["notes"].append("dvc.lock has no stages: no hashes")
         return result
-    produced, deps, params = set(), {}, {}
+    try:
+        stages = dvc.read_lock(root)
+    except StageError as e:
+        result["notes"].append(f"{e}: no hashes")
+        return result
+    produced, deps = set(), {}
     for name, stage in stages.items():
         for out in stage.get("outs") or []:
             produced.add(out.get("path"))
             result["artifacts"].append({"stage": name, **out})
         for dep in stage.get("deps") or []:
             deps.setdefault(dep.get("path"), dep)
-        for file_params in (stage.get("params") or {}).values():
-            if isinstance(file_params, dict):
-                params = _merge(params, _nest(file_params))
     # Inputs from outside the DAG (raw data, eval task definitions); code files left out.
     result["inputs"] = [
         d for p, d in deps.items() if p not in produced and not str(p).endswith(".py")
     ]
-    result["params"] = params or None
+    result["params"] = dvc.params_run_with(stages) or None
     # The report's own entry is written after it runs, so it is never expected here.
-    absent = [s for s in _dag_stages(root) if s not in stages and s != "report"]
+    absent = [s for s in dvc.stage_names(root) if s not in stages and s != "report"]
     if absent:
         result["notes"].append(
             f"dvc.lock has no entry for {', '.join(absent)} (not run through DVC yet): "
             "their hashes are not shown"
         )
     return result
-
-
-def _dag_stages(root: Path) -> list[str]:
-    try:
-        dag = yaml.safe_load((root / "dvc.yaml").read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError):
-        return []
-    return list(dag.get("stages") or {}) if isinstance(dag, dict) else []
 
 
 def lineage(root: Path) -> dict:
@@ -149,19 +112,21 @@ def load_compare(rev: str, root: Path = Path(".")) -> dict:
         raise StageError(f"--compare {rev}: {path} there is not valid JSON ({e})") from e
     metrics = validated(EvalMetrics, data, f"{rev}:{path}")
     train = _git_show(rev, paths.TRAIN_RUN, root)
-    lock = _git_show(rev, Path("dvc.lock"), root)
+    lock = _git_show(rev, dvc.LOCK, root)
     try:
         environment = json.loads(train).get("environment") if train else None
-        stages = (yaml.safe_load(lock) or {}).get("stages") or {} if lock else {}
-    except (json.JSONDecodeError, yaml.YAMLError, AttributeError):
-        environment, stages = None, {}
-    outs = [o for stage in stages.values() for o in (stage.get("outs") or [])]
+    except (json.JSONDecodeError, AttributeError):
+        environment = None
+    try:
+        stages = dvc.parse_lock(lock, f"{rev}:{dvc.LOCK}") if lock else {}
+    except StageError:
+        stages = {}
     return {
         "label": f"adapter @ {rev}",
         "rev": rev,
         "metrics": metrics.variants[paths.CANDIDATE].metrics,
         "environment": environment,
-        "adapter_md5": adapter_md5(outs) if stages else None,
+        "adapter_md5": dvc.out_md5(stages, paths.ADAPTER_DIR),
     }
 
 
