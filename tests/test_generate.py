@@ -68,7 +68,7 @@ def uninterrupted(tiny, prompts_file, tmp_path) -> bytes:
 def crash_on_call(monkeypatch, n: int) -> list[int]:
     """qlora.evaluation.benchmark.generate, failing at its n-th call (a kill, an out-of-memory);
     returns the sizes of the batches it was asked for."""
-    real, calls = qlora.evaluation.generate, []
+    real, calls = qlora.evaluation.benchmark.generate, []
 
     def generate(model, tokenizer, prompts, max_new_tokens):
         calls.append(len(prompts))
@@ -76,7 +76,7 @@ def crash_on_call(monkeypatch, n: int) -> list[int]:
             raise RuntimeError("killed")
         return real(model, tokenizer, prompts, max_new_tokens)
 
-    monkeypatch.setattr(qlora.evaluation, "generate", generate)
+    monkeypatch.setattr(qlora.evaluation.benchmark, "generate", generate)
     return calls
 
 
