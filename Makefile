@@ -6,7 +6,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint bench lock clean-venv
+.PHONY: install run test test-fast lint bench lock clean-venv
 
 install: $(STAMP)
 
@@ -29,6 +29,12 @@ test: install
 	@command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 		&& (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) || true; }
 	$(PY) -m pytest -q
+
+# The unit tier for the edit loop: every subpackage's tests on tiny models made inside the
+# tests, no run of the whole DAG, no servers (tests/integration/ holds those). `make test`
+# stays the full suite CI runs.
+test-fast: install
+	$(PY) -m pytest -q tests/unit
 
 lint: install
 	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .

@@ -57,12 +57,6 @@ PROJECT_PREFIXES = (
 )
 # `qlora promote` creates the registry; no DVC stage declares it.
 REGISTRY_PREFIX = "registry/"
-# The test tiers and `make test-fast` are being put in place while this manual is written,
-# and the manual already describes them. The checks let these through, and
-# test_what_the_manual_describes_ahead_of_the_tree expects each to be missing still: once
-# one exists that test fails (strict xfail), and the entry is to be deleted here.
-PENDING_PATHS = frozenset({"tests/integration/", "tests/gpu/", "tests/helpers/"})
-PENDING_MAKE_TARGETS = frozenset({"test-fast"})
 
 SHELL_LANGS = {"bash", "sh", "shell", "console", "zsh"}
 # Programs whose commands are checked, by the name a command line calls them.
@@ -296,8 +290,6 @@ def path_problem(path: str) -> str | None:
     """Why `path`, as the manual names it, is not true of the repository (None: it is)."""
     path = path.rstrip(".,")
     folder = path.rstrip("/") + "/"
-    if path in PENDING_PATHS:
-        return None
     if folder.startswith(REGISTRY_PREFIX):
         return None
     if folder.startswith(output_prefixes()):
@@ -383,7 +375,7 @@ def make_targets() -> frozenset[str]:
 
 def make_problem(argv: list[str]) -> str | None:
     goals = [w for w in argv[1:] if not w.startswith("-") and "=" not in w]
-    missing = [g for g in goals if g not in make_targets() | PENDING_MAKE_TARGETS]
+    missing = [g for g in goals if g not in make_targets()]
     return f"`make {' '.join(missing)}`: no such Makefile target" if missing else None
 
 
@@ -709,22 +701,6 @@ def test_each_page_says_what_it_covers(page: Path):
 
 def test_readme_is_a_short_lobby_to_every_page():
     assert readme_problems(README.read_text()) == []
-
-
-@pytest.mark.parametrize(
-    "item",
-    [*sorted(PENDING_PATHS), *(f"make {t}" for t in sorted(PENDING_MAKE_TARGETS))],
-)
-@pytest.mark.xfail(
-    strict=True,
-    reason="described by the manual ahead of the tree; when this passes, it exists: delete "
-    "it from PENDING_PATHS / PENDING_MAKE_TARGETS so the checks hold it like the rest",
-)
-def test_what_the_manual_describes_ahead_of_the_tree(item: str):
-    if item.startswith("make "):
-        assert item.removeprefix("make ") in make_targets()
-    else:
-        assert (ROOT / item).is_dir()
 
 
 def test_the_checks_see_the_commands_and_paths():

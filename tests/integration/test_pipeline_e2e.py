@@ -1,0 +1,254 @@
+"""One end-to-end run of the real DAG (`dvc repro`) on a tiny configuration.
+
+The repository is copied to a temporary folder with its own git history, params.yaml is
+shrunk (tiny random Llama made in the test, a few rows, a few steps) and every stage runs
+for real through DVC. Then: outputs are checked, the adapter loads with plain peft, a second
+`dvc repro` runs nothing, and a changed LoRA rank makes only its downstream stages stale.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from helpers.dag import SECRET, dvc, files_under, repro_in_copy
+from helpers.repo import git
+from helpers.tiny import alpaca_rows, make_tiny_model_dir, tiny_params
+from qlora.core.io import write_jsonl
+from qlora.core.sources import settle_always_changed
+from qlora.train.log_layout import training_view
+
+pytestmark = pytest.mark.slow
+
+STAGES = [
+    "sources",
+    "base",
+    "extract",
+    "dataset",
+    "validate",
+    "quantize",
+    "finetune",
+    "evaluate",
+    "gate",
+    "claims",
+    "report",
+]
+
+
+@pytest.fixture(scope="module")
+def pipeline_run(tmp_path_factory, tiny_model_dir) -> tuple[Path, subprocess.CompletedProcess]:
+    work = tmp_path_factory.mktemp("e2e") / "repo"
+    # The real stdlib corpus (extract stage) with the tiny model: every stage as in `make run`.
+    params = tiny_params(tiny_model_dir, source="data/raw/stdlib_functions.jsonl")
+    params["corpus"]["max_source_chars"] = 400
+    # The tiny max_length (256) drops ~11% of the stdlib rows: accepted here, on purpose.
+    params["validate"]["max_dropped_fraction"] = 0.5
+    # A known outcome: a learning rate that moves a random model in 3 steps, and a gate that
+    # asks only for no loss on the primary metric (guards may move freely on 8 rows).
+    params["finetune"]["learning_rate"] = 2e-3
+    params["gate"].update(
+        min_gain=0.0, significance=False, max_regression=10.0, max_regression_per_metric={}
+    )
+    return work, repro_in_copy(work, params)
+
+
+def test_every_stage_runs_and_writes_its_outputs(pipeline_run):
+    work, done = pipeline_run
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    for stage in STAGES:
+        assert f"[{stage}] done in" in done.stdout, f"stage {stage} did not report completion"
+    lock = yaml.safe_load((work / "dvc.lock").read_text())
+    assert set(lock["stages"]) == set(STAGES)
+
+    metrics = json.loads((work / "reports/eval/metrics.json").read_text())
+    assert set(metrics["variants"]) == {"base_full", "base_4bit", "adapter_4bit"}
+    gate = json.loads((work / "reports/gate.json").read_text())
+    assert gate["decision"] == "promoted", gate["reasons"]
+    assert gate["primary"]["relative_change"] > 0, "training did not lower bits per byte"
+    for name in ("metrics.json", "run.json", "plots/metrics/train/loss.tsv"):
+        assert (work / "reports/train" / name).stat().st_size > 0
+    assert "<html" in (work / "reports/report.html").read_text().lower()
+
+
+def test_adapter_loads_with_plain_peft(pipeline_run, tiny_model_dir):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    work, _ = pipeline_run
+    adapter = work / "data/prepared/adapter"
+    assert (adapter / "adapter_config.json").exists()
+    assert (adapter / "adapter_model.safetensors").exists()
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), adapter)
+    lora_weights = [n for n, _ in model.named_parameters() if "lora_" in n]
+    assert lora_weights, "no LoRA weights were loaded"
+
+
+def test_second_repro_runs_nothing_and_a_param_change_reruns_only_downstream(pipeline_run):
+    work, _ = pipeline_run
+    again = dvc(work, "repro")
+    assert again.returncode == 0, again.stderr
+    ran = [s for s in STAGES if f"[{s}] done in" in again.stdout]
+    # sources re-fingerprints the inputs on every run (always_changed); nothing else reruns.
+    assert ran == ["sources"], f"stages ran again although nothing changed: {ran}"
+    status = dvc(work, "status", "--json")
+    assert json.loads(status.stdout) == {"sources": ["always changed"]}
+
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    params["finetune"]["learning_rate"] = 1e-3
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    status = dvc(work, "status", "--json")
+    assert status.returncode == 0, status.stderr
+    stale = set(json.loads(status.stdout))
+    # gate and report are stale only through outputs finetune has not rewritten yet, so
+    # `dvc status` names the first stage that reads the changed param.
+    assert "finetune" in stale
+    assert stale.isdisjoint({"base", "extract", "dataset", "validate", "quantize"})
+    # The adapter's rank also reruns quantize, which measures LoftQ at that rank.
+    params["finetune"]["lora"]["r"] = 4
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    stale = set(json.loads(dvc(work, "status", "--json").stdout))
+    assert {"quantize", "finetune"} <= stale
+    assert stale.isdisjoint({"base", "extract", "dataset", "validate"})
+
+
+def test_an_experiment_shows_dvclive_columns_and_plots_beside_the_baseline(pipeline_run):
+    """`dvc exp run -S ...` then `dvc exp show` and `dvc plots diff`, as a user compares two
+    trainings: DVCLive's summary as columns, its per-step curves of both on one chart."""
+    work, _ = pipeline_run
+    git(work, "add", "-A")
+    git(work, "commit", "-qm", "baseline run")
+    done = dvc(work, "exp", "run", "-n", "rank8", "-S", "finetune.lora.r=8")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "[finetune] done in" in done.stdout
+
+    shown = dvc(work, "exp", "show", "--json")
+    assert shown.returncode == 0, shown.stderr
+    rows = json.loads(shown.stdout)
+    baseline = next(r for r in rows if r["rev"] != "workspace")
+    experiment = next(e for e in baseline["experiments"] if e["name"] == "rank8")
+    columns = {}
+    for name, row in (("baseline", baseline), ("rank8", experiment["revs"][0])):
+        data = row["data"]
+        summary = data["metrics"]["reports/train/metrics.json"]["data"]
+        columns[name] = (
+            data["params"]["params.yaml"]["data"]["finetune"]["lora"]["r"],
+            summary["train"]["loss"],
+            summary["eval"]["loss"],
+            summary["train"]["tokens_per_s"],
+        )
+    assert columns["rank8"][0] == 8 and columns["baseline"][0] != 8
+    assert all(math.isfinite(v) for row in columns.values() for v in row[1:])
+    assert columns["rank8"][2] != columns["baseline"][2]  # another adapter, another loss
+
+    plots = dvc(work, "plots", "diff", "HEAD", "rank8", "--json")
+    assert plots.returncode == 0, plots.stderr
+    (chart,) = json.loads(plots.stdout)["data"]["reports/train/plots/metrics/eval/loss.tsv"]
+    assert chart["revisions"] == ["HEAD", "rank8"]
+    points = chart["content"]["data"]["values"]
+    for rev in ("HEAD", "rank8"):
+        steps = [int(p["step"]) for p in points if p["rev"] == rev]
+        assert steps[0] == 0 and steps[-1] == 3, (rev, steps)  # the whole curve, each run
+
+
+def test_a_token_in_the_environment_reaches_no_output(pipeline_run):
+    work, done = pipeline_run
+    assert SECRET not in done.stdout + done.stderr
+    for folder in ("reports", "data/prepared"):
+        for path in (work / folder).rglob("*"):
+            if path.is_file():
+                assert SECRET.encode() not in path.read_bytes(), path
+    assert SECRET not in (work / "dvc.lock").read_text()
+
+
+def chat_rows() -> list[dict]:
+    """The Alpaca fixture rows as chat records (the other input format users bring)."""
+    return [
+        {
+            "messages": [
+                {"role": "user", "content": f"{r['instruction']}\n\n{r['input']}"},
+                {"role": "assistant", "content": r["output"]},
+            ],
+            "module": r["module"],
+        }
+        for r in alpaca_rows()
+    ]
+
+
+def test_a_qwen2_model_with_biased_projections_and_untied_embeddings_runs_the_dag(
+    tmp_path_factory,
+):
+    """Beyond Llama: Qwen2's q/k/v carry a bias (the layers that broke training on
+    AVX512-BF16 CPUs) and its output embedding is a separate matrix here. Chat-format data.
+    The gate's bar is set out of reach (a 60 % gain from 3 steps of a random model), so the
+    decision is known: rejected, on the primary metric, with every variant evaluated."""
+    root = tmp_path_factory.mktemp("qwen2")
+    model_dir = make_tiny_model_dir(root / "model", arch="qwen2", tie_word_embeddings=False)
+    work = root / "repo"
+    params = tiny_params(model_dir, source="data/user/chat.jsonl")
+    params["dataset"]["format"] = "chat"
+    params["gate"]["min_gain"] = 0.6
+    write_jsonl(work / "data/user/chat.jsonl", chat_rows())
+    done = repro_in_copy(work, params)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    for stage in STAGES:
+        assert f"[{stage}] done in" in done.stdout, f"stage {stage} did not report completion"
+
+    base = json.loads((work / "reports/base.json").read_text())
+    assert base["architecture"] == ["Qwen2ForCausalLM"]
+    dataset = json.loads((work / "reports/dataset.json").read_text())
+    assert dataset["format"] == "chat"
+    adapter = work / "data/prepared/adapter"
+    targets = json.loads((adapter / "adapter_config.json").read_text())["target_modules"]
+    assert {"q_proj", "k_proj", "v_proj", "o_proj"} <= {t.rsplit(".", 1)[-1] for t in targets}
+    train = training_view(work / "reports/train")
+    assert train["steps"] == 3 and math.isfinite(train["final_eval_loss"])
+    metrics = json.loads((work / "reports/eval/metrics.json").read_text())
+    assert set(metrics["variants"]) == {"base_full", "base_4bit", "adapter_4bit"}
+    gate = json.loads((work / "reports/gate.json").read_text())
+    assert gate["decision"] == "rejected"
+    assert any("docstring_loss/bits_per_byte" in r for r in gate["reasons"]), gate["reasons"]
+    assert "Qwen2ForCausalLM" in (work / "reports/report.html").read_text()
+
+    # The user's own data and model are DVC inputs: editing them makes what reads them stale
+    # (dvc status, through the fingerprints) and `dvc repro` reruns exactly those stages.
+    with (work / "data/user/chat.jsonl").open("a") as f:
+        f.write(json.dumps({**chat_rows()[0], "module": "extra"}) + "\n")
+    status = json.loads(dvc(work, "status", "--json").stdout)
+    assert settle_always_changed(status, work) == {
+        "sources": [{"changed sources": "dataset.source"}]
+    }
+    rerun = dvc(work, "repro", "dataset")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "[dataset] done in" in rerun.stdout and "[base] done in" not in rerun.stdout
+    config = model_dir / "config.json"
+    config.write_text(config.read_text() + "\n")
+    rerun = dvc(work, "repro", "base")
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "[base] done in" in rerun.stdout
+
+
+def test_a_bad_value_fails_clearly_and_loses_no_output(pipeline_run):
+    """Runs last in this module: it breaks params.yaml, then puts it back."""
+    work, _ = pipeline_run
+    kept = ("data/prepared/adapter", "reports/train", "reports/eval", "reports/gate.json")
+    before = files_under(work, *kept)
+    good = (work / "params.yaml").read_text()
+    status_before = dvc(work, "status", "--json").stdout
+    params = yaml.safe_load(good)
+    params["finetune"]["lora"]["r"] = -3
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+    try:
+        failed = dvc(work, "repro")
+        assert failed.returncode != 0
+        assert "finetune.lora.r = -3" in failed.stderr + failed.stdout
+        assert files_under(work, *kept) == before, "a failed stage changed or removed outputs"
+        status = json.loads(dvc(work, "status", "--json").stdout)
+        assert "deleted" not in json.dumps(status), status
+    finally:
+        (work / "params.yaml").write_text(good)
+    assert json.loads(dvc(work, "status", "--json").stdout) == json.loads(status_before)

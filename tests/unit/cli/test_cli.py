@@ -1,0 +1,44 @@
+"""`qlora run` runs `dvc repro` and prints each stage's time, whatever the stage printed."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from typer.testing import CliRunner
+
+from qlora.cli import app
+
+# A progress bar that ends in "\r" without a newline sits in front of the stage's last line.
+TOY_STAGE = """print("Calculating: 100%|###|", end="\\r")
+print("[toy] done in 1.5 s")
+"""
+TOY_DVC_YAML = "stages:\n  toy:\n    cmd: python toy.py\n    deps: [toy.py]\n"
+
+
+def test_qlora_run_prints_stage_times_then_nothing_to_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], check=True)
+    (tmp_path / "toy.py").write_text(TOY_STAGE)
+    (tmp_path / "dvc.yaml").write_text(TOY_DVC_YAML)
+    first = CliRunner().invoke(app, ["run"])
+    assert first.exit_code == 0, first.output
+    assert "stage times:" in first.output
+    assert "toy" in first.output.split("stage times:")[1]
+    second = CliRunner().invoke(app, ["run"])
+    assert second.exit_code == 0
+    assert "nothing to run: every stage is up to date" in second.output
+
+
+def test_flow_run_passes_its_options_to_the_flow(monkeypatch):
+    import flows.pipeline
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(flows.pipeline, "main", lambda argv: seen.append(argv) or 0)
+    result = CliRunner().invoke(
+        app, ["flow", "run", "--pull", "--push", "--only-if-changed", "-S", "finetune.lora.r=8"]
+    )
+    assert result.exit_code == 0, result.output
+    # The flow's own parser takes these (tests/integration/test_remote.py runs it against an
+    # S3 server).
+    assert seen == [["--set=finetune.lora.r=8", "--only-if-changed", "--pull", "--push"]]

@@ -1,0 +1,257 @@
+"""Stage `evaluate` on a tiny random Llama with a random LoRA adapter, through real lm-eval.
+
+Each workspace holds tiny params, the tiny model as the base, the splits + eval files written
+by the real dataset stage and a copy of the local task YAMLs (conftest's `workspace`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from helpers import avx512bf16
+from helpers.repo import REPO
+from helpers.tiny import alpaca_rows, tiny_params
+from qlora.core.io import StageError, read_jsonl, write_jsonl
+from qlora.evaluation import benchmark
+from stages import evaluate
+
+pytestmark = pytest.mark.cpu_paths
+
+ADAPTER = Path("data/prepared/adapter")
+
+
+def save_random_adapter(base_dir: Path, out: Path, seed: int = 0) -> None:
+    """A LoRA adapter whose B matrices are random, not zero: it really changes the model."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    config = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules="all-linear",
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
+    get_peft_model(base, config).save_pretrained(out)
+
+
+def answer_bits_per_byte(model_dir: Path, rows: list[dict]) -> float:
+    """docstring_loss recomputed by hand: -sum log p(completion | prompt) / bytes / ln 2.
+    As lm-eval does, the prompt's trailing newline is scored with the answer and the whole
+    text is tokenized at once."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    total_ll, total_bytes = 0.0, 0
+    for row in rows:
+        whole = tok(row["prompt"] + row["completion"], add_special_tokens=False)["input_ids"]
+        prompt = tok(row["prompt"].rstrip(), add_special_tokens=False)["input_ids"]
+        answer = whole[len(prompt) :]
+        with torch.no_grad():
+            logits = model(torch.tensor([whole])).logits[0].float()
+        logprobs = torch.log_softmax(logits[len(prompt) - 1 : -1], dim=-1)
+        total_ll += logprobs[torch.arange(len(answer)), torch.tensor(answer)].sum().item()
+        total_bytes += len(row["response"].encode("utf-8"))
+    return -total_ll / total_bytes / math.log(2)
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory, tiny_model_dir, bnb_cpu_path) -> Iterator[Path]:
+    """One run of the stage shared by the tests that read its outputs (the same set-up as
+    conftest's `workspace`, made once for the module)."""
+    from stages import dataset, sources
+
+    root = tmp_path_factory.mktemp("evaluate")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        (root / "params.yaml").write_text(yaml.safe_dump(tiny_params(tiny_model_dir)))
+        shutil.copytree(tiny_model_dir, root / "data/prepared/base_model")
+        shutil.copytree(REPO / "data/eval_tasks", root / "data/eval_tasks")
+        write_jsonl(root / "data/raw/train.jsonl", alpaca_rows())
+        sources.main()
+        dataset.main()
+        save_random_adapter(root / "data/prepared/base_model", root / ADAPTER)
+        evaluate.main()
+        yield root
+
+
+def test_three_variants_benchmarked_with_the_same_settings(evaluated):
+    metrics = json.loads((evaluated / "reports/eval/metrics.json").read_text())
+    settings = metrics["settings"]
+    assert settings["tasks"] == ["docstring_loss", "docstring_choice", "prose_guard"]
+    assert settings["limit"] == 8 and settings["batch_size"] == 4
+    assert settings["lm_eval_version"] == "0.4.13" and settings["device"] == "cpu"
+
+    variants = metrics["variants"]
+    assert list(variants) == ["base_full", "base_4bit", "adapter_4bit"]
+    assert variants["base_full"]["label"] == "base (float32)"
+    assert variants["base_full"]["quantization"] is None
+    assert variants["base_4bit"]["quantization"] == "nf4+double_quant"
+    # 4-bit weights take less memory; the adapter adds its LoRA matrices on top.
+    assert variants["base_4bit"]["memory_bytes"] < variants["base_full"]["memory_bytes"]
+    assert variants["adapter_4bit"]["memory_bytes"] > variants["base_4bit"]["memory_bytes"]
+    expected = {
+        "docstring_loss": {"bits_per_byte": False, "byte_perplexity": False},
+        "docstring_choice": {"acc": True, "acc_norm": True},
+        "prose_guard": {"word_perplexity": False, "byte_perplexity": False, "bits_per_byte": False},
+    }
+    for name, v in variants.items():
+        assert v["seconds"] > 0
+        got = {
+            t: {m: e["higher_is_better"] for m, e in ms.items()} for t, ms in v["metrics"].items()
+        }
+        assert got == expected, name
+        for task, ms in v["metrics"].items():
+            for metric, entry in ms.items():
+                assert math.isfinite(entry["value"]), (name, task, metric)
+                assert entry["stderr"] is None or math.isfinite(entry["stderr"])
+        assert 0 <= v["metrics"]["docstring_choice"]["acc"]["value"] <= 1
+        assert v["metrics"]["docstring_choice"]["acc"]["stderr"] is not None
+        primary = v["metrics"]["docstring_loss"]["bits_per_byte"]
+        assert primary["stderr"] > 0 and primary["stderr_method"].startswith("bootstrap")
+
+
+def test_the_4bit_variants_ran_on_this_cpu_path(evaluated, bnb_cpu_path):
+    """On an AVX512-BF16 CPU evaluation infers through bitsandbytes' repacked bf16 kernel:
+    every 4-bit layer of both 4-bit variants was repacked (14 of the tiny Llama's, twice)."""
+    expected = 2 * 14 if bnb_cpu_path == "avx512bf16" else 0
+    assert len(avx512bf16.repacked_layers) >= expected
+    if bnb_cpu_path == "plain":
+        assert avx512bf16.repacked_layers == []
+
+
+def test_every_variant_is_timed_generating_the_same_tokens(evaluated):
+    metrics = json.loads((evaluated / "reports/eval/metrics.json").read_text())
+    for name, variant in metrics["variants"].items():
+        speed = variant["speed"]
+        assert (speed["prompts"], speed["new_tokens"]) == (2, 6), name
+        assert speed["tokens_per_s"] == pytest.approx(2 * 6 / speed["seconds"])
+        assert speed["seconds_per_prompt"] == pytest.approx(speed["seconds"] / 2)
+
+
+def test_generation_speed_makes_exactly_the_tokens_it_counts(tiny_model_dir):
+    """Even a model that would stop at once (end-of-sequence the likeliest token) is made
+    to generate the full count: the variants must all do the same work."""
+    from qlora.evaluation.benchmark import generation_speed
+    from qlora.models.loading import load_full, load_tokenizer
+
+    model, tokenizer = load_full(tiny_model_dir, "float32"), load_tokenizer(tiny_model_dir)
+    with torch.no_grad():
+        model.lm_head.bias = torch.nn.Parameter(torch.zeros(model.config.vocab_size))
+        model.lm_head.bias[tokenizer.eos_token_id] = 1e4  # EOS wins every greedy step
+    made = []
+    generate = model.generate
+
+    def counting(**kwargs):
+        out = generate(**kwargs)
+        made.append(out.shape[1] - kwargs["input_ids"].shape[1])
+        return out
+
+    model.generate = counting
+    speed = generation_speed(model, tokenizer, ["def f(x):", "Sum two numbers."], 5)
+    assert made == [2, 5, 5]  # the warm-up, then each timed prompt
+    assert speed["prompts"] == 2 and speed["new_tokens"] == 5
+    assert generation_speed(model, tokenizer, [], 5) is None
+
+
+def test_docstring_loss_matches_a_hand_computed_value(evaluated):
+    rows = read_jsonl(evaluated / "data/prepared/splits/test.jsonl")[:8]
+    expected = answer_bits_per_byte(evaluated / "data/prepared/base_model", rows)
+    got = json.loads((evaluated / "reports/eval/metrics.json").read_text())
+    value = got["variants"]["base_full"]["metrics"]["docstring_loss"]["bits_per_byte"]["value"]
+    assert value == pytest.approx(expected, rel=1e-4)
+
+
+def test_the_adapter_changes_the_scores_and_the_answers(evaluated):
+    variants = json.loads((evaluated / "reports/eval/metrics.json").read_text())["variants"]
+    base, adapted = variants["base_4bit"]["metrics"], variants["adapter_4bit"]["metrics"]
+    for task, metric in [("docstring_loss", "bits_per_byte"), ("prose_guard", "bits_per_byte")]:
+        assert adapted[task][metric]["value"] != base[task][metric]["value"], (task, metric)
+
+    examples = json.loads((evaluated / "reports/eval/examples.json").read_text())
+    rows = read_jsonl(evaluated / "data/prepared/splits/test.jsonl")[:2]
+    assert [e["id"] for e in examples] == [r["id"] for r in rows]
+    for example, row in zip(examples, rows, strict=True):
+        assert example["prompt"] == row["prompt"] and example["reference"] == row["response"]
+        assert set(example["outputs"]) == {"base_full", "base_4bit", "adapter_4bit"}
+        # A random model rarely emits its end-of-turn token: each answer has new text, and
+        # the special tokens are dropped.
+        assert all(o and "<|im_end|>" not in o for o in example["outputs"].values())
+    assert any(e["outputs"]["adapter_4bit"] != e["outputs"]["base_4bit"] for e in examples)
+
+
+def test_unknown_task_is_named_before_any_model_loads(workspace):
+    params = (workspace / "params.yaml").read_text()
+    (workspace / "params.yaml").write_text(
+        params.replace("- prose_guard", "- prose_guard\n  - docstring_lossy")
+    )
+    with pytest.raises(StageError, match="docstring_lossy"):
+        evaluate.main()
+    assert not (workspace / "reports/eval").exists()
+
+
+def test_a_failing_variant_leaves_previous_results_untouched(workspace):
+    previous = {"settings": {}, "variants": {"kept": True}}
+    out = workspace / "reports/eval"
+    out.mkdir(parents=True)
+    (out / "metrics.json").write_text(json.dumps(previous))
+    save_random_adapter(workspace / "data/prepared/base_model", workspace / ADAPTER)
+    weights = workspace / ADAPTER / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # a truncated copy
+    with pytest.raises(StageError, match="adapter_4bit"):
+        evaluate.main()
+    assert json.loads((out / "metrics.json").read_text()) == previous
+    assert not (out / "examples.json").exists()
+
+
+def test_metrics_keep_filters_and_turn_missing_stderr_into_null():
+    results = {
+        "results": {
+            "gsm8k": {
+                "alias": "gsm8k",
+                "exact_match,strict-match": 0.25,
+                "exact_match_stderr,strict-match": 0.05,
+            },
+            "prose_guard": {
+                "alias": "prose_guard",
+                "bits_per_byte,none": 1.5,
+                "bits_per_byte_stderr,none": "N/A",
+            },
+        },
+        "higher_is_better": {
+            "gsm8k": {"exact_match": True},
+            "prose_guard": {"bits_per_byte": False},
+        },
+    }
+    assert benchmark.task_metrics(results, "v") == {
+        "gsm8k": {
+            "exact_match,strict-match": {"value": 0.25, "stderr": 0.05, "higher_is_better": True}
+        },
+        "prose_guard": {"bits_per_byte": {"value": 1.5, "stderr": None, "higher_is_better": False}},
+    }
+    results["results"]["prose_guard"]["bits_per_byte,none"] = float("nan")
+    with pytest.raises(StageError, match="v: prose_guard/bits_per_byte,none"):
+        benchmark.task_metrics(results, "v")
+
+
+def test_bootstrap_stderr_matches_the_textbook_value_for_a_mean():
+    from qlora.evaluation.benchmark import bootstrap_stderr
+
+    def mean(xs):
+        return sum(xs) / len(xs)
+
+    coin = [0, 1] * 50  # stderr of the mean: sqrt(0.25 / 100) = 0.05
+    assert bootstrap_stderr(mean, coin) == pytest.approx(0.05, rel=0.15)
+    assert bootstrap_stderr(mean, [3.0] * 10) == 0
+    assert bootstrap_stderr(mean, coin) == bootstrap_stderr(mean, coin)  # seeded
