@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 from qlora.core import paths
-from qlora.core.paths import GATE_REPORT as GATE
 from qlora.evaluation.gate import relative_gain
 from qlora.report.text import fmt, md_code, md_link, md_text
 from qlora.schemas.gate import GateDecision
@@ -224,8 +223,10 @@ def publish_results(
             description="lm-eval: base (16-bit), base (NF4), NF4 base + adapter",
         )
         made["qlora-eval-metrics"] = f"{len(table)} metric(s)"
-    gate = _read_json(repo_dir / GATE, notes)
-    gate_md = None if gate is None else _built(repo_dir, GATE, gate_markdown, notes, gate)
+    gate = _read_json(repo_dir / paths.GATE_REPORT, notes)
+    gate_md = (
+        None if gate is None else _built(repo_dir, paths.GATE_REPORT, gate_markdown, notes, gate)
+    )
     if gate_md is not None:
         create_markdown_artifact(gate_md, key="qlora-gate", description="promotion gate decision")
         made["qlora-gate"] = str(gate.get("decision"))

@@ -22,12 +22,12 @@ from qlora.registry.store import (
     CARD,
     LINEAGE,
     Registry,
-    _md5,
-    _now,
-    _user,
+    current_user,
     default_dir,
     dvc_dir_md5,
     dvc_manifest,
+    file_md5,
+    now_utc,
 )
 
 
@@ -130,7 +130,7 @@ def adapter_manifest(root: Path, stages: dict) -> dict[str, str]:
     if manifest is None:  # a clone that pulled other outputs only: hash the files here
         folder = root / paths.ADAPTER_DIR
         files = (p for p in sorted(folder.rglob("*")) if p.is_file())
-        manifest = {p.relative_to(folder).as_posix(): _md5(p) or "" for p in files}
+        manifest = {p.relative_to(folder).as_posix(): file_md5(p) or "" for p in files}
         where = str(folder)
     got = dvc_dir_md5(manifest)
     if got != dir_md5:
@@ -235,8 +235,8 @@ def promote(
         }
         record = {
             "version": version,
-            "created": _now(),
-            "by": _user(),
+            "created": now_utc(),
+            "by": current_user(),
             **lineage,
             "metrics": metrics,
             "decision": decision,

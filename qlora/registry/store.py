@@ -73,11 +73,11 @@ def default_dir() -> Path:
     return Path(os.environ.get(REGISTRY_ENV) or DEFAULT_DIR)
 
 
-def _now() -> str:
+def now_utc() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _user() -> str:
+def current_user() -> str:
     try:
         return getpass.getuser()
     except (KeyError, OSError):  # a container user without a passwd entry
@@ -346,8 +346,8 @@ class Registry:
             "previous": previous,
             "action": action,
             "reason": reason,
-            "created": _now(),
-            "by": _user(),
+            "created": now_utc(),
+            "by": current_user(),
         }
         self._append(event)
         return event
@@ -404,7 +404,7 @@ def _check_copies(
     changed = [
         name
         for name, md5 in expected_md5.items()
-        if name not in texts and _md5(stage / name) != md5
+        if name not in texts and file_md5(stage / name) != md5
     ]
     if changed:
         raise StageError(
@@ -419,7 +419,7 @@ def _check_copies(
         )
 
 
-def _md5(path: Path) -> str | None:
+def file_md5(path: Path) -> str | None:
     if not path.is_file():
         return None
     h = hashlib.md5(usedforsecurity=False)

@@ -830,7 +830,7 @@ def test_generation_speed_of_each_variant(root: Path):
 # ---------------------------------------------------------------- older runs
 
 
-def as_before_issue_13(root: Path) -> None:
+def as_before_the_quantization_analysis(root: Path) -> None:
     """The reports of a run before the quantization analysis and the claims existed."""
     reports = root / "reports"
     (reports / "quantize_layers.json").unlink()
@@ -851,7 +851,7 @@ def as_before_issue_13(root: Path) -> None:
 
 
 def test_a_run_before_the_quantization_analysis_still_renders(root: Path):
-    as_before_issue_13(root)
+    as_before_the_quantization_analysis(root)
     html, md = render(root)
     for part in (
         "format-table",
