@@ -41,7 +41,7 @@ from qlora.core.lineage import package_versions
 HERE = Path(__file__).parent
 RESULTS_DIR = HERE / "results"
 RESULTS_MD = HERE / "RESULTS.md"
-SIDES = ("qlora", "qlora-ckpt", "lora16", "reference", "previous")
+SIDES = ("qlora", "qlora-no-ckpt", "lora16", "reference", "previous")
 
 # Real architectures' shapes (config.json of each model).
 ARCHS: dict[str, dict] = {
@@ -235,7 +235,7 @@ def ratios(results: dict[str, dict]) -> dict[str, dict[str, float]]:
     pairs = [
         ("qlora", "lora16"),
         ("qlora", "reference"),
-        ("qlora-ckpt", "reference"),
+        ("qlora-no-ckpt", "reference"),
         ("qlora", "previous"),
     ]
     for side, other in pairs:

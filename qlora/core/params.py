@@ -193,8 +193,10 @@ class FinetuneParams(_Section):
     processes: Annotated[int, Field(ge=1)] | Literal["auto"]
     # An accelerate config file (FSDP, DeepSpeed, ...) for the launcher; null: plain DDP.
     accelerate_config: str | None
-    # auto: on where one batch's activations would crowd the device (qlora/train/recipe.py).
-    gradient_checkpointing: bool | Literal["auto"]
+    # true: every decoder layer recomputes its activations in backward; N: every N-th one;
+    # auto: as few as keep a batch's activations within the weights' size
+    # (qlora/train/recipe.py).
+    gradient_checkpointing: bool | Annotated[int, Field(ge=1)] | Literal["auto"]
     # auto: the chunked loss (qlora/train/loss.py) where the model allows it, else the model's own.
     loss: Literal["auto", "chunked", "liger", "standard"]
     batching: Literal["packed", "group_by_length", "padded"]

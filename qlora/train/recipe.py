@@ -37,6 +37,7 @@ from qlora.data.chat_template import encode
 from qlora.models.loading import (
     compute_dtype,
     device,
+    footprint_bytes,
     keep_4bit_layout_trainable,
     load_full,
     load_quantized,
@@ -116,12 +117,17 @@ def optimizer_name(choice: str) -> str:
 class TrainingPlan:
     """The choices finetune.* leaves to the device, resolved once and recorded in metrics."""
 
-    checkpointing: bool
+    # Every n-th decoder layer recomputes its activations in backward; 0: none does.
+    checkpoint_every: int
     checkpointing_reason: str
     loss: str  # chunked | liger | standard
     loss_reason: str
     # How the adapters started: {"method": "default"} or calibration.initialise's record.
     lora_init: dict
+
+    @property
+    def checkpointing(self) -> bool:
+        return self.checkpoint_every > 0
 
 
 def activation_bytes(config, tokens: int, element_size: int) -> int:
@@ -142,25 +148,48 @@ def available_memory_bytes() -> int:
     return int(psutil.virtual_memory().available)
 
 
-def resolve_checkpointing(choice: bool | str, model, params: Params) -> tuple[bool, str]:
-    """`auto`: recompute activations (124 -> 84 tokens/s on the default model's shape on a
-    2-core CPU: benchmarks/RESULTS.md) only where keeping them would crowd the device: when
-    one batch's estimated activations exceed half of the memory still free after loading
-    the model."""
+def checkpoint_every_for(need: int, budget: int) -> int:
+    """The sparsest checkpointing whose kept activations fit `budget`: every k-th layer
+    recomputes, so (k-1)/k of `need` stays in memory, and k is the largest with
+    (k-1)/k * need <= budget. 0 (none) when all of `need` fits, 1 (every layer) when even
+    every other layer would keep too much."""
+    if need <= budget:
+        return 0
+    return max(1, need // (need - budget))
+
+
+def resolve_checkpointing(choice: bool | int | str, model, params: Params) -> tuple[int, str]:
+    """How many layers recompute their activations (see TrainingPlan.checkpoint_every).
+
+    `auto` keeps at most as many bytes of activations as the model's weights take, as
+    loaded: a QLoRA run's memory is then at most about twice its 4-bit weights plus the
+    adapters and their optimizer state. Activations beyond that are what checkpointing is
+    for: on the default model (4-bit weights ~0.1 GiB, a batch's activations ~3 GiB) it
+    checkpoints every layer, which measured 2.73 GiB peak at 224 tokens/s against 4.67 GiB
+    at 269 without (bf16 compute on a 2-core CPU with AVX512-BF16; `make bench`), and the
+    reference recipe's 3.33 GiB at 138. A big batch on a GPU that would take over half of
+    the memory still free is checkpointed in every layer whatever the weights' size."""
+    if choice is True:
+        return 1, "set in params.yaml"
+    if choice is False:
+        return 0, "set in params.yaml"
     if choice != "auto":
-        return bool(choice), "set in params.yaml"
+        return int(choice), "set in params.yaml"
     rows = distributed.layout(params.finetune, distributed.world_size()).per_process_batch
     tokens = rows * params.dataset.max_length
     need = activation_bytes(
         model.config, tokens, compute_dtype(params.quantize.compute_dtype).itemsize
     )
-    free = available_memory_bytes()
-    on = need > free / 2
-    verdict = "above" if on else "within"
-    return on, (
-        f"auto: ~{need / 2**30:.1f} GiB of activations per batch, {verdict} half of the "
-        f"{free / 2**30:.1f} GiB free"
-    )
+    free, weights = available_memory_bytes(), footprint_bytes(model)
+    gib = f"~{need / 2**30:.2f} GiB of activations per batch"
+    if need > free / 2:
+        return 1, f"auto: {gib}, above half of the {free / 2**30:.1f} GiB free"
+    every = checkpoint_every_for(need, weights)
+    fits = f"the weights' {weights / 2**30:.2f} GiB"
+    if every == 0:
+        return 0, f"auto: {gib}, within {fits}"
+    where = "every layer" if every == 1 else f"every {every}th layer"
+    return every, f"auto: {gib}, over {fits}: {where} recomputes"
 
 
 def resolve_loss(choice: str, model) -> tuple[str, str]:
@@ -186,7 +215,7 @@ def resolve_loss(choice: str, model) -> tuple[str, str]:
     return "standard", f"auto: the model's own loss, because {why_not}"
 
 
-def prepare_for_training(model, checkpointing: bool) -> None:
+def prepare_for_training(model, checkpoint_every: int) -> None:
     """Freeze the base and switch on checkpointing, keeping every tensor in the dtype it was
     loaded in. peft's prepare_model_for_kbit_training would cast the embeddings, lm_head and
     norms to fp32 (measured on the Llama-3-8B shape: 7.43 GiB of weights instead of about 5), and an
@@ -196,12 +225,13 @@ def prepare_for_training(model, checkpointing: bool) -> None:
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     model.config.use_cache = False  # a cache is for generation; training only wastes memory
-    if checkpointing:
+    if checkpoint_every:
         # On the model rather than through TrainingArguments, so that the plan holds wherever
         # the model is used (the Trainer, the benchmark, the tests). Non-reentrant
         # checkpointing needs no input that requires grad (reentrant does).
         model.activation_checkpointing_enable(
-            activation_checkpointing_kwargs={"use_reentrant": False}
+            activation_checkpointing_kwargs={"use_reentrant": False},
+            every_n_layers=checkpoint_every,
         )
 
 
@@ -221,11 +251,11 @@ def lora_model(
         keep_4bit_layout_trainable(model)
     else:
         model = load_full(base_dir, params.quantize.compute_dtype, trust_remote_code)
-    checkpointing, checkpointing_reason = resolve_checkpointing(
+    checkpoint_every, checkpointing_reason = resolve_checkpointing(
         p.gradient_checkpointing, model, params
     )
     loss, loss_reason = resolve_loss(p.loss, model)
-    prepare_for_training(model, checkpointing)
+    prepare_for_training(model, checkpoint_every)
     if loss == "chunked":
         use_chunked_loss(model)
     config = LoraConfig(
@@ -249,7 +279,7 @@ def lora_model(
             f" -> {lora_init['error_after']:.4f}, {lora_init['seconds']:.1f} s)",
             flush=True,
         )
-    plan = TrainingPlan(checkpointing, checkpointing_reason, loss, loss_reason, lora_init)
+    plan = TrainingPlan(checkpoint_every, checkpointing_reason, loss, loss_reason, lora_init)
     return model, plan
 
 
@@ -469,7 +499,11 @@ def train(params: Params) -> Trained:
         "compute_dtype": str(dtype).removeprefix("torch."),
         "compute_dtype_why": dtype_why,  # beside the dtype: older run.json have no why
         "optimizer": optimizer_name(p.optimizer),
-        "gradient_checkpointing": {"on": plan.checkpointing, "why": plan.checkpointing_reason},
+        "gradient_checkpointing": {
+            "on": plan.checkpointing,
+            "every_n_layers": plan.checkpoint_every,
+            "why": plan.checkpointing_reason,
+        },
         "loss": {"kind": plan.loss, "why": plan.loss_reason},
         "lora_init": plan.lora_init,
         "batching": p.batching,

@@ -143,20 +143,47 @@ def test_the_lean_preparation_keeps_16_bit_tensors_16_bit(model_dir, monkeypatch
     assert plan.loss == "chunked" and plan.checkpointing is False
 
 
-def test_checkpointing_auto_follows_the_memory_left(model_dir, monkeypatch):
+def test_checkpointing_auto_keeps_a_batchs_activations_within_the_weights(model_dir, monkeypatch):
     params = params_with(gradient_checkpointing="auto")
     model = fresh(model_dir)
     need = recipe.activation_bytes(
         model.config, params.finetune.batch_size * params.dataset.max_length, 4
     )
-    monkeypatch.setattr(recipe, "available_memory_bytes", lambda: 10 * need)
-    on, why = recipe.resolve_checkpointing("auto", model, params)
-    assert on is False and "within half" in why
+    monkeypatch.setattr(recipe, "available_memory_bytes", lambda: 100 * need)
+    for weights in (need, 2 * need, need * 3 // 4, need * 2 // 3, need // 2, need // 10):
+        monkeypatch.setattr(recipe, "footprint_bytes", lambda m, w=weights: w)
+        every, why = recipe.resolve_checkpointing("auto", model, params)
+        assert why.startswith("auto: ")
+        if every == 0:
+            assert need <= weights and "within" in why
+            continue
+        # Every k-th layer recomputes: (k-1)/k of the activations stay. The sparsest
+        # checkpointing that keeps them within the weights, counted layer by layer.
+        kept = [need * (k - 1) / k for k in range(1, 50)]
+        assert kept[every - 1] <= weights and not kept[every] <= weights, (weights, every)
+    monkeypatch.setattr(recipe, "footprint_bytes", lambda m: 4 * need)
+    assert recipe.resolve_checkpointing("auto", model, params)[0] == 0
     monkeypatch.setattr(recipe, "available_memory_bytes", lambda: need)
-    on, why = recipe.resolve_checkpointing("auto", model, params)
-    assert on is True and "above half" in why
-    assert recipe.resolve_checkpointing(False, model, params) == (False, "set in params.yaml")
-    assert recipe.resolve_checkpointing(True, model, params)[0] is True
+    every, why = recipe.resolve_checkpointing("auto", model, params)
+    assert every == 1 and "above half" in why  # scarce memory wins over big weights
+    assert recipe.resolve_checkpointing(False, model, params) == (0, "set in params.yaml")
+    assert recipe.resolve_checkpointing(True, model, params) == (1, "set in params.yaml")
+    assert recipe.resolve_checkpointing(2, model, params) == (2, "set in params.yaml")
+
+
+def test_the_shipped_default_checkpoints_the_embedded_models_shape():
+    """On the default's shape (SmolLM2-135M, its 4-bit weights against a batch of the
+    shipped params) auto recomputes in every layer: the memory target's choice."""
+    from transformers import LlamaConfig
+
+    params = shipped_params()
+    config = LlamaConfig(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, vocab_size=49152
+    )
+    tokens = params.finetune.batch_size * params.dataset.max_length
+    need = recipe.activation_bytes(config, tokens, 2)
+    # 4-bit linears (~0.5 byte a weight) plus the 16-bit embeddings: under 0.15 GiB.
+    assert recipe.checkpoint_every_for(need, int(0.15 * 2**30)) == 1
 
 
 def test_activation_estimate_grows_with_tokens_layers_and_width(model_dir):
@@ -177,18 +204,25 @@ def test_liger_is_refused_with_the_reason_where_it_cannot_run(model_dir):
 
 def test_checkpointing_is_on_when_planned_and_leaves_the_gradients_unchanged(model_dir):
     """`auto` decides by the memory free on the machine, which no DVC input records: that is
-    sound only because recomputing activations gives the same gradients. Ground truth: the
-    same model trained without checkpointing."""
+    sound only because recomputing activations gives the same gradients, in every layer or
+    in every second one. Ground truth: the same model trained without checkpointing."""
     tokenizer = load_tokenizer(model_dir)
     inputs = padded(rows(), tokenizer)
     found = {}
-    for on in (False, True):
-        model, plan = recipe.lora_model(params_with(gradient_checkpointing=on), False, model_dir)
-        assert plan.checkpointing is on
-        assert model.is_activation_checkpointing is on
+    for setting, every in ((False, 0), (True, 1), (2, 2)):
+        model, plan = recipe.lora_model(
+            params_with(gradient_checkpointing=setting), False, model_dir
+        )
+        assert plan.checkpoint_every == every and plan.checkpointing is (every > 0)
+        assert model.is_activation_checkpointing is (every > 0)
+        layers = model.base_model.model.model.layers
+        assert [layer.gradient_checkpointing for layer in layers] == [
+            every > 0 and i % every == 0 for i in range(len(layers))
+        ]
         model.train()
         model(**inputs).loss.backward()
-        found[on] = torch.cat(
+        found[every] = torch.cat(
             [p.grad.flatten() for n, p in model.named_parameters() if "lora_" in n]
         )
-    assert relative(found[True], found[False]) < 1e-6
+    assert relative(found[1], found[0]) < 1e-6
+    assert relative(found[2], found[0]) < 1e-6
