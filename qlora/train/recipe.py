@@ -164,7 +164,7 @@ def resolve_checkpointing(choice: bool | int | str, model, params: Params) -> tu
     `auto` keeps at most as many bytes of activations as the model's weights take, as
     loaded: a QLoRA run's memory is then at most about twice its 4-bit weights plus the
     adapters and their optimizer state. Activations beyond that are what checkpointing is
-    for: on the default model (4-bit weights ~0.1 GiB, a batch's activations ~3 GiB) it
+    for: on the default model (4-bit weights ~0.1 GiB, a batch's activations ~1 GiB) it
     checkpoints every layer, which measured 2.73 GiB peak at 224 tokens/s against 4.67 GiB
     at 269 without (bf16 compute on a 2-core CPU with AVX512-BF16; `make bench`), and the
     reference recipe's 3.33 GiB at 138. A big batch on a GPU that would take over half of
