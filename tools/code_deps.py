@@ -102,11 +102,14 @@ def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return sorted(cycles)
 
 
-def stage_code_deps(stage: str, root: Path | str = ".") -> list[str]:
+def stage_code_deps(
+    stage: str, root: Path | str = ".", graph: dict[str, set[str]] | None = None
+) -> list[str]:
     """Repository-relative paths of every first-party file `python -m stages.<stage>` runs,
-    plus the data files those modules read: the stage's script first, then sorted."""
+    plus the data files those modules read: the stage's script first, then sorted.
+    `graph`: import_graph(root), when the caller already has it."""
     root = Path(root)
-    graph = import_graph(root)
+    graph = import_graph(root) if graph is None else graph
     start = f"stages/{stage}.py"
     seen: set[str] = set()
     todo = [start]
@@ -127,6 +130,7 @@ def rewrite_dvc_yaml(root: Path | str = ".") -> str:
     """dvc.yaml's text with each stage's code deps (the `- qlora/...` and `- stages/...`
     lines) replaced by what the imports say; every other line, comments included, kept."""
     root = Path(root)
+    graph = import_graph(root)  # parsed once for every stage
     out: list[str] = []
     stage = None
     for line in (root / "dvc.yaml").read_text().splitlines(keepends=True):
@@ -136,7 +140,7 @@ def rewrite_dvc_yaml(root: Path | str = ".") -> str:
             continue
         out.append(line)
         if stage and re.match(r"^    deps:\s*$", line):
-            out.extend(f"      - {dep}\n" for dep in stage_code_deps(stage, root))
+            out.extend(f"      - {dep}\n" for dep in stage_code_deps(stage, root, graph))
     return "".join(out)
 
 
