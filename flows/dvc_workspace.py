@@ -142,7 +142,7 @@ def find_repo_root(path: Path | str | None) -> Path:
     root = Path(path).expanduser().resolve()
     if not (root / ".dvc").is_dir():
         raise ValueError(f"{root} is not a DVC repository (no .dvc/ directory): run `dvc init`")
-    if not (root / "dvc.yaml").is_file():
+    if not (root / dvc.DAG).is_file():
         raise ValueError(f"{root}/dvc.yaml not found: there is no pipeline to run")
     return root
 

@@ -85,7 +85,7 @@ def build_lineage(root: Path) -> dict:
 
     stages = _lock_stages(root)
     adapter = dvc.lock_out(stages, "finetune", paths.ADAPTER_DIR)
-    identity = root / paths.ADAPTER_DIR / "base_identity.json"
+    identity = root / paths.ADAPTER_DIR / paths.BASE_IDENTITY
     return {
         "git": git_state(root),
         "adapter": {"path": adapter["path"], "dvc_md5": adapter.get("md5")},
@@ -93,7 +93,7 @@ def build_lineage(root: Path) -> dict:
         if identity.exists()
         else None,
         "evaluation": evaluation_inputs(stages),
-        "params": yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8")),
+        "params": yaml.safe_load((root / paths.PARAMS_FILE).read_text(encoding="utf-8")),
         "dvc_lock": stages,
         "packages": dict(package_versions()),
     }
@@ -208,7 +208,7 @@ def promote(
     adapter_dir = root / paths.ADAPTER_DIR
     if not (adapter_dir / "adapter_config.json").is_file():
         raise StageError(f"{adapter_dir}: no adapter_config.json (run the finetune stage)")
-    params = load_params(root / "params.yaml")
+    params = load_params(root / paths.PARAMS_FILE)
     lineage = build_lineage(root)
     stages = lineage["dvc_lock"]
     check_lock_chain(stages)

@@ -60,7 +60,7 @@ def lineage(root: Path) -> dict:
     params, source = dvc["params"], "dvc.lock (the values each stage ran with)"
     if params is None:
         try:
-            params = yaml.safe_load((root / "params.yaml").read_text(encoding="utf-8"))
+            params = yaml.safe_load((root / paths.PARAMS_FILE).read_text(encoding="utf-8"))
             source = "params.yaml (no dvc.lock: may differ from the values of the run)"
         except (OSError, yaml.YAMLError):
             params, source = None, "nowhere: no dvc.lock and no readable params.yaml"
