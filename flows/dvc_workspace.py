@@ -29,7 +29,7 @@ from typing import Any
 import psutil
 from filelock import FileLock, Timeout
 
-from qlora.core import dvc
+from qlora.core import dvc, paths
 from qlora.core.io import StageError, atomic_write_text, pipeline_env
 from qlora.core.params import Params, ParamsError, load_params
 from qlora.core.paths import EVAL_TASKS_DIR, PARAMS_FILE
@@ -368,6 +368,16 @@ def apply_param_overrides(
     `allow_risky`. Only then is params.yaml replaced, atomically; a refusal leaves it
     byte-identical. Returns the overrides grouped by params file, as `dvc exp run` does.
     """
+    items, text = check_param_overrides(repo_dir, overrides, allow_risky)
+    atomic_write_text(repo_dir / PARAMS_FILE, text)
+    return {str(PARAMS_FILE): items}
+
+
+def check_param_overrides(
+    repo_dir: Path, overrides: Sequence[str], allow_risky: bool = False
+) -> tuple[list[str], str]:
+    """Every check of `apply_param_overrides`, with nothing written: the overrides without
+    their file prefix, and the text params.yaml would have. Raises OverrideRefused."""
     items = _params_yaml_items(repo_dir, overrides)
     _check_grammar(items)
     path = repo_dir / PARAMS_FILE
@@ -381,8 +391,7 @@ def apply_param_overrides(
             f"its worker starts or in its job variables (prefect.yaml); `qlora flow run` "
             f"allows them"
         )
-    atomic_write_text(path, text)
-    return {str(PARAMS_FILE): items}
+    return items, text
 
 
 def _params_yaml_items(repo_dir: Path, overrides: Sequence[str]) -> list[str]:
@@ -690,3 +699,27 @@ def repair_workspace(repo_dir: Path, logger: logging.Logger | logging.LoggerAdap
     for note in notes:
         logger.warning(note)
     return notes
+
+
+def promote_if_passed(
+    repo_dir: Path, registry_dir: str | None, logger: logging.Logger | logging.LoggerAdapter
+) -> dict[str, Any]:
+    """Register the workspace's adapter if its gate passed; it becomes champion only if it
+    also holds up against the current champion (the registry decides, under its own lock).
+    Called while the caller holds the workspace."""
+    from qlora.core.io import read_json
+    from qlora.registry.promotion import promote
+    from qlora.registry.store import Registry, default_dir
+
+    gate = read_json(repo_dir / paths.GATE_REPORT)
+    if not gate.get("passed"):
+        logger.info("not promoted, the gate rejected the adapter: %s", gate.get("summary"))
+        return {"version": None, "champion": False, "summary": gate.get("summary")}
+    registry = Registry(Path(registry_dir) if registry_dir else repo_dir / default_dir())
+    event = promote(repo_dir, registry)
+    for note in registry.recovered:  # what an interrupted writer left, set aside, not deleted
+        logger.warning("registry recovery: %s", note)
+    logger.info("%s (registry %s)", event["summary"], registry.root)
+    for reason in event["reasons"]:
+        logger.info("  %s", reason)
+    return {k: event[k] for k in ("version", "champion", "summary")}

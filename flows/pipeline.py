@@ -45,7 +45,7 @@ from prefect.tasks import exponential_backoff
 
 from flows import dvc_workspace as ws
 from flows import report_artifacts
-from qlora.core import paths
+from qlora.core import dvc
 from qlora.core.io import StageError
 from qlora.core.sources import settle_always_changed
 
@@ -195,23 +195,20 @@ def push_outputs(repo_dir: Path) -> None:
 def promote_adapter(repo_dir: Path, registry_dir: str | None) -> dict[str, Any]:
     """After a passing gate: register the adapter; it becomes champion only if it also holds
     up against the current champion (the registry decides, under its own lock)."""
-    from qlora.core.io import read_json
-    from qlora.registry.promotion import promote
-    from qlora.registry.store import Registry, default_dir
+    return ws.promote_if_passed(repo_dir, registry_dir, get_run_logger())
 
+
+def restore_last_good(repo_dir: Path) -> None:
+    """DVC deleted the failed stage's outputs before running it: put back what dvc.lock
+    records (the last good run), from the DVC cache."""
     logger = get_run_logger()
-    gate = read_json(repo_dir / paths.GATE_REPORT)
-    if not gate.get("passed"):
-        logger.info("not promoted, the gate rejected the adapter: %s", gate.get("summary"))
-        return {"version": None, "champion": False, "summary": gate.get("summary")}
-    registry = Registry(Path(registry_dir) if registry_dir else repo_dir / default_dir())
-    event = promote(repo_dir, registry)
-    for note in registry.recovered:  # what an interrupted writer left, set aside, not deleted
-        logger.warning("registry recovery: %s", note)
-    logger.info("%s (registry %s)", event["summary"], registry.root)
-    for reason in event["reasons"]:
-        logger.info("  %s", reason)
-    return {k: event[k] for k in ("version", "champion", "summary")}
+    try:
+        restored = dvc.restore_outputs(repo_dir)
+    except StageError as e:  # the stage's own error is the one to raise
+        logger.warning("could not restore the last good outputs: %s", e)
+        return
+    if restored:
+        logger.warning("restored the last good outputs: %s", ", ".join(restored))
 
 
 def experiment_name() -> str:
@@ -238,6 +235,7 @@ def _run_stages(
         except Exception:
             outcomes.append({"stage": stage, "result": "FAILED"})
             outcomes += [{"stage": s, "result": "not run"} for s in stages[i + 1 :]]
+            restore_last_good(repo_dir)
             try:
                 report_artifacts.publish_stage_table(outcomes, f"failed at stage {stage}")
             except Exception as e:  # the stage's own error is the one to report

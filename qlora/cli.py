@@ -1,6 +1,8 @@
 """`qlora`: the project's one command-line program.
 
 qlora run                 run the pipeline (`dvc repro`) and print each stage's time
+qlora restore             put back the last good outputs after a failed `dvc repro`
+qlora sweep -S k=a,b [-S k2=x,y] [--jobs N] [--promote]   a grid of experiments, ranked
 qlora validate PATH       check a dataset file before training on it
 qlora flow run [--set k=v]  run the pipeline as a Prefect flow
 qlora promote             register the adapter; make it champion if it passes its gates
@@ -76,11 +78,88 @@ def run(
         for name, seconds in timings.items():
             typer.echo(f"  {name:<10} {seconds:8.1f} s")
     typer.echo(f"  {'total':<10} {total:8.1f} s (wall, including DVC)")
+    if code != 0:
+        _restore_after_failure()
     if code == 0 and set(timings) <= {"sources"}:  # sources re-fingerprints on every run
         typer.echo("nothing to run: every stage is up to date")
     if code == 0:
         typer.echo("reports: reports/report.html, reports/report.md, reports/gate.json")
     raise typer.Exit(code)
+
+
+def _restore_after_failure() -> None:
+    """DVC deleted the failed stage's outputs before running it: put back the last good
+    ones (dvc.lock, untouched by the failure, says which), so a failure costs nothing."""
+    from qlora.core.io import StageError
+
+    try:
+        restored = dvc.restore_outputs(Path("."))
+    except StageError as e:
+        typer.echo(f"could not restore the last good outputs: {e}", err=True)
+        return
+    if restored:
+        typer.echo(f"restored the last good outputs: {', '.join(restored)}", err=True)
+
+
+@app.command()
+def restore() -> None:
+    """Put back every stage output that is missing or differs from dvc.lock, from the DVC
+    cache: the last good results after a stage failed under a plain `dvc repro`."""
+    from qlora.core.io import StageError
+
+    try:
+        restored = dvc.restore_outputs(Path("."))
+    except StageError as e:
+        _fail(e)
+    nothing = "nothing to restore: every output is what dvc.lock records"
+    typer.echo(f"restored: {', '.join(restored)}" if restored else nothing)
+
+
+@app.command()
+def sweep(
+    set_: list[str] = typer.Option(
+        ...,
+        "--set",
+        "-S",
+        help="a params.yaml key and its values: key=v1,v2 (or range(1,4)); repeat for a grid",
+    ),
+    name: str = typer.Option(None, "--name", "-n", help="sweep name (default: sweep-<time>)"),
+    jobs: int = typer.Option(1, "--jobs", "-j", min=1, help="experiments run at once"),
+    promote_: bool = typer.Option(
+        False, "--promote", help="register the best experiment's adapter (champion check)"
+    ),
+    registry: Path = REGISTRY_OPTION,
+) -> None:
+    """Run every combination of the values as a DVC experiment, rank them by the gate and
+    the primary metric, apply the best one the gate promoted (and register it).
+
+    Exit 0: a best experiment was applied; 3: the gate promoted none; 1: the sweep failed.
+    """
+    from flows import dvc_workspace as ws
+    from flows.sweep import run_sweep
+    from qlora.core.io import StageError
+    from qlora.report.sweep import text_table
+
+    try:
+        board = run_sweep(
+            Path("."),
+            set_,
+            name=name,
+            jobs=jobs,
+            promote=promote_,
+            registry_dir=str(registry) if registry else None,
+            logger=_echo_logger("qlora.sweep"),
+        )
+    except (StageError, ws.DvcCommandFailed, ws.WorkspaceBusy, ValueError) as e:
+        _fail(e)
+    typer.echo("\n" + text_table(board))
+    typer.echo(f"leaderboard: {paths.SWEEP_DIR}/leaderboard.html (.md, .json)")
+    typer.echo(f"sweep time: {board['seconds']:.0f} s")
+    if board["applied"]:
+        typer.echo(f"applied {board['applied']} to the workspace (`dvc exp apply`)")
+    if board["promotion"]:
+        typer.echo(f"promotion: {board['promotion']['summary']}")
+    raise typer.Exit(0 if board["applied"] else EXIT_REJECTED)
 
 
 @app.command()

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections import Counter
 
 from qlora.core import paths
-from qlora.core.io import atomic_dir, run_stage, write_json, write_jsonl
+from qlora.core.io import atomic_dir, run_stage, sha256_of, write_json, write_jsonl
 from qlora.core.params import load_params
 from qlora.core.sources import recorded
 from qlora.data.splitting import check_context, choice_rows, prepare, prose_rows
@@ -24,6 +24,8 @@ def main() -> None:
     tokenizer = load_tokenizer(paths.BASE_MODEL_DIR, params.base.trust_remote_code)
     source = recorded("dataset")  # what the sources stage fingerprinted for this run
     splits, summary = prepare(p, tokenizer, source.get("resolved_revision"))
+    if source["kind"] == "pipeline":  # written by a stage after `sources` ran: hashed here
+        source = {**source, "sha256": sha256_of(paths.DEFAULT_CORPUS)}
     summary["source_fingerprint"] = source
     with atomic_dir(paths.SPLITS_DIR) as out:
         for s in paths.SPLITS:

@@ -1,34 +1,35 @@
-"""Stage `evaluate`: the base and the adapter benchmarked side by side with lm-eval.
+"""Stage `evaluate`: the three variants' results side by side, as one benchmark.
 
-Runs base_full, base_4bit and adapter_4bit one at a time on the same tasks and settings
-(qlora/evaluation/benchmark.py says how, and why models are handed to lm-eval as objects).
-Outputs, written only once every variant has finished (a failure leaves the previous
-results in place): reports/eval/metrics.json (a DVC metric, checked against
-EvalMetrics), reports/eval/examples.json (greedy answers to the first test
-prompts).
+Reads reports/eval/variants/{base_full,base_4bit,adapter_4bit}.json (each written by its own
+`eval_<variant>` stage), checks they were measured with the same settings on the same
+prompts (qlora/evaluation/variants.py), and writes
+reports/eval/metrics.json (a DVC metric, checked against EvalMetrics) and
+reports/eval/examples.json (greedy answers to the first test prompts). Takes a second.
 """
 
 from __future__ import annotations
 
 from qlora.core import paths
-from qlora.core.io import run_stage, write_json
-from qlora.core.params import load_params
-from qlora.evaluation.benchmark import benchmark
+from qlora.core.io import StageError, read_json, run_stage, write_json
+from qlora.evaluation.variants import merge_variants
 from qlora.schemas.base import validated
-from qlora.schemas.metrics import EvalMetrics
+from qlora.schemas.metrics import EvalMetrics, VariantFile
 
 
 def main() -> None:
-    metrics, examples = benchmark(load_params())
+    results = {}
+    for name in paths.VARIANTS:
+        file = paths.variant_file(name)
+        if not file.is_file():
+            raise StageError(f"{file}: not found (run `dvc repro {paths.variant_stage(name)}`)")
+        results[name] = read_json(file)
+        validated(VariantFile, results[name], file)  # checked, then used as written
+    metrics, examples = merge_variants(results)
     validated(EvalMetrics, metrics, paths.EVAL_METRICS)  # its schema
-    # Both files at the end: a variant that fails leaves the previous results untouched.
     write_json(paths.EVAL_METRICS, metrics)
     write_json(paths.EVAL_EXAMPLES, examples)
     for v in metrics["variants"].values():
-        print(f"[evaluate] {v['label']}: {v['seconds']:.1f} s")
-        for task, task_metrics in v["metrics"].items():
-            shown = ", ".join(f"{m} {x['value']:.4g}" for m, x in task_metrics.items())
-            print(f"    {task}: {shown}")
+        print(f"[evaluate] {v['label']}: {v['seconds']:.1f} s of lm-eval")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,8 @@
-"""Stage `sources`: fingerprint the configured base model and dataset (qlora/core/sources.py).
+"""Stage `sources`: check params.yaml, fingerprint the configured base model and dataset.
+
+The first stage of every `dvc repro` (every other stage depends on it, directly or not):
+a bad value in params.yaml fails here, before DVC deletes any stage's outputs to rerun it.
+Fingerprints: qlora/core/sources.py.
 
 Runs on every `dvc repro` (always_changed in dvc.yaml) and takes a second: it hashes the
 local folder or file a source names (hashes of unchanged files are cached by size and
@@ -22,7 +26,9 @@ def main() -> None:
         if not out.is_file() or read_json(out) != fp:
             write_json(out, fp)
         described = (
-            fp.get("resolved_revision") or fp.get("requirement") or (f"{len(fp['sha256'])} file(s)")
+            fp.get("resolved_revision")
+            or fp.get("requirement")
+            or (f"{len(fp['sha256'])} file(s)" if "sha256" in fp else f"written by {fp['stage']}")
         )
         print(f"{kind}: {fp['source']} ({fp['kind']}: {described})")
 

@@ -102,15 +102,32 @@ def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return sorted(cycles)
 
 
+_SCRIPT = re.compile(r"python -m (stages\.\w+)")
+
+
+def stage_script(stage: str, root: Path | str = ".") -> str:
+    """The script a stage's `cmd` runs (`python -m stages.X ...` -> stages/X.py); several
+    stages may share one (the evaluation variants). stages/<stage>.py where dvc.yaml does
+    not say."""
+    import yaml
+
+    dvc_yaml = Path(root) / "dvc.yaml"
+    if dvc_yaml.is_file():
+        cmd = (yaml.safe_load(dvc_yaml.read_text())["stages"].get(stage) or {}).get("cmd", "")
+        if m := _SCRIPT.search(cmd):
+            return m[1].replace(".", "/") + ".py"
+    return f"stages/{stage}.py"
+
+
 def stage_code_deps(
     stage: str, root: Path | str = ".", graph: dict[str, set[str]] | None = None
 ) -> list[str]:
-    """Repository-relative paths of every first-party file `python -m stages.<stage>` runs,
-    plus the data files those modules read: the stage's script first, then sorted.
+    """Repository-relative paths of every first-party file the stage's script runs, plus
+    the data files those modules read: the script first, then sorted.
     `graph`: import_graph(root), when the caller already has it."""
     root = Path(root)
     graph = import_graph(root) if graph is None else graph
-    start = f"stages/{stage}.py"
+    start = stage_script(stage, root)
     seen: set[str] = set()
     todo = [start]
     while todo:

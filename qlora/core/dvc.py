@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from qlora.core.io import StageError, pipeline_env
+from qlora.core.io import StageError, atomic_write_bytes, pipeline_env
 
 LOCK = Path("dvc.lock")
 DAG = Path("dvc.yaml")
@@ -143,3 +143,80 @@ def status(root: Path | str = ".", target: str | None = None) -> dict:
     if done.returncode != 0:
         raise StageError(f"`dvc status` failed in {root}: {(done.stderr or done.stdout).strip()}")
     return parse_status(done.stdout)
+
+
+def cached_outputs(root: Path | str = ".") -> dict[str, bool]:
+    """Every output dvc.yaml declares (outs, metrics, plots): path -> whether DVC caches it
+    (`cache: false` outputs are git's, yet the run cache keeps a copy of them too)."""
+    dag = yaml.safe_load((Path(root) / DAG).read_text(encoding="utf-8"))
+    found: dict[str, bool] = {}
+    for stage in (dag.get("stages") or {}).values():
+        for kind in ("outs", "metrics", "plots"):
+            for entry in stage.get(kind) or []:
+                if not isinstance(entry, dict):  # a bare path: DVC's defaults
+                    entry = {entry: {}}
+                for path, options in entry.items():
+                    found[str(path)] = (options or {}).get("cache", True)
+    return found
+
+
+def changed_outputs(state: dict) -> list[str]:
+    """The outputs `dvc status --json` says are missing ("deleted") or differ from dvc.lock
+    ("modified"); one only absent from the cache ("not in cache") is left alone."""
+    changed = []
+    for entries in state.values():
+        for entry in entries:
+            if isinstance(entry, dict):
+                outs = entry.get("changed outs") or {}
+                changed += [p for p, why in outs.items() if why in ("deleted", "modified")]
+    return sorted(set(changed))
+
+
+def restore_outputs(root: Path | str = ".") -> list[str]:
+    """Put back, from the DVC cache, every stage output that is missing from the workspace
+    or differs from what dvc.lock records: the last good run's results, after a stage that
+    failed once DVC had deleted its outputs (they are not persistent, so that the run cache
+    works). Only declared stage outputs are touched: the pipeline wrote them all.
+
+    Cached outputs come back with `dvc checkout`; `cache: false` ones (the reports, kept in
+    git) from the copy DVC's run cache made of them, by the md5 dvc.lock records. Returns the
+    paths restored; a StageError names any that no cache holds."""
+    from dvc.repo import Repo
+
+    root = Path(root)
+    lost = changed_outputs(status(root))
+    if not lost:
+        return []
+    declared = cached_outputs(root)
+    stages = read_lock(root)
+    unknown = [p for p in lost if p not in declared]
+    if unknown:
+        raise StageError(f"not stage outputs of {DAG}: {', '.join(unknown)}")
+    cached = [p for p in lost if declared[p]]
+    if cached:
+        done = subprocess.run(
+            command("checkout", "--force", *cached),
+            cwd=root,
+            capture_output=True,
+            text=True,
+            env=pipeline_env(),
+            timeout=STATUS_TIMEOUT_S,
+        )
+        if done.returncode != 0:
+            raise StageError(f"`dvc checkout` failed: {(done.stderr or done.stdout).strip()}")
+    caches = Repo(str(root)).cache
+    missing = []
+    for rel in (p for p in lost if not declared[p]):
+        md5 = out_md5(stages, Path(rel))
+        copies = [Path(c.oid_to_path(md5)) for c in (caches.local, caches.legacy)] if md5 else []
+        copy = next((c for c in copies if c.is_file()), None)
+        if copy is None:
+            missing.append(rel)
+            continue
+        atomic_write_bytes(root / rel, copy.read_bytes())
+    if missing:
+        raise StageError(
+            f"no copy in the DVC cache of {', '.join(missing)} (run before the run cache held "
+            "it): `git checkout -- <path>` brings back a committed one"
+        )
+    return lost

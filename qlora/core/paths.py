@@ -98,6 +98,19 @@ EVAL_METRICS = EVAL_DIR / "metrics.json"
 EVAL_EXAMPLES = EVAL_DIR / "examples.json"
 
 
+# One file per evaluation variant, each written by its own stage (`eval_<variant>`).
+EVAL_VARIANTS_DIR = EVAL_DIR / "variants"
+
+
+def variant_file(variant: str) -> Path:
+    return EVAL_VARIANTS_DIR / f"{variant}.json"
+
+
+def variant_stage(variant: str) -> str:
+    """The DVC stage that evaluates `variant`."""
+    return f"eval_{variant}"
+
+
 GATE_REPORT = REPORTS_DIR / "gate.json"
 
 
@@ -108,6 +121,14 @@ REPORT_HTML = REPORTS_DIR / "report.html"
 
 
 REPORT_MD = REPORTS_DIR / "report.md"
+
+
+# The last sweep's leaderboard (`qlora sweep`): not a DVC stage's output, it compares
+# experiments. .json for tools, .md and .html for people.
+SWEEP_DIR = REPORTS_DIR / "sweep"
+
+
+SWEEP_LEADERBOARD = SWEEP_DIR / "leaderboard.json"
 
 
 # ---------------------------------------------------------------- scratch (not outputs)

@@ -7,7 +7,11 @@ fingerprint per source; the stages that read a source depend on its fingerprint 
   file), and DVC reruns what reads it;
 - a hub id is pinned to the commit its revision resolves to now (recorded in the lineage);
   a moved branch is a new fingerprint, a pinned commit works offline;
-- an embedded model is pinned by its exact pip requirement.
+- an embedded model is pinned by its exact pip requirement;
+- a file a stage of this pipeline writes (the default corpus, written by extract) is not
+  hashed here: `sources` runs before every other stage (each depends on it, directly or
+  not, so its check of params.yaml comes first), before that file is written. The stages
+  that read it depend on the file itself.
 An unchanged source rewrites the same bytes, so nothing downstream reruns.
 """
 
@@ -116,6 +120,8 @@ def fingerprint(
         if name not in EMBEDDED:
             raise StageError(f"{setting}: unknown embedded model {name!r}; known: {list(EMBEDDED)}")
         return {"kind": "embedded", "source": source, "requirement": EMBEDDED[name][0]}
+    if kind == "dataset" and Path(source) == paths.DEFAULT_CORPUS:
+        return {"kind": "pipeline", "source": source, "stage": "extract"}
     path = root / Path(source).expanduser()
     if path.exists():
         cache_file = root / HASH_CACHE

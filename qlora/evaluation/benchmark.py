@@ -13,9 +13,11 @@ Models are built by qlora/models/loading.py and handed to lm-eval as objects: lm
 
 The local tasks live in data/eval_tasks (docstring_loss, docstring_choice, prose_guard);
 any standard lm-eval task name works too where the datasets hub is reachable.
-Outputs (written only once every variant has finished, so a failure leaves the previous
-results in place): reports/eval/metrics.json (a DVC metric), reports/eval/examples.json
-(greedy answers of each variant to the first test prompts).
+Each variant is its own DVC stage (`eval_<variant>`, reports/eval/variants/<variant>.json),
+so a change to the adapter reruns only the adapter's evaluation: the bases' results come
+from their unchanged stages (or DVC's run cache). The `evaluate` stage merges the three
+(qlora/evaluation/variants.py) into reports/eval/metrics.json (a DVC metric) and
+reports/eval/examples.json (greedy answers of each variant to the first test prompts).
 """
 
 from __future__ import annotations
@@ -270,30 +272,15 @@ def quantization_name(params: Params) -> str:
     return q.quant_type + ("+double_quant" if q.double_quant else "")
 
 
-def benchmark(params: Params) -> tuple[dict, list[dict]]:
-    """Every variant on the same tasks and settings: (metrics.json, examples.json) content."""
-    p = params.evaluate
-    trust = params.base.trust_remote_code
-    manager = task_manager(p.tasks)  # unknown names fail here, before any model loads
-    if not (paths.ADAPTER_DIR / "adapter_config.json").is_file():
-        raise StageError(f"{paths.ADAPTER_DIR}: no adapter_config.json (run the finetune stage)")
-    wanted = max(p.examples, p.speed_prompts)
-    if wanted and not TEST_SPLIT.is_file():
-        raise StageError(f"{TEST_SPLIT}: not found (run the dataset stage)")
-    test_rows = read_jsonl(TEST_SPLIT)[:wanted] if wanted else []
-    for i, row in enumerate(test_rows):
-        if not isinstance(row.get("prompt"), str):
-            raise StageError(f"{TEST_SPLIT}: row {i + 1} has no string 'prompt'")
-    rows = test_rows[: p.examples]
-    prompts = [r["prompt"] for r in rows]
-    speed_prompts = [r["prompt"] for r in test_rows[: p.speed_prompts]]
-    tasks = build_tasks(manager, p.tasks)
-    aggregations = {t.config.task: t.aggregation() for t in tasks if hasattr(t, "aggregation")}
-    tokenizer = load_tokenizer(paths.BASE_MODEL_DIR, trust)
+Loader = Callable[[], torch.nn.Module]
 
+
+def variant_plan(params: Params) -> dict[str, tuple[str, str | None, Loader]]:
+    """Each variant's (label, quantization, loader), by name."""
+    trust = params.base.trust_remote_code
     quant = quantization_name(params)
     full_dtype = str(compute_dtype()).removeprefix("torch.")  # what load_full picks here
-    plan = {
+    return {
         paths.REFERENCE: (
             f"base ({full_dtype})",
             None,
@@ -310,14 +297,47 @@ def benchmark(params: Params) -> tuple[dict, list[dict]]:
             lambda: load_adapted(params.quantize, paths.ADAPTER_DIR, paths.BASE_MODEL_DIR, trust),
         ),
     }
-    variants, outputs = {}, {}
-    for name in paths.VARIANTS:
-        label, quantization, load = plan[name]
-        entry, outputs[name] = evaluate_variant(
-            name, load, tokenizer, tasks, manager, p, prompts, aggregations, speed_prompts
-        )
-        variants[name] = {"label": label, "quantization": quantization, **entry}
 
+
+def _test_rows(p: EvaluateParams) -> list[dict]:
+    """The first test rows: the example prompts and the timed ones."""
+    wanted = max(p.examples, p.speed_prompts)
+    if wanted and not TEST_SPLIT.is_file():
+        raise StageError(f"{TEST_SPLIT}: not found (run the dataset stage)")
+    rows = read_jsonl(TEST_SPLIT)[:wanted] if wanted else []
+    for i, row in enumerate(rows):
+        if not isinstance(row.get("prompt"), str):
+            raise StageError(f"{TEST_SPLIT}: row {i + 1} has no string 'prompt'")
+    return rows
+
+
+def benchmark_variant(params: Params, name: str) -> dict:
+    """One variant on the configured tasks: the content of its reports/eval/variants file
+    (its settings, its results, its answers to the example prompts)."""
+    if name not in paths.VARIANTS:
+        raise StageError(f"unknown variant {name!r}: one of {', '.join(paths.VARIANTS)}")
+    p = params.evaluate
+    manager = task_manager(p.tasks)  # unknown names fail here, before any model loads
+    if name == paths.CANDIDATE and not (paths.ADAPTER_DIR / "adapter_config.json").is_file():
+        raise StageError(f"{paths.ADAPTER_DIR}: no adapter_config.json (run the finetune stage)")
+    test_rows = _test_rows(p)
+    rows = test_rows[: p.examples]
+    speed_prompts = [r["prompt"] for r in test_rows[: p.speed_prompts]]
+    tasks = build_tasks(manager, p.tasks)
+    aggregations = {t.config.task: t.aggregation() for t in tasks if hasattr(t, "aggregation")}
+    tokenizer = load_tokenizer(paths.BASE_MODEL_DIR, params.base.trust_remote_code)
+    label, quantization, load = variant_plan(params)[name]
+    entry, outputs = evaluate_variant(
+        name,
+        load,
+        tokenizer,
+        tasks,
+        manager,
+        p,
+        [r["prompt"] for r in rows],
+        aggregations,
+        speed_prompts,
+    )
     settings = {
         "tasks": p.tasks,
         "num_fewshot": p.num_fewshot,
@@ -331,8 +351,12 @@ def benchmark(params: Params) -> tuple[dict, list[dict]]:
             "id": row.get("id", i),
             "prompt": row["prompt"],
             "reference": row.get("response", row.get("completion")),
-            "outputs": {name: outputs[name][i] for name in paths.VARIANTS},
+            "output": output,
         }
-        for i, row in enumerate(rows)
+        for i, (row, output) in enumerate(zip(rows, outputs, strict=True))
     ]
-    return {"settings": settings, "variants": variants}, examples
+    return {
+        "settings": settings,
+        "variant": {"label": label, "quantization": quantization, **entry},
+        "examples": examples,
+    }

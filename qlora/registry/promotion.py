@@ -37,12 +37,22 @@ def stale_stages(root: Path, target: str = "gate") -> dict:
     return settle_always_changed(dvc.status(root, target), root)
 
 
+# The stage that evaluates the adapter: what it read besides the adapter is what two
+# adapters' metrics must share to compare.
+ADAPTER_EVAL = paths.variant_stage(paths.CANDIDATE)
+
+
 def check_lock_chain(stages: dict) -> None:
-    """Refuse a dvc.lock whose stages do not follow from each other: evaluate must have read
-    the adapter finetune wrote, and gate the metrics evaluate wrote. Each is checked against
+    """Refuse a dvc.lock whose stages do not follow from each other: the adapter's
+    evaluation must have read the adapter finetune wrote, evaluate the results that
+    evaluation wrote, and gate the metrics evaluate wrote. Each is checked against
     its own stage's record elsewhere; this ties the records together, so what is registered
     is one run's adapter, metrics and decision, not pieces of two."""
-    links = [("finetune", paths.ADAPTER_DIR, "evaluate"), ("evaluate", paths.EVAL_METRICS, "gate")]
+    links = [
+        ("finetune", paths.ADAPTER_DIR, ADAPTER_EVAL),
+        (ADAPTER_EVAL, paths.variant_file(paths.CANDIDATE), "evaluate"),
+        ("evaluate", paths.EVAL_METRICS, "gate"),
+    ]
     for writer, path, reader in links:
         wrote = dvc.lock_out(stages, writer, path)["md5"]
         read = (dvc.lock_entry(stages, reader, path, "deps") or {}).get("md5")
@@ -55,7 +65,7 @@ def check_lock_chain(stages: dict) -> None:
 
 def _lock_stages(root: Path) -> dict:
     stages = dvc.read_lock(root)
-    missing = [s for s in ("finetune", "evaluate", "gate") if s not in stages]
+    missing = [s for s in ("finetune", ADAPTER_EVAL, "evaluate", "gate") if s not in stages]
     if missing:
         raise StageError(
             f"{root / dvc.LOCK}: no entry for {', '.join(missing)}: run `qlora run` first"
@@ -64,15 +74,15 @@ def _lock_stages(root: Path) -> dict:
 
 
 def evaluation_inputs(stages: dict) -> dict:
-    """What the evaluate stage read besides the adapter (code, data, base, eval tasks) and
-    its params. Two adapters' metrics compare only when these are equal."""
+    """What the adapter's evaluation read besides the adapter (code, data, base, eval
+    tasks) and its params. Two adapters' metrics compare only when these are equal."""
     trained = {o["path"] for o in stages["finetune"].get("outs") or []}
     deps = {
         d["path"]: d.get("md5") or d.get("hash")
-        for d in stages["evaluate"].get("deps") or []
+        for d in stages[ADAPTER_EVAL].get("deps") or []
         if d["path"] not in trained
     }
-    params = stages["evaluate"].get("params") or {}
+    params = stages[ADAPTER_EVAL].get("params") or {}
     digest = hashlib.sha256(
         json.dumps({"deps": deps, "params": params}, sort_keys=True, default=str).encode()
     ).hexdigest()

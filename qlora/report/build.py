@@ -206,7 +206,7 @@ def build_context(inputs: dict, root: Path, out_html: Path, compare: dict | None
     return ctx
 
 
-def _environment(autoescape: bool) -> jinja2.Environment:
+def template_environment(autoescape: bool) -> jinja2.Environment:
     env = jinja2.Environment(
         loader=jinja2.FileSystemLoader(TEMPLATES),
         autoescape=autoescape,
@@ -237,8 +237,8 @@ def render_report(
     ctx = build_context(load_inputs(reports_dir), root, out_html, compare)
     # Model outputs are untrusted: the HTML is autoescaped; the Markdown escapes per filter.
     try:
-        html = _environment(autoescape=True).get_template("report.html.j2").render(ctx)
-        md = _environment(autoescape=False).get_template("report.md.j2").render(ctx)
+        html = template_environment(autoescape=True).get_template("report.html.j2").render(ctx)
+        md = template_environment(autoescape=False).get_template("report.md.j2").render(ctx)
     except jinja2.UndefinedError as e:
         raise StageError(f"an input under {reports_dir} lacks a field the report shows: {e}") from e
     atomic_write_text(out_html, html)

@@ -51,6 +51,22 @@ class VariantResult(OpenSchema):
     speed: Speed | None = None  # greedy generation, where evaluate measured it
 
 
+class VariantExample(OpenSchema):
+    id: int | str
+    prompt: str
+    reference: str | None = None
+    output: str
+
+
+class VariantFile(BaseModel):
+    """reports/eval/variants/<variant>.json: one variant's benchmark, written by its own
+    stage and merged with the others' by the evaluate stage."""
+
+    settings: EvalSettings
+    variant: VariantResult
+    examples: list[VariantExample] = []
+
+
 class EvalMetrics(BaseModel):
     """reports/eval/metrics.json: every variant's lm-eval results on the same settings."""
 

@@ -89,9 +89,12 @@ def test_the_gpu_adapter_matches_an_independent_load(trained):
 
 def test_lm_eval_scores_the_three_variants_on_the_gpu(trained):
     pytest.importorskip("lm_eval", reason="lm-eval is not installed on this GPU machine")
-    from stages import evaluate
+    from qlora.core import paths
+    from stages import eval_variant, evaluate
 
     shutil.rmtree(trained / "reports/eval", ignore_errors=True)
+    for variant in paths.VARIANTS:
+        eval_variant.main(variant)
     evaluate.main()
     metrics = json.loads((trained / "reports/eval/metrics.json").read_text())
     variants = metrics["variants"]

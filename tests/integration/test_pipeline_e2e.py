@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ import yaml
 from helpers.dag import SECRET, dvc, files_under, repro_in_copy
 from helpers.repo import git
 from helpers.tiny import alpaca_rows, make_tiny_model_dir, tiny_params
-from qlora.core.io import write_jsonl
+from qlora.core.io import pipeline_env, write_jsonl
 from qlora.core.sources import settle_always_changed
 from qlora.train.log_layout import training_view
 
@@ -33,6 +34,9 @@ STAGES = [
     "validate",
     "quantize",
     "finetune",
+    "eval_base_full",
+    "eval_base_4bit",
+    "eval_adapter_4bit",
     "evaluate",
     "gate",
     "claims",
@@ -230,6 +234,95 @@ def test_a_qwen2_model_with_biased_projections_and_untied_embeddings_runs_the_da
     rerun = dvc(work, "repro", "base")
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert "[base] done in" in rerun.stdout
+
+
+def set_params(work: Path, edit) -> None:
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    edit(params)
+    (work / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+def stages_ran(done: subprocess.CompletedProcess) -> set[str]:
+    return {s for s in STAGES if f"[{s}] done in" in done.stdout}
+
+
+# Every output of the DAG but the sources' fingerprints (rewritten on every run).
+OUTPUTS = (
+    "data/prepared",
+    "data/raw",
+    "reports/base.json",
+    "reports/dataset.json",
+    "reports/validation",
+    "reports/quantize.json",
+    "reports/quantize_layers.json",
+    "reports/train",
+    "reports/eval",
+    "reports/gate.json",
+    "reports/claims.json",
+    "reports/report.md",
+)
+
+
+def test_a_finetune_change_reruns_only_the_adapter_side_and_going_back_runs_nothing(
+    pipeline_run,
+):
+    """The experiment loop: a finetune-only change retrains and re-evaluates the adapter
+    alone (the bases' evaluations stay), and returning to the earlier params restores
+    every stage from DVC's run cache without running it."""
+    work, _ = pipeline_run
+    assert dvc(work, "repro").returncode == 0  # settle whatever an earlier test changed
+    before = files_under(work, *OUTPUTS)
+    lr = yaml.safe_load((work / "params.yaml").read_text())["finetune"]["learning_rate"]
+
+    set_params(work, lambda p: p["finetune"].update(learning_rate=lr / 2))
+    changed = dvc(work, "repro")
+    assert changed.returncode == 0, changed.stdout[-3000:] + changed.stderr[-3000:]
+    assert stages_ran(changed) == {
+        "sources",
+        "finetune",
+        "eval_adapter_4bit",
+        "evaluate",
+        "gate",
+        "claims",
+        "report",
+    }
+    assert files_under(work, "data/prepared/adapter") != {
+        k: v for k, v in before.items() if k.startswith("data/prepared/adapter")
+    }
+
+    set_params(work, lambda p: p["finetune"].update(learning_rate=lr))
+    back = dvc(work, "repro")
+    assert back.returncode == 0, back.stdout[-3000:] + back.stderr[-3000:]
+    assert stages_ran(back) == {"sources"}, "stages ran instead of coming from the run cache"
+    for stage in ("finetune", "eval_adapter_4bit", "evaluate", "gate", "claims", "report"):
+        assert f"Stage '{stage}' is cached - skipping run" in back.stdout, stage
+    after = files_under(work, *OUTPUTS)
+    differ = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+    assert differ == [], f"not as before the round trip: {differ}"
+    assert json.loads(dvc(work, "status", "--json").stdout) == {"sources": ["always changed"]}
+
+
+def test_a_stage_that_fails_under_qlora_run_leaves_the_last_good_outputs(pipeline_run):
+    """A valid value that fails at run time (an lm-eval task that does not exist): DVC
+    deletes the evaluations' outputs before running them, and `qlora run` puts them back."""
+    work, _ = pipeline_run
+    assert dvc(work, "repro").returncode == 0
+    kept = ("data/prepared/adapter", "reports/train", "reports/eval", "reports/gate.json")
+    before = files_under(work, *kept)
+    good = (work / "params.yaml").read_text()
+    set_params(work, lambda p: p["evaluate"].update(tasks=["docstring_loss", "no_such_task"]))
+    try:
+        qlora = Path(sys.executable).with_name("qlora")
+        failed = subprocess.run(
+            [str(qlora), "run"], cwd=work, capture_output=True, text=True, env=pipeline_env()
+        )
+        assert failed.returncode != 0
+        assert "no_such_task" in failed.stdout + failed.stderr
+        assert "restored the last good outputs" in failed.stderr, failed.stderr[-2000:]
+        assert files_under(work, *kept) == before, "the failed run lost outputs"
+    finally:
+        (work / "params.yaml").write_text(good)
+    assert json.loads(dvc(work, "status", "--json").stdout) == {"sources": ["always changed"]}
 
 
 def test_a_bad_value_fails_clearly_and_loses_no_output(pipeline_run):

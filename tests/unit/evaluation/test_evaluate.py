@@ -1,4 +1,5 @@
-"""Stage `evaluate` on a tiny random Llama with a random LoRA adapter, through real lm-eval.
+"""The evaluation stages (`eval_<variant>` then `evaluate`) on a tiny random Llama with a
+random LoRA adapter, through real lm-eval.
 
 Each workspace holds tiny params, the tiny model as the base, the splits + eval files written
 by the real dataset stage and a copy of the local task YAMLs (conftest's `workspace`).
@@ -19,13 +20,21 @@ import yaml
 from helpers import avx512bf16
 from helpers.repo import REPO
 from helpers.tiny import alpaca_rows, tiny_params
+from qlora.core import paths
 from qlora.core.io import StageError, read_jsonl, write_jsonl
 from qlora.evaluation import benchmark
-from stages import evaluate
+from stages import eval_variant, evaluate
 
 pytestmark = pytest.mark.cpu_paths
 
 ADAPTER = Path("data/prepared/adapter")
+
+
+def evaluate_all() -> None:
+    """What `dvc repro` runs: each variant's stage, then the merge."""
+    for variant in paths.VARIANTS:
+        eval_variant.main(variant)
+    evaluate.main()
 
 
 def save_random_adapter(base_dir: Path, out: Path, seed: int = 0) -> None:
@@ -82,7 +91,7 @@ def evaluated(tmp_path_factory, tiny_model_dir, bnb_cpu_path) -> Iterator[Path]:
         sources.main()
         dataset.main()
         save_random_adapter(root / "data/prepared/base_model", root / ADAPTER)
-        evaluate.main()
+        evaluate_all()
         yield root
 
 
@@ -196,23 +205,81 @@ def test_unknown_task_is_named_before_any_model_loads(workspace):
     (workspace / "params.yaml").write_text(
         params.replace("- prose_guard", "- prose_guard\n  - docstring_lossy")
     )
-    with pytest.raises(StageError, match="docstring_lossy"):
-        evaluate.main()
+    for variant in paths.VARIANTS:
+        with pytest.raises(StageError, match="docstring_lossy"):
+            eval_variant.main(variant)
     assert not (workspace / "reports/eval").exists()
 
 
 def test_a_failing_variant_leaves_previous_results_untouched(workspace):
-    previous = {"settings": {}, "variants": {"kept": True}}
-    out = workspace / "reports/eval"
-    out.mkdir(parents=True)
-    (out / "metrics.json").write_text(json.dumps(previous))
+    previous = {"settings": {}, "variant": {"kept": True}}
+    out = workspace / paths.variant_file(paths.CANDIDATE)
+    out.parent.mkdir(parents=True)
+    out.write_text(json.dumps(previous))
     save_random_adapter(workspace / "data/prepared/base_model", workspace / ADAPTER)
     weights = workspace / ADAPTER / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])  # a truncated copy
     with pytest.raises(StageError, match="adapter_4bit"):
+        eval_variant.main(paths.CANDIDATE)
+    assert json.loads(out.read_text()) == previous
+    assert not (workspace / paths.EVAL_METRICS).exists()
+
+
+def test_the_merge_refuses_a_missing_variant_and_names_its_stage(workspace):
+    with pytest.raises(StageError, match="eval_base_full"):
         evaluate.main()
-    assert json.loads((out / "metrics.json").read_text()) == previous
-    assert not (out / "examples.json").exists()
+    assert not (workspace / paths.EVAL_METRICS).exists()
+
+
+def variant_result(name: str, **settings) -> dict:
+    return {
+        "settings": {"tasks": ["t"], "limit": 8, "batch_size": 4, "device": "cpu", **settings},
+        "variant": {"label": name, "metrics": {"t": {"m": {"value": 1.0}}}},
+        "examples": [{"id": 0, "prompt": "p", "reference": "r", "output": f"{name} says"}],
+    }
+
+
+def test_the_merge_puts_each_variant_under_its_name_with_its_answers():
+    from qlora.evaluation.variants import merge_variants
+
+    metrics, examples = merge_variants({n: variant_result(n) for n in paths.VARIANTS})
+    assert list(metrics["variants"]) == list(paths.VARIANTS)
+    assert all(metrics["variants"][n]["label"] == n for n in paths.VARIANTS)
+    assert "devices" not in metrics["settings"]
+    assert examples == [
+        {
+            "id": 0,
+            "prompt": "p",
+            "reference": "r",
+            "outputs": {n: f"{n} says" for n in paths.VARIANTS},
+        }
+    ]
+
+
+def test_the_merge_refuses_variants_measured_with_other_settings():
+    from qlora.evaluation.variants import merge_variants
+
+    results = {n: variant_result(n) for n in paths.VARIANTS}
+    results[paths.REFERENCE] = variant_result(paths.REFERENCE, limit=16)
+    with pytest.raises(StageError, match="base_full was evaluated with limit = 16"):
+        merge_variants(results)
+    results[paths.REFERENCE] = variant_result(paths.REFERENCE)
+    results[paths.BASELINE]["examples"][0]["prompt"] = "another"
+    with pytest.raises(StageError, match="base_4bit answered other example prompts"):
+        merge_variants(results)
+
+
+def test_the_merge_records_the_devices_when_a_cached_variant_came_from_another():
+    from qlora.evaluation.variants import merge_variants
+
+    results = {n: variant_result(n) for n in paths.VARIANTS}
+    results[paths.REFERENCE]["settings"]["device"] = "cuda"
+    metrics, _ = merge_variants(results)
+    assert metrics["settings"]["devices"] == {
+        "base_full": "cuda",
+        "base_4bit": "cpu",
+        "adapter_4bit": "cpu",
+    }
 
 
 def test_metrics_keep_filters_and_turn_missing_stderr_into_null():

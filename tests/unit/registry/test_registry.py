@@ -1,8 +1,9 @@
 """Promotion and the adapter registry, on a toy DVC project with a real tiny adapter.
 
-The toy project has the real pipeline's last three stages by name: `finetune` (copies a
-real peft adapter made on the tiny Llama, with the scores the test wants), `evaluate`
-(writes those scores as reports/eval/metrics.json) and the real `gate` stage. So promotion
+The toy project has the real pipeline's last stages by name: `finetune` (copies a real
+peft adapter made on the tiny Llama, with the scores the test wants), `eval_adapter_4bit`
+(writes those scores as the adapter's result), `evaluate` (merges them into
+reports/eval/metrics.json) and the real `gate` stage. So promotion
 reads a real dvc.lock, runs a real `dvc status`, and copies real adapter files.
 """
 
@@ -40,10 +41,13 @@ shutil.rmtree(out, ignore_errors=True)
 shutil.copytree("adapter_src", out)
 shutil.copy("toy_scores.json", out / "scores.json")
 """
-TOY_EVALUATE = """import json, pathlib
+TOY_EVAL_ADAPTER = """import json, pathlib
 scores = json.loads(pathlib.Path("data/prepared/adapter/scores.json").read_text())
-pathlib.Path("reports/eval").mkdir(parents=True, exist_ok=True)
-pathlib.Path("reports/eval/metrics.json").write_text(json.dumps(scores))
+pathlib.Path("reports/eval/variants").mkdir(parents=True, exist_ok=True)
+pathlib.Path("reports/eval/variants/adapter_4bit.json").write_text(json.dumps(scores))
+"""
+TOY_EVALUATE = """import pathlib, shutil
+shutil.copy("reports/eval/variants/adapter_4bit.json", "reports/eval/metrics.json")
 """
 TOY_DVC_YAML = {
     "stages": {
@@ -52,9 +56,14 @@ TOY_DVC_YAML = {
             "deps": ["toy_finetune.py", "adapter_src", "toy_scores.json"],
             "outs": ["data/prepared/adapter"],
         },
+        "eval_adapter_4bit": {
+            "cmd": "python toy_eval_adapter.py",
+            "deps": ["toy_eval_adapter.py", "data/prepared/adapter", "data/prepared/eval"],
+            "outs": ["reports/eval/variants/adapter_4bit.json"],
+        },
         "evaluate": {
             "cmd": "python toy_evaluate.py",
-            "deps": ["toy_evaluate.py", "data/prepared/adapter", "data/prepared/eval"],
+            "deps": ["toy_evaluate.py", "reports/eval/variants/adapter_4bit.json"],
             "metrics": [{"reports/eval/metrics.json": {"cache": False}}],
         },
         "gate": {
@@ -98,7 +107,8 @@ def run(args: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:
 
 
 def repro(repo: Path, **score_args) -> None:
-    """New scores -> a new run: finetune, evaluate and gate rerun, dvc.lock records them."""
+    """New scores -> a new run: finetune, the evaluations and gate rerun, dvc.lock records
+    them."""
     write_json(repo / "toy_scores.json", scores(**score_args))
     run([sys.executable, "-m", "dvc", "repro", "-q"], repo)
 
@@ -135,6 +145,7 @@ def template(tmp_path_factory, tiny_model_dir) -> Path:
     (repo / "params.yaml").write_text(yaml.safe_dump(tiny_params(tiny_model_dir)))
     (repo / "dvc.yaml").write_text(yaml.safe_dump(TOY_DVC_YAML))
     (repo / "toy_finetune.py").write_text(TOY_FINETUNE)
+    (repo / "toy_eval_adapter.py").write_text(TOY_EVAL_ADAPTER)
     (repo / "toy_evaluate.py").write_text(TOY_EVALUATE)
     (repo / "data/prepared/eval").mkdir(parents=True)
     (repo / "data/prepared/eval/prose.jsonl").write_text('{"id": 1, "text": "prose"}\n')
@@ -769,11 +780,15 @@ def test_a_file_changed_after_dvc_lock_was_written_is_not_registered(repo, monke
 
 @pytest.mark.parametrize(
     ("reader", "path"),
-    [("evaluate", "data/prepared/adapter"), ("gate", "reports/eval/metrics.json")],
+    [
+        ("eval_adapter_4bit", "data/prepared/adapter"),
+        ("evaluate", "reports/eval/variants/adapter_4bit.json"),
+        ("gate", "reports/eval/metrics.json"),
+    ],
 )
 def test_stages_of_two_runs_in_dvc_lock_are_not_registered(repo, monkeypatch, reader, path):
-    """Each file matches its own stage's record, but evaluate (or gate) read another
-    adapter (metrics) than the one recorded: pieces of two runs."""
+    """Each file matches its own stage's record, but an evaluation (or gate) read another
+    adapter (result, metrics) than the one recorded: pieces of two runs."""
 
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     dep = next(d for d in lock["stages"][reader]["deps"] if d["path"] == path)
@@ -916,6 +931,7 @@ def test_the_flow_promotes_after_a_passing_gate_and_only_then(repo, tmp_path, mo
         second = qlora_pipeline(repo_dir=str(repo), promote=True, registry_dir=str(reg.root))
     assert [s["stage"] for s in second["stages"] if s["result"] == "ran"] == [
         "finetune",
+        "eval_adapter_4bit",
         "evaluate",
         "gate",
     ]

@@ -12,13 +12,16 @@ import pytest
 import yaml
 
 from helpers.repo import REPO
+from qlora.core import paths
 from tools.code_deps import import_cycles, import_graph, rewrite_dvc_yaml, stage_code_deps
 
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 # Stages whose results no third-party library shapes beyond the standard library,
 # pydantic and jinja2: the sources fingerprints, the stdlib corpus (it depends on the
-# Python version, recorded by extract), the gate's arithmetic and the report's rendering.
-NO_LIBRARY_STAGES = {"claims", "sources", "extract", "gate", "report"}
+# Python version, recorded by extract), the merge of the evaluation variants, the gate's
+# arithmetic and the report's rendering.
+NO_LIBRARY_STAGES = {"claims", "sources", "extract", "evaluate", "gate", "report"}
+VARIANT_STAGES = {paths.variant_stage(v): v for v in paths.VARIANTS}
 
 
 def deps(stage: str) -> set[str]:
@@ -35,10 +38,14 @@ def outputs(stage: str) -> list[tuple[str, dict]]:
 
 
 def test_every_stage_script_is_a_stage_and_every_stage_a_script():
+    """One script per stage, except the evaluation variants' stages, which share one."""
     scripts = {p.stem for p in (REPO / "stages").glob("*.py") if p.stem != "__init__"}
-    assert scripts == set(DVC)
+    assert scripts == (set(DVC) - set(VARIANT_STAGES)) | {"eval_variant"}
     for name, stage in DVC.items():
-        assert stage["cmd"] == f"python -m stages.{name}"
+        if name in VARIANT_STAGES:
+            assert stage["cmd"] == f"python -m stages.eval_variant {VARIANT_STAGES[name]}"
+        else:
+            assert stage["cmd"] == f"python -m stages.{name}"
 
 
 @pytest.mark.parametrize("stage", sorted(DVC))
@@ -119,12 +126,40 @@ def test_every_listed_dependency_exists_or_is_an_output(stage):
         assert made_by_a_stage or (REPO / dep).exists(), f"{stage}: {dep} does not exist"
 
 
-@pytest.mark.parametrize("stage", sorted(DVC))
-def test_outputs_survive_a_failed_run(stage):
-    """DVC deletes a stage's outputs before running it unless they are persistent; the
-    stages replace them atomically themselves."""
+@pytest.mark.parametrize("stage", sorted(set(DVC) - {"sources"}))
+def test_every_stage_but_sources_can_come_from_the_run_cache(stage):
+    """DVC keeps no run-cache entry for a stage with a persistent output, nor for one with a
+    `cache: false` output other than a metric or plot (dvc/stage/__init__.py, cache.py)."""
+    assert not DVC[stage].get("always_changed")
     for path, options in outputs(stage):
-        assert options.get("persist") is True, f"{stage}: {path} is not persist: true"
+        assert not options.get("persist"), f"{stage}: {path} is persist: the run cache is off"
+    for entry in DVC[stage].get("outs", []):
+        path, options = next(iter(entry.items())) if isinstance(entry, dict) else (entry, {})
+        assert (options or {}).get("cache", True), f"{stage}: {path} is an uncached out"
+
+
+def test_sources_is_persistent_so_its_check_of_params_yaml_deletes_nothing():
+    assert all(options.get("persist") for _, options in outputs("sources"))
+
+
+def dvc_plan(target: str | None) -> list[str]:
+    """The order `dvc repro [target]` runs stages in, from DVC's own planner."""
+    from dvc.repo import Repo
+    from dvc.repo.reproduce import plan_repro
+
+    with Repo(str(REPO)) as repo:
+        graph = repo.index.graph
+        stages = [s for s in graph if s.name == target] if target else None
+        return [s.name for s in plan_repro(graph, stages)]
+
+
+@pytest.mark.parametrize("target", [None, *sorted(set(DVC) - {"sources"})])
+def test_sources_runs_before_any_stage_whose_outputs_dvc_would_delete(target):
+    """`sources` checks all of params.yaml; it must come first in every `dvc repro`, so a
+    bad value fails before DVC deletes a stale stage's outputs to rerun it."""
+    plan = dvc_plan(target)
+    assert plan[0] == "sources", plan
+    assert plan[-1] == (target or plan[-1])
 
 
 def test_user_sources_reach_the_stages_that_read_them():
