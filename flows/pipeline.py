@@ -14,7 +14,15 @@ the artifacts: stage table, base vs adapter metrics, the gate decision, the repo
 
 Overrides (`--set key=value`) are a DVC experiment: DVC's own `exp run -S` code sets the
 params, the stages run as above, and `dvc exp save` records the result under the flow run's
-name (see `dvc exp show`). Prefect's task cache is off everywhere: DVC is the only cache.
+name, or under `experiment` (see `dvc exp show`). Prefect's task cache is off everywhere: DVC
+is the only cache, and its run cache travels with `push` (`dvc push --run-cache`) and `pull`
+(`dvc repro --pull` fetches the remote's run cache first), so a stage run anywhere before
+with the same inputs is restored instead of rerun.
+
+A member of a distributed sweep (flows/sweep_fanout.py) runs in its own clone: `pull`,
+`push`, its `experiment` name, and `push_experiment` (`dvc exp push origin <name>`), so the
+machine that started the sweep can `dvc exp pull` every member's result.
+
 Whoever starts a deployment's run chooses its overrides: they may set params.yaml keys
 only, must pass the params schema, and may change a source, remote code or a task or
 launcher file from outside the project only where the deployment allows it
@@ -29,16 +37,17 @@ workspace (qlora/registry/promotion.py: lineage from dvc.lock, the champion/chal
 from __future__ import annotations
 
 import argparse
+import contextlib
 import contextvars
 import os
 import re
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
+from prefect import Task, flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed
 from prefect.tasks import exponential_backoff
@@ -48,6 +57,7 @@ from flows import report_artifacts
 from qlora.core import dvc
 from qlora.core.io import StageError
 from qlora.core.sources import settle_always_changed
+from qlora.sweep.grid import NAME as EXPERIMENT_NAME
 
 NOTHING_TO_DO = "nothing to do: no data, code or params changed since the last run"
 # Seconds the temporary Prefect server (a run without PREFECT_API_URL) may take to start.
@@ -59,6 +69,8 @@ EPHEMERAL_SERVER_STARTUP_S = 120
 # parameter: whoever starts a deployment's run sets those.
 _LOCAL_RUN: contextvars.ContextVar[bool] = contextvars.ContextVar("local_run", default=False)
 _YES = frozenset({"1", "true", "yes", "on"})
+# The git remote experiments are pushed to and pulled from: the one a clone was made from.
+GIT_REMOTE = "origin"
 
 
 def risky_overrides_allowed(
@@ -75,7 +87,9 @@ def risky_overrides_allowed(
     )
 
 
-def _risky_allowed_here() -> bool:
+def risky_allowed_here() -> bool:
+    """Whether this flow run may make the risky changes: a run of the machine's own user
+    (`run_pipeline_flow`, `as_local_user`), or one its deployment or worker allows."""
     from prefect.runtime import flow_run
 
     return _LOCAL_RUN.get() or risky_overrides_allowed(os.environ, flow_run.job_variables)
@@ -86,31 +100,47 @@ def _risky_allowed_here() -> bool:
 PLACE_PARAMETERS = ("repo_dir", "registry_dir")
 
 
-def refused_places(given: Mapping[str, Any], deployment: Mapping[str, Any] | None) -> list[str]:
-    """The PLACE_PARAMETERS a deployment's run sets to something its deployment does not:
-    `deployment` is the deployment's own parameters, None for a run that no deployment
-    started (the machine's own user calling the flow)."""
+def refused_places(
+    given: Mapping[str, Any],
+    deployment: Mapping[str, Any] | None,
+    defaults: Mapping[str, Any] | None = None,
+) -> list[str]:
+    """The parameters in `given` (PLACE_PARAMETERS, or another flow's) that a deployment's
+    run sets to something its deployment does not: `deployment` is the deployment's own
+    parameters, None for a run that no deployment started (the machine's own user calling
+    the flow); `defaults` the flow's defaults for those the deployment leaves unset."""
     if deployment is None:
         return []
+    own = {**(defaults or {}), **deployment}
     return [
-        f"{name}={given[name]!r} (the deployment's is {deployment.get(name)!r})"
-        for name in PLACE_PARAMETERS
-        if given.get(name) != deployment.get(name)
+        f"{name}={value!r} (the deployment's is {own.get(name)!r})"
+        for name, value in given.items()
+        if value != own.get(name)
     ]
 
 
-def _check_places(given: Mapping[str, Any]) -> None:
+def check_places(given: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> None:
+    """Refuse a deployment's run that points these parameters elsewhere than its deployment
+    does, unless the deployment or its worker allows risky runs (see `refused_places`)."""
     from prefect.runtime import deployment
 
-    if _risky_allowed_here():
+    if risky_allowed_here():
         return
-    refused = refused_places(given, deployment.parameters if deployment.id else None)
+    refused = refused_places(given, deployment.parameters if deployment.id else None, defaults)
     if refused:
         raise StageError(
-            f"this run sets {'; '.join(refused)}: a deployment's run works in the deployment's "
-            f"own repository and registry; {ws.ALLOW_RISKY_ENV}=1 on the worker or in the "
-            "deployment's job variables allows other folders"
+            f"this run sets {'; '.join(refused)}: a deployment's run keeps to the repository, "
+            f"registry and deployments its deployment names; {ws.ALLOW_RISKY_ENV}=1 on the "
+            "worker or in the deployment's job variables allows others"
         )
+
+
+def with_retries(task_fn: Task, retries: int, backoff: float) -> Task:
+    """The task retried `retries` times on a transient failure (retry_if_transient), after
+    `backoff` seconds, then twice that, and so on."""
+    return task_fn.with_options(
+        retries=retries, retry_delay_seconds=exponential_backoff(backoff_factor=backoff)
+    )
 
 
 def retry_if_transient(_task, _task_run, state) -> bool:
@@ -188,7 +218,22 @@ def save_experiment(repo_dir: Path, name: str, overrides: list[str]) -> str:
     retry_jitter_factor=0.5,
 )
 def push_outputs(repo_dir: Path) -> None:
-    ws.run_dvc(repo_dir, ["push"], get_run_logger())
+    """The outputs and the run cache: another machine then restores a stage it would run
+    with the same inputs (`dvc repro --pull` fetches the run cache) instead of rerunning it."""
+    ws.run_dvc(repo_dir, ["push", "--run-cache"], get_run_logger())
+
+
+@task(
+    name="dvc-exp-push",
+    cache_policy=NO_CACHE,
+    retry_condition_fn=retry_if_transient,
+    retry_jitter_factor=0.5,
+)
+def push_experiment_ref(repo_dir: Path, name: str, outputs_pushed: bool) -> None:
+    """The experiment's git ref to GIT_REMOTE (and its outputs to the DVC remote, unless
+    `dvc push` just sent them), for `dvc exp pull` on the machine that collects a sweep."""
+    args = ["exp", "push", *(["--no-cache"] if outputs_pushed else []), GIT_REMOTE, name]
+    ws.run_dvc(repo_dir, args, get_run_logger())
 
 
 @task(name="promote", cache_policy=NO_CACHE)
@@ -217,6 +262,25 @@ def experiment_name() -> str:
 
     name = re.sub(r"[^A-Za-z0-9-]+", "-", str(flow_run.name or "run")).strip("-") or "run"
     return f"{name}-{str(flow_run.id or '')[:8]}".rstrip("-")
+
+
+def experiment_to_save(
+    overrides: list[str], experiment: str | None, push_experiment: bool
+) -> str | None:
+    """The DVC experiment this run saves: `experiment` (a run's starter chooses it, so it is
+    checked: a git ref name), else one named after the flow run when there are overrides,
+    else none. Raises StageError before anything runs."""
+    if experiment is not None and not EXPERIMENT_NAME.fullmatch(experiment):
+        raise StageError(
+            f"experiment {experiment!r}: letters, digits, - and _ only, starting with a letter "
+            "or digit (61 at most): it becomes a git ref name"
+        )
+    name = experiment if experiment is not None else (experiment_name() if overrides else None)
+    if push_experiment and name is None:
+        raise StageError(
+            "push_experiment: this run saves no DVC experiment (give overrides or experiment)"
+        )
+    return name
 
 
 def _run_stages(
@@ -257,6 +321,8 @@ def qlora_pipeline(
     report_base_url: str | None = None,
     promote: bool = False,
     registry_dir: str | None = None,
+    experiment: str | None = None,
+    push_experiment: bool = False,
 ) -> Any:
     """Run the DVC pipeline of dvc.yaml, one Prefect task per stage, in DAG order.
 
@@ -270,10 +336,10 @@ def qlora_pipeline(
         repo_dir: the DVC repository (default: the one around the working directory). A
             deployment's run may not point it (nor registry_dir) elsewhere than the
             deployment does, unless QLORA_ALLOW_RISKY_OVERRIDES=1 allows it.
-        pull: `dvc repro --pull`: fetch missing data from the DVC remote instead of
-            rebuilding it (a fresh clone in a container).
-        push: `dvc push` the results to the DVC remote at the end.
-        retries: retries of a transient failure per stage (never of a real failure).
+        pull: `dvc repro --pull`: fetch missing data and the run cache from the DVC remote
+            instead of rebuilding (a fresh clone in a container).
+        push: `dvc push --run-cache` the results to the DVC remote at the end.
+        retries: retries of a transient failure per stage and push (never of a real one).
         retry_backoff_seconds: first retry delay; doubles for each further retry.
         wait_for_workspace_seconds: how long to wait for another run of this workspace.
         report_base_url: where reports/ is published, for the report link (default:
@@ -281,26 +347,31 @@ def qlora_pipeline(
         promote: register the adapter after a passing gate (`qlora promote`).
         registry_dir: the adapter registry (default: $QLORA_REGISTRY, else registry/ in
             the repository).
+        experiment: save the run as the DVC experiment of this name (letters, digits, -
+            and _), with or without overrides, instead of one named after the flow run.
+        push_experiment: after saving the experiment, `dvc exp push origin <name>` (the
+            git remote the checkout was cloned from); retried like push.
     """
     logger = get_run_logger()
-    _check_places({"repo_dir": repo_dir, "registry_dir": registry_dir})
+    check_places({"repo_dir": repo_dir, "registry_dir": registry_dir})
     repo = ws.find_repo_root(repo_dir)
     overrides = list(overrides or [])
+    saved_as = experiment_to_save(overrides, experiment, push_experiment)
     owner = f"flow run {experiment_name()}"
     with ws.workspace_lock(repo, wait_for_workspace_seconds, logger, owner=owner):
         prepare_workspace(repo)
         stages = read_dag(repo)
-        if only_if_changed and not overrides:
+        if only_if_changed and saved_as is None:
             if not find_changes(repo, pull):
                 logger.info(NOTHING_TO_DO)
                 return Completed(
                     message=NOTHING_TO_DO,
                     data={"status": "nothing to do", "repo": str(repo), "stages": []},
                 )
+        elif only_if_changed:
+            logger.info("an experiment: running it whatever `dvc status` says")
         if overrides:
-            if only_if_changed:
-                logger.info("overrides given: running the experiment whatever `dvc status` says")
-            set_params(repo, overrides, _risky_allowed_here())
+            set_params(repo, overrides, risky_allowed_here())
         try:
             outcomes = _run_stages(repo, stages, pull, retries, retry_backoff_seconds)
         except Exception:
@@ -312,15 +383,17 @@ def qlora_pipeline(
                 )
             raise
         ran = [o["stage"] for o in outcomes if o["result"] == "ran"]
-        experiment = save_experiment(repo, experiment_name(), overrides) if overrides else None
+        experiment = save_experiment(repo, saved_as, overrides) if saved_as else None
         if push:
-            push_outputs.with_options(
-                retries=retries,
-                retry_delay_seconds=exponential_backoff(backoff_factor=retry_backoff_seconds),
-            )(repo)
+            with_retries(push_outputs, retries, retry_backoff_seconds)(repo)
+        if experiment and push_experiment:
+            with_retries(push_experiment_ref, retries, retry_backoff_seconds)(
+                repo, experiment, push
+            )
         description = f"ran: {', '.join(ran) or 'nothing (all up to date)'}"
         if experiment:
             description += f"; DVC experiment {experiment}"
+            description += f", pushed to {GIT_REMOTE}" if push_experiment else ""
         report_artifacts.publish_stage_table(outcomes, description)
         artifacts = report_artifacts.publish_results(repo, logger, report_base_url)
         promotion = promote_adapter(repo, registry_dir) if promote else None
@@ -335,18 +408,12 @@ def qlora_pipeline(
     }
 
 
-def run_pipeline_flow(
-    overrides: list[str] | None = None,
-    only_if_changed: bool = False,
-    repo_dir: str | Path | None = None,
-    **options: Any,
-) -> dict[str, Any]:
-    """Run the flow in this process (for `qlora flow run`); returns its summary.
-
-    Risky overrides are allowed: this is the machine's own user, not a deployment's run.
-    Without PREFECT_API_URL, Prefect starts a temporary local server for the run; with it,
-    the run is recorded on that server. Raises the failing stage's error.
-    """
+@contextlib.contextmanager
+def as_local_user() -> Iterator[None]:
+    """Flows called inside run in this process for the machine's own user (`qlora flow ...`):
+    risky overrides and other places are allowed, as that user may edit params.yaml anyway.
+    Without PREFECT_API_URL, Prefect starts a temporary local server for the run (given
+    EPHEMERAL_SERVER_STARTUP_S to start); with it, the run is recorded on that server."""
     # No telemetry from the temporary server either (its heartbeat also races the fresh
     # SQLite database at start-up and logs a spurious "database is locked").
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -369,14 +436,26 @@ def run_pipeline_flow(
     local = _LOCAL_RUN.set(True)
     try:
         with temporary_settings(updates=updates):
-            return qlora_pipeline(
-                overrides=list(overrides or []),
-                only_if_changed=only_if_changed,
-                repo_dir=str(repo_dir) if repo_dir is not None else None,
-                **options,
-            )
+            yield
     finally:
         _LOCAL_RUN.reset(local)
+
+
+def run_pipeline_flow(
+    overrides: list[str] | None = None,
+    only_if_changed: bool = False,
+    repo_dir: str | Path | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Run the flow in this process (for `qlora flow run`) as the machine's own user
+    (`as_local_user`); returns its summary. Raises the failing stage's error."""
+    with as_local_user():
+        return qlora_pipeline(
+            overrides=list(overrides or []),
+            only_if_changed=only_if_changed,
+            repo_dir=str(repo_dir) if repo_dir is not None else None,
+            **options,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -407,6 +486,14 @@ def main(argv: list[str] | None = None) -> int:
         "--promote", action="store_true", help="register the adapter after a passing gate"
     )
     parser.add_argument("--registry", default=None, help="adapter registry folder")
+    parser.add_argument(
+        "--experiment", default=None, help="save the run as the DVC experiment of this name"
+    )
+    parser.add_argument(
+        "--push-experiment",
+        action="store_true",
+        help=f"dvc exp push {GIT_REMOTE} <experiment> after saving it",
+    )
     args = parser.parse_args(argv)
     try:
         summary = run_pipeline_flow(
@@ -418,6 +505,8 @@ def main(argv: list[str] | None = None) -> int:
             retries=args.retries,
             promote=args.promote,
             registry_dir=args.registry,
+            experiment=args.experiment,
+            push_experiment=args.push_experiment,
         )
     except (ws.DvcCommandFailed, ws.WorkspaceBusy, StageError, ValueError) as e:
         print(f"pipeline failed: {e}", file=sys.stderr)

@@ -12,5 +12,6 @@ checks it):
 - evaluation: the lm-eval benchmark, the gate, the method's claims.
 - report: the HTML/Markdown report and its charts. Torch-free.
 - registry: promoted adapters, their lineage and model cards.
+- sweep: a sweep's grid and its leaderboard. Torch-free.
 - talk, cli: the `qlora` commands.
 """

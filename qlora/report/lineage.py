@@ -94,6 +94,18 @@ def _git_show(rev: str, path: Path, root: Path) -> str | None:
     return shown.stdout
 
 
+def _dvc_read(rev: str, path: Path, root: Path) -> str | None:
+    """A DVC-cached output as it was at git revision `rev` (dvc.lock there names it; the
+    local cache holds it); None when it cannot be had."""
+    import dvc.api
+    from dvc.exceptions import DvcException
+
+    try:
+        return dvc.api.read(path.as_posix(), repo=str(root), rev=rev, encoding="utf-8")
+    except (DvcException, OSError, ValueError):
+        return None
+
+
 def adapter_md5(outs: list[dict]) -> str | None:
     """The adapter directory's hash among dvc.lock outputs ({path, md5, ...} entries)."""
     return next((o.get("md5") for o in outs if o.get("path") == paths.ADAPTER_DIR.as_posix()), None)
@@ -111,7 +123,7 @@ def load_compare(rev: str, root: Path = Path(".")) -> dict:
     except json.JSONDecodeError as e:
         raise StageError(f"--compare {rev}: {path} there is not valid JSON ({e})") from e
     metrics = validated(EvalMetrics, data, f"{rev}:{path}")
-    train = _git_show(rev, paths.TRAIN_RUN, root)
+    train = _git_show(rev, paths.TRAIN_RUN, root) or _dvc_read(rev, paths.TRAIN_RUN, root)
     lock = _git_show(rev, dvc.LOCK, root)
     try:
         environment = json.loads(train).get("environment") if train else None

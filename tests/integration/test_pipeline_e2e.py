@@ -22,6 +22,7 @@ from helpers.repo import git
 from helpers.tiny import alpaca_rows, make_tiny_model_dir, tiny_params
 from qlora.core.io import pipeline_env, write_jsonl
 from qlora.core.sources import settle_always_changed
+from qlora.registry.store import Registry
 from qlora.train.log_layout import training_view
 
 pytestmark = pytest.mark.slow
@@ -323,6 +324,85 @@ def test_a_stage_that_fails_under_qlora_run_leaves_the_last_good_outputs(pipelin
     finally:
         (work / "params.yaml").write_text(good)
     assert json.loads(dvc(work, "status", "--json").stdout) == {"sources": ["always changed"]}
+
+
+def test_a_sweep_ranks_by_the_gate_applies_the_best_and_promotes_it(pipeline_run, tmp_path):
+    """`qlora sweep` on a 2x2 grid: two learning rates, each with a gate that can pass and
+    one that cannot (min_gain 100: a 10,000% gain). Every experiment trains and evaluates
+    only the adapter side; the leaderboard holds what each experiment's own files say;
+    the best promoted one is applied and registered."""
+    work, _ = pipeline_run
+    git(work, "add", "-A")
+    git(work, "commit", "-qm", "before the sweep")
+    registry = tmp_path / "registry"
+    done = subprocess.run(
+        [
+            str(Path(sys.executable).with_name("qlora")),
+            "sweep",
+            "--name",
+            "grid",
+            "-S",
+            "finetune.learning_rate=2e-3,5e-4",
+            "-S",
+            "gate.min_gain=0.0,100.0",
+            "--jobs",
+            "2",
+            "--promote",
+            "--registry",
+            str(registry),
+        ],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        env=pipeline_env(),
+    )
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    log = done.stdout + done.stderr
+    for untouched in (
+        "base",
+        "extract",
+        "dataset",
+        "validate",
+        "quantize",
+        "eval_base_full",
+        "eval_base_4bit",
+    ):
+        assert f"Running stage '{untouched}'" not in log, f"{untouched} ran in the sweep"
+
+    board = json.loads((work / "reports/sweep/leaderboard.json").read_text())
+    shown = json.loads(dvc(work, "exp", "show", "--json", "--all-commits").stdout)
+    truth = {}  # each experiment's own files, as DVC holds them
+    for baseline in shown:
+        for e in baseline.get("experiments") or []:
+            data = e["revs"][0]["data"]
+            metrics = data["metrics"]
+            adapter = metrics["reports/eval/metrics.json"]["data"]["variants"]["adapter_4bit"]
+            truth[e["name"]] = (
+                metrics["reports/gate.json"]["data"]["decision"],
+                adapter["metrics"]["docstring_loss"]["bits_per_byte"]["value"],
+                data["params"]["params.yaml"]["data"]["finetune"]["learning_rate"],
+            )
+    rows = board["rows"]
+    assert sorted(r["name"] for r in rows) == ["grid-1", "grid-2", "grid-3", "grid-4"]
+    for r in rows:
+        decision, value, lr = truth[r["name"]]
+        assert (r["decision"], r["primary"]["value"]) == (decision, value), r["name"]
+        assert float(r["params"]["finetune.learning_rate"]) == lr
+        lo, hi = r["primary"]["interval"]
+        assert lo < value < hi
+    assert [r["decision"] for r in rows] == ["promoted", "promoted", "rejected", "rejected"]
+    assert rows[0]["primary"]["value"] <= rows[1]["primary"]["value"]  # bits/byte: lower wins
+    assert board["best"] == rows[0]["name"]
+
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    assert params["finetune"]["learning_rate"] == truth[board["best"]][2]
+    assert params["gate"]["min_gain"] == 0.0
+    assert json.loads(dvc(work, "status", "--json").stdout) == {"sources": ["always changed"]}
+    assert f"applied {board['best']} to the workspace" in done.stdout
+    reg = Registry(registry)
+    assert list(reg.versions()) == ["v1"] and reg.champion() == "v1"
+    html = (work / "reports/sweep/leaderboard.html").read_text()
+    assert all(r["name"] in html for r in rows)
 
 
 def test_a_bad_value_fails_clearly_and_loses_no_output(pipeline_run):

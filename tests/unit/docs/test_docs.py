@@ -37,6 +37,8 @@ from unittest import mock
 import pytest
 import yaml
 
+from qlora.core import paths
+
 ROOT = Path(__file__).resolve().parents[3]
 README = ROOT / "README.md"
 DOCS_DIR = ROOT / "docs"
@@ -57,6 +59,10 @@ PROJECT_PREFIXES = (
 )
 # `qlora promote` creates the registry; no DVC stage declares it.
 REGISTRY_PREFIX = "registry/"
+# Written by `qlora sweep`, not by a DVC stage: the files qlora/report/sweep.py writes.
+SWEEP_FILES = {
+    paths.SWEEP_LEADERBOARD.with_suffix(ext).as_posix() for ext in (".json", ".md", ".html")
+}
 
 SHELL_LANGS = {"bash", "sh", "shell", "console", "zsh"}
 # Programs whose commands are checked, by the name a command line calls them.
@@ -292,6 +298,8 @@ def path_problem(path: str) -> str | None:
     folder = path.rstrip("/") + "/"
     if folder.startswith(REGISTRY_PREFIX):
         return None
+    if folder.startswith(paths.SWEEP_DIR.as_posix() + "/"):
+        return None if path in SWEEP_FILES else f"{path}: not a file `qlora sweep` writes"
     if folder.startswith(output_prefixes()):
         if all(_is_output(p) for p in _expand(path)):
             return None
