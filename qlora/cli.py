@@ -73,11 +73,12 @@ def run(
     start = time.perf_counter()
     code, timings = repro((["--force"] if force else []) + list(stage or []))
     total = time.perf_counter() - start
+    width = max(map(len, [*timings, "total"]))
     if timings:
         typer.echo("\nstage times:")
         for name, seconds in timings.items():
-            typer.echo(f"  {name:<10} {seconds:8.1f} s")
-    typer.echo(f"  {'total':<10} {total:8.1f} s (wall, including DVC)")
+            typer.echo(f"  {name:<{width}} {seconds:8.1f} s")
+    typer.echo(f"  {'total':<{width}} {total:8.1f} s (wall, including DVC)")
     if code != 0:
         _restore_after_failure()
     if code == 0 and set(timings) <= {"sources"}:  # sources re-fingerprints on every run

@@ -219,7 +219,8 @@ def evaluate_variant(
     import lm_eval
     from lm_eval.models.huggingface import HFLM
 
-    print(f"[evaluate] {name}: loading", flush=True)
+    tag = f"[{paths.variant_stage(name)}]"
+    print(f"{tag} loading", flush=True)
     start = time.perf_counter()
     try:
         model = load()
@@ -228,7 +229,7 @@ def evaluate_variant(
     loaded = time.perf_counter()
     memory = footprint_bytes(model)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=p.batch_size)
-    print(f"[evaluate] {name}: loaded in {loaded - start:.1f} s, running lm-eval", flush=True)
+    print(f"{tag} loaded in {loaded - start:.1f} s, running lm-eval", flush=True)
     results = lm_eval.simple_evaluate(
         model=lm,
         tasks=tasks,
@@ -243,7 +244,7 @@ def evaluate_variant(
     done = time.perf_counter()
     speed = generation_speed(model, tokenizer, speed_prompts or [], p.speed_new_tokens)
     print(
-        f"[evaluate] {name}: lm-eval {evaluated - loaded:.1f} s, "
+        f"{tag} lm-eval {evaluated - loaded:.1f} s, "
         f"{len(prompts)} examples {done - evaluated:.1f} s"
         + (f", generation {speed['tokens_per_s']:.1f} tokens/s" if speed else ""),
         flush=True,

@@ -85,7 +85,16 @@ from rich.console import Console
 from helpers.repo import REPO, git
 
 PREFECT_YAML = REPO / "prefect.yaml"
-DEPLOYMENTS = {"qlora-on-demand", "qlora-nightly", "qlora-nightly-docker"}
+DEPLOYMENTS = {
+    "qlora-on-demand",
+    "qlora-nightly",
+    "qlora-nightly-docker",
+    "qlora-sweep-member",
+    "qlora-sweep",
+}
+DOCKER, MEMBER, SWEEP = "qlora-nightly-docker", "qlora-sweep-member", "qlora-sweep"
+# What a run of a deployment whose flow has required parameters is started with.
+RUN_PARAMETERS = {SWEEP: {"sweep": ["finetune.learning_rate=1e-4,2e-4"]}}
 # The work pools README.md tells users to create, with their types.
 POOL_WORKERS: dict[str, type[BaseWorker]] = {
     "qlora-process": ProcessWorker,
@@ -298,17 +307,19 @@ def pull_step_problems(steps: list[dict[str, Any]]) -> list[str]:
     return problems
 
 
-def flow_run_problems(body: dict[str, Any], flow: Any) -> list[str]:
-    """A flow run of the deployment: parameters as the server validates them when it
-    creates the run, and as the engine binds them to the flow function."""
+def flow_run_problems(
+    body: dict[str, Any], flow: Any, run_parameters: dict[str, Any] | None = None
+) -> list[str]:
+    """A flow run of the deployment (started with `run_parameters`): parameters as the
+    server validates them when it creates the run, and as the engine binds them to the flow
+    function."""
     problems = []
+    parameters = {**body["parameters"], **(run_parameters or {})}
     try:
-        validate_against_schema(
-            body["parameters"], body["parameter_openapi_schema"], raise_on_error=True
-        )
-        flow.validate_parameters(body["parameters"])
+        validate_against_schema(parameters, body["parameter_openapi_schema"], raise_on_error=True)
+        flow.validate_parameters(parameters)
     except Exception as e:
-        problems.append(f"parameters {body['parameters']}: {type(e).__name__}: {e}")
+        problems.append(f"parameters {parameters}: {type(e).__name__}: {e}")
     return problems
 
 
@@ -396,7 +407,10 @@ def deploy(
                     f"{pool.type} pool's: {sorted(allowed)}"
                 )
             flow = flows[body["entrypoint"]]
-            run.problems += [f"deployment {name!r}: {p}" for p in flow_run_problems(body, flow)]
+            run.problems += [
+                f"deployment {name!r}: {p}"
+                for p in flow_run_problems(body, flow, RUN_PARAMETERS.get(name))
+            ]
             run.problems += [
                 f"deployment {name!r}: {p}" for p in pull_step_problems(body["pull_steps"])
             ]
@@ -454,7 +468,7 @@ def test_no_deployment_lets_its_runs_change_risky_params(deployed: DeployRun):
 def test_the_process_deployments_run_in_the_deploying_checkout(
     deployed: DeployRun, pushed_checkout: Path
 ):
-    for name in ("qlora-on-demand", "qlora-nightly"):
+    for name in ("qlora-on-demand", "qlora-nightly", SWEEP):
         body = deployed.requests[name]
         assert body["work_pool_name"] == "qlora-process"
         assert body["job_variables"] == {}
@@ -466,6 +480,13 @@ def test_the_process_deployments_run_in_the_deploying_checkout(
     (schedule,) = nightly["schedules"]
     assert (schedule["schedule"]["cron"], schedule["schedule"]["timezone"]) == ("0 3 * * *", "UTC")
     assert nightly["concurrency_options"] == {"collision_strategy": "CANCEL_NEW"}
+    # The sweep collects into this checkout: a second one waits for the first.
+    sweep = deployed.requests[SWEEP]
+    assert sweep["entrypoint"] == "flows/sweep_fanout.py:qlora_sweep"
+    assert (sweep["concurrency_limit"], sweep["concurrency_options"]) == (
+        1,
+        {"collision_strategy": "ENQUEUE"},
+    )
 
 
 def test_the_docker_deployment_runs_the_image_of_the_deployed_commit(
@@ -497,6 +518,18 @@ def test_the_docker_deployment_runs_the_image_of_the_deployed_commit(
     assert job.image == f"qlora-pipeline:{commit}"
 
 
+def run_pull_steps(body: dict[str, Any], where: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The deployment's recorded pull steps, run in `where` as the worker runs them in a flow
+    run's folder; the directory they leave the flow in."""
+    monkeypatch.chdir(where)
+    # Steps look up block and variable references through the API (none are used here);
+    # without one Prefect would start a temporary server.
+    api = StubPrefectApi()
+    monkeypatch.setattr("prefect.client.orchestration.get_client", lambda *a, **kw: api)
+    outputs = asyncio.run(run_steps(body["pull_steps"]))
+    return (where / outputs["directory"]).resolve()
+
+
 def test_the_containers_pull_step_gives_the_flow_a_dvc_checkout(
     deployed: DeployRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ):
@@ -505,13 +538,7 @@ def test_the_containers_pull_step_gives_the_flow_a_dvc_checkout(
     from flows import dvc_workspace as ws
 
     body = deployed.requests["qlora-nightly-docker"]
-    monkeypatch.chdir(tmp_path)
-    # Steps look up block and variable references through the API (none are used here);
-    # without one Prefect would start a temporary server.
-    api = StubPrefectApi()
-    monkeypatch.setattr("prefect.client.orchestration.get_client", lambda *a, **kw: api)
-    outputs = asyncio.run(run_steps(body["pull_steps"]))
-    clone = (tmp_path / outputs["directory"]).resolve()
+    clone = run_pull_steps(body, tmp_path, monkeypatch)
     assert git(clone, "rev-parse", "HEAD").strip() == body["version"]
     monkeypatch.chdir(clone)  # as the worker does after the pull steps
     flow = load_flow_from_entrypoint(body["entrypoint"], use_placeholder_flow=False)
@@ -530,19 +557,23 @@ def dockerfile_not_committed(local: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("change", "expected"),
-    [(commit_not_pushed, "git push it first"), (dockerfile_not_committed, "commit Dockerfile")],
+    ("change", "expected", "refused"),
+    [
+        (commit_not_pushed, "git push it first", {DOCKER, MEMBER}),
+        (dockerfile_not_committed, "commit Dockerfile", {DOCKER}),
+    ],
 )
-def test_the_docker_deployment_refuses_a_commit_the_container_cannot_have(
+def test_a_deployment_that_clones_refuses_a_commit_its_runs_cannot_have(
     change: Callable[[Path], None],
     expected: str,
+    refused: set[str],
     pushed_checkout: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ):
-    """The container clones the commit from `origin`, and the image is tagged with it:
-    `prefect deploy` fails on an unpushed commit or uncommitted image files, rather than
-    the first night's run."""
+    """The container and the sweep's members clone the commit from `origin`, and the image
+    is tagged with it: `prefect deploy` fails on an unpushed commit (both) or uncommitted
+    image files (the container), rather than the first run."""
     local = tmp_path / "local"
     git(tmp_path, "clone", "-q", str(pushed_checkout), str(local))
     change(local)
@@ -550,15 +581,86 @@ def test_the_docker_deployment_refuses_a_commit_the_container_cannot_have(
 
     run = deploy(local / "prefect.yaml", monkeypatch)
 
-    assert set(run.requests) == DEPLOYMENTS - {"qlora-nightly-docker"}
-    (problem,) = run.problems
-    assert "qlora-nightly-docker" in problem and expected in problem, problem
+    assert set(run.requests) == DEPLOYMENTS - refused
+    assert len(run.problems) == len(refused), "\n".join(run.problems)
+    for name in refused:
+        (problem,) = [p for p in run.problems if p.startswith(f"deployment {name!r}")]
+        assert expected in problem, problem
+
+
+def test_the_sweep_members_clone_the_deployed_commit_and_run_side_by_side(
+    deployed: DeployRun, pushed_checkout: Path
+):
+    from flows.sweep_fanout import cloned_commit
+
+    body = deployed.requests[MEMBER]
+    commit = git(pushed_checkout, "rev-parse", "HEAD").strip()
+    assert body["work_pool_name"] == "qlora-process"
+    assert body["entrypoint"] == "flows/pipeline.py:qlora_pipeline"
+    assert body["version"] == commit
+    assert body["parameters"] == {"pull": True, "push": True, "push_experiment": True}
+    # Each run has a clone of its own: no limit keeps members from running at once.
+    assert body.get("concurrency_limit") is None and body.get("concurrency_options") is None
+    (step,) = body["pull_steps"]
+    origin = str(pushed_checkout.parent / "origin.git")
+    assert step[CLONE] == {"repository": origin, "commit_sha": commit}
+    # The sweep reads the commit its members run from the recorded pull step.
+    assert cloned_commit(MEMBER, body["pull_steps"]) == commit
+    # No working_dir: the process worker makes a temporary folder per flow run (and removes
+    # it after), which is where the pull step clones.
+    assert body["job_variables"] == {}
+    job = asyncio.run(
+        ProcessWorker.job_configuration.from_template_and_values(
+            ProcessWorker.get_default_base_job_template(),
+            body["job_variables"],
+            client=StubPrefectApi(),  # type: ignore[arg-type]
+        )
+    )
+    assert job.working_dir is None
+
+
+def test_two_members_pull_steps_give_two_checkouts_of_the_commit(
+    deployed: DeployRun, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    body = deployed.requests[MEMBER]
+    clones = []
+    for run in ("flow-run-1", "flow-run-2"):
+        (tmp_path / run).mkdir()
+        clones.append(run_pull_steps(body, tmp_path / run, monkeypatch))
+
+    assert clones[0] != clones[1]
+    origin = body["pull_steps"][0][CLONE]["repository"]
+    for clone in clones:
+        assert git(clone, "rev-parse", "HEAD").strip() == body["version"]
+        # Where the member pushes its experiment: the repository it was cloned from.
+        assert git(clone, "remote", "get-url", "origin").strip() == origin
+    # What one member's run writes, the other's checkout does not see.
+    (clones[0] / "params.yaml").write_text("changed by the first member\n")
+    assert git(clones[1], "status", "--porcelain") == ""
+
+
+def test_what_the_sweep_sends_a_member_passes_the_member_deployments_checks(
+    deployed: DeployRun, pushed_checkout: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """flows/sweep_fanout.py starts each member with these parameters: the server's schema
+    of the deployment and the flow's own binding take them (and would refuse a typo)."""
+    from flows.sweep_fanout import member_parameters
+    from qlora.sweep.grid import Point
+
+    body = deployed.requests[MEMBER]
+    monkeypatch.chdir(pushed_checkout)
+    flow = load_flow_from_entrypoint(body["entrypoint"], use_placeholder_flow=False)
+    sent = member_parameters(Point("lr-1", ("finetune.learning_rate=0.0001",)))
+
+    assert flow_run_problems(body, flow, sent) == []
+    assert sent["experiment"] == "lr-1" and sent["overrides"] == ["finetune.learning_rate=0.0001"]
+    (problem,) = flow_run_problems(body, flow, {**sent, "experimnt": "lr-1"})
+    assert "experimnt" in problem
 
 
 # ---- a broken prefect.yaml is refused ----------------------------------------------------
 
 Mutation = Callable[[dict[str, Any]], None]
-DOCKER = "qlora-nightly-docker"
 BUILD = "prefect_docker.deployments.steps.build_docker_image"
 CLONE = "prefect.deployments.steps.git_clone"
 

@@ -630,6 +630,25 @@ def test_validation_failure_is_not_retried_and_its_message_is_in_the_logs(toy, p
     ]
 
 
+def test_a_failed_stage_leaves_the_last_good_outputs_in_the_workspace(toy, prefect_server):
+    """DVC deletes a stage's outputs before running it (they are not persistent, for the
+    run cache); when the stage then fails, the flow puts back what dvc.lock records."""
+    before = (toy / "validated.txt").read_bytes()
+    set_param(toy, MIN_ROWS, 10)
+
+    state = run_flow(repo_dir=str(toy), retries=0)
+
+    assert state.is_failed()
+    assert runs(toy) == ["validate"]  # it ran, so DVC had removed its output first
+    assert (toy / "validated.txt").read_bytes() == before
+    status = json.loads(dvc(toy, "status", "--json").stdout)
+    assert status == {"validate": [{"changed deps": {"params.yaml": {MIN_ROWS: "modified"}}}]}
+    assert any(
+        "restored the last good outputs: validated.txt" in line
+        for line in flow_logs(state, "restored")
+    )
+
+
 def test_overrides_run_as_a_recorded_dvc_experiment(toy, prefect_server):
     state = run_flow(repo_dir=str(toy), overrides=[f"{RANK}=7"])
 

@@ -11,14 +11,13 @@ container's view), fetches what is unchanged rather than rebuilding it and uploa
 changed param made it rerun.
 
 The fake credentials live only in the environment of the commands started here: nothing
-committed in the copy holds more than the bucket's URL and endpoint.
+committed in the copy holds more than the bucket's URL and endpoint (tests/helpers/s3.py).
 """
 
 from __future__ import annotations
 
 import re
 import shutil
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -31,54 +30,27 @@ import yaml
 from flows import dvc_workspace as ws
 from helpers.dag import files_under, repro_in_copy
 from helpers.repo import REPO, git
+from helpers.s3 import (
+    BUCKET,
+    FAKE_CREDENTIALS,
+    PREFIX,
+    Remote,
+    aws_env,
+    dvc,
+    free_port,
+    moto_s3,
+    run,
+)
 from helpers.tiny import alpaca_rows, tiny_params
-from qlora.core.io import pipeline_env, write_jsonl
+from qlora.core.io import write_jsonl
 from qlora.core.sources import settle_always_changed
 
 pytestmark = pytest.mark.slow
-
-BUCKET = "qlora-dvc"
-PREFIX = "store"  # the remote is a folder of the bucket, as teams share one bucket
-# What a user exports (or keeps in an AWS profile); moto accepts any key.
-FAKE_CREDENTIALS = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-}
 
 
 def commit(work: Path, message: str) -> None:
     git(work, "add", "-A")
     git(work, "commit", "-qm", message)
-
-
-def aws_env(home: Path, credentials: bool = True) -> dict[str, str]:
-    """The environment of a DVC command: the fake keys (or none), and no AWS setting of the
-    machine's own (a profile, config files, the instance metadata service) that could reach
-    a real account or stall a test."""
-    env = {k: v for k, v in pipeline_env().items() if not k.startswith("AWS_")}
-    env.update(
-        AWS_CONFIG_FILE=str(home / "aws-config"),
-        AWS_SHARED_CREDENTIALS_FILE=str(home / "aws-credentials"),
-        AWS_EC2_METADATA_DISABLED="true",
-    )
-    if credentials:
-        env.update(FAKE_CREDENTIALS)
-    return env
-
-
-def run(cwd: Path, env: dict[str, str], *cmd: str) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-
-
-def dvc(cwd: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess:
-    return run(cwd, env, sys.executable, "-m", "dvc", *args)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)
@@ -123,45 +95,10 @@ def wipe(work: Path) -> None:
             path.unlink(missing_ok=True)
 
 
-@dataclass(frozen=True)
-class Remote:
-    endpoint: str
-    home: Path  # holds the (absent) AWS config files
-
-    def client(self):
-        import boto3
-
-        return boto3.client(
-            "s3",
-            endpoint_url=self.endpoint,
-            aws_access_key_id=FAKE_CREDENTIALS["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=FAKE_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
-            region_name=FAKE_CREDENTIALS["AWS_DEFAULT_REGION"],
-        )
-
-    def keys(self) -> set[str]:
-        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=BUCKET)
-        return {obj["Key"] for page in pages for obj in page.get("Contents", [])}
-
-    @property
-    def env(self) -> dict[str, str]:
-        return aws_env(self.home)
-
-
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory) -> Iterator[Remote]:
-    """moto's S3 server in a thread of this process, on a free loopback port, one bucket."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        host, port = server.get_host_and_port()
-        remote = Remote(f"http://{host}:{port}", tmp_path_factory.mktemp("aws-home"))
-        remote.client().create_bucket(Bucket=BUCKET)
+    with moto_s3(tmp_path_factory.mktemp("aws-home")) as remote:
         yield remote
-    finally:
-        server.stop()
 
 
 @dataclass(frozen=True)
@@ -184,13 +121,7 @@ def pushed(tmp_path_factory, tiny_model_dir, s3) -> Pushed:
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     commit(work, "tiny run")
 
-    url = f"s3://{BUCKET}/{PREFIX}"
-    for args in (
-        ("remote", "add", "--default", "store", url),
-        ("remote", "modify", "store", "endpointurl", s3.endpoint),
-    ):
-        done = dvc(work, s3.env, *args)
-        assert done.returncode == 0, done.stderr
+    s3.add_to(work)
     commit(work, "DVC remote")
     files = files_under(work, *cached_paths(work))
     push = dvc(work, s3.env, "push")

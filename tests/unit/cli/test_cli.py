@@ -1,12 +1,15 @@
-"""`qlora run` runs `dvc repro` and prints each stage's time, whatever the stage printed."""
+"""The `qlora` commands that drive DVC: `run` (stage times, whatever a stage printed),
+`restore` and `sweep`."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
 from typer.testing import CliRunner
 
+from helpers.repo import REPO, git
 from qlora.cli import app
 
 # A progress bar that ends in "\r" without a newline sits in front of the stage's last line.
@@ -42,3 +45,33 @@ def test_flow_run_passes_its_options_to_the_flow(monkeypatch):
     # The flow's own parser takes these (tests/integration/test_remote.py runs it against an
     # S3 server).
     assert seen == [["--set=finetune.lora.r=8", "--only-if-changed", "--pull", "--push"]]
+
+
+def test_qlora_restore_in_a_project_whose_outputs_match_dvc_lock(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], check=True)
+    (tmp_path / "toy.py").write_text(TOY_STAGE)
+    (tmp_path / "dvc.yaml").write_text(TOY_DVC_YAML)
+    assert CliRunner().invoke(app, ["run"]).exit_code == 0
+    done = CliRunner().invoke(app, ["restore"])
+    assert done.exit_code == 0, done.output
+    assert "nothing to restore" in done.output
+
+
+def test_a_sweep_with_a_point_the_schema_refuses_queues_nothing(tmp_path, monkeypatch):
+    """Every point is checked before any is queued: the second value of the rank is bad."""
+    monkeypatch.chdir(tmp_path)
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    git(tmp_path, "init", "-q")
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q"], check=True)
+    (tmp_path / "toy.py").write_text(TOY_STAGE)
+    (tmp_path / "dvc.yaml").write_text(TOY_DVC_YAML)
+    git(tmp_path, "add", "-A")
+    git(tmp_path, "commit", "-qm", "toy")
+    done = CliRunner().invoke(app, ["sweep", "-S", "finetune.lora.r=8,-3", "--name", "bad"])
+    assert done.exit_code == 1
+    assert "experiment bad-2" in done.output and "finetune.lora.r" in done.output
+    queued = subprocess.run(
+        [sys.executable, "-m", "dvc", "queue", "status"], capture_output=True, text=True
+    )
+    assert "bad-1" not in queued.stdout
