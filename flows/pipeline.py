@@ -220,7 +220,45 @@ def save_experiment(repo_dir: Path, name: str, overrides: list[str]) -> str:
 def push_outputs(repo_dir: Path) -> None:
     """The outputs and the run cache: another machine then restores a stage it would run
     with the same inputs (`dvc repro --pull` fetches the run cache) instead of rerunning it."""
-    ws.run_dvc(repo_dir, ["push", "--run-cache"], get_run_logger())
+    logger = get_run_logger()
+    ws.run_dvc(repo_dir, ["push", "--run-cache"], logger)
+    copies = push_run_cache_copies(repo_dir)
+    logger.info("pushed the run cache's copies of %d `cache: false` output(s)", copies)
+
+
+# How push_run_cache_copies names itself in a DvcCommandFailed.
+_COPIES = ["push", "(the run cache's copies of `cache: false` outputs)"]
+
+
+def push_run_cache_copies(repo_dir: Path) -> int:
+    """Upload the copies DVC's run cache keeps of this workspace's `cache: false` outputs
+    (metrics and plots, git's to keep); returns how many. DVC 3.67's `dvc push --run-cache`
+    sends the run-cache entries but not these copies, and another machine then reruns such
+    a stage (finetune: its metrics and plots) instead of restoring it: the entry names an
+    object its remote lacks. A failure is raised as `dvc` would fail, transient or not."""
+    from dvc.repo import Repo
+    from dvc_data.hashfile.tree import Tree
+
+    try:
+        with Repo(os.fspath(repo_dir)) as repo, repo.lock:
+            local = repo.cache.local
+            copies = [
+                out.hash_info
+                for stage in repo.index.stages
+                for out in stage.outs
+                if not out.use_cache and out.hash_info and local.exists(out.hash_info.value)
+            ]
+            # A directory is its manifest and its files: the transfer sends only the
+            # objects named, and a manifest whose files are missing restores nothing.
+            objects = {entry for h in copies if h.isdir for _, _, entry in Tree.load(local, h)}
+            failed = repo.cloud.push(objects | set(copies)).failed if copies else set()
+    except Exception as e:  # DVC's, the remote's (botocore) or the file system's
+        transient, reason = ws.classify_failure([f"{type(e).__name__}: {e}"])
+        error = ws.TransientDvcFailure if transient else ws.DvcCommandFailed
+        raise error(_COPIES, 1, reason, str(e)) from e
+    if failed:
+        raise ws.DvcCommandFailed(_COPIES, 1, f"{len(failed)} object(s) were not uploaded", "")
+    return len(copies)
 
 
 @task(
@@ -234,6 +272,8 @@ def push_experiment_ref(repo_dir: Path, name: str, outputs_pushed: bool) -> None
     `dvc push` just sent them), for `dvc exp pull` on the machine that collects a sweep."""
     args = ["exp", "push", *(["--no-cache"] if outputs_pushed else []), GIT_REMOTE, name]
     ws.run_dvc(repo_dir, args, get_run_logger())
+    if outputs_pushed:  # DVC's hint after --no-cache would say they still need pushing
+        get_run_logger().info("the experiment's outputs reached the DVC remote with dvc push")
 
 
 @task(name="promote", cache_policy=NO_CACHE)

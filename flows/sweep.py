@@ -95,9 +95,11 @@ def collect(
     points: list[grid.Point],
     keys: list[str],
     logger: logging.Logger | logging.LoggerAdapter,
+    hints: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The sweep's leaderboard from the experiments DVC holds, written under reports/sweep/."""
-    board = leaderboard.build(name, points, keys, experiment_show(repo, logger))
+    """The sweep's leaderboard from the experiments DVC holds, written under reports/sweep/
+    (`hints`: per experiment, where to look when it failed)."""
+    board = leaderboard.build(name, points, keys, experiment_show(repo, logger), hints)
     for path in sweep_report.write(board, repo / paths.SWEEP_DIR):
         logger.info("leaderboard: %s", path.relative_to(repo))
     return board

@@ -32,7 +32,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -47,6 +47,12 @@ from qlora.core.paths import PARAMS_FILE
 from qlora.report import sweep as sweep_report
 from qlora.sweep import grid
 
+if TYPE_CHECKING:
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.client.schemas.responses import DeploymentResponse
+
+Logger = logging.Logger | logging.LoggerAdapter
 MEMBER_DEPLOYMENT = "qlora-pipeline/qlora-sweep-member"
 GIT_CLONE_STEP = "prefect.deployments.steps.git_clone"
 # The label a worker gives each flow run it starts (prefect.workers.base).
@@ -102,7 +108,7 @@ def check_baseline(repo: Path, deployment: str, commit: str | None) -> str:
     return head
 
 
-def read_member_deployment(deployment: str) -> Any:
+def read_member_deployment(deployment: str) -> DeploymentResponse:
     from prefect import get_client
     from prefect.exceptions import ObjectNotFound
 
@@ -117,7 +123,7 @@ def read_member_deployment(deployment: str) -> Any:
             ) from None
 
 
-def remote_experiments(repo: Path, logger: logging.Logger | logging.LoggerAdapter) -> set[str]:
+def remote_experiments(repo: Path, logger: Logger) -> set[str]:
     """Names of the experiments `origin` holds for this checkout's HEAD."""
     done = ws.run_dvc(
         repo, ["exp", "list", pipeline.GIT_REMOTE, "--name-only"], logger, stream=False
@@ -156,7 +162,7 @@ def member_parameters(point: grid.Point) -> dict[str, Any]:
     }
 
 
-def member_summary(experiment: str, flow_run: Any, timed_out: bool = False) -> dict[str, Any]:
+def member_summary(experiment: str, flow_run: FlowRun, timed_out: bool = False) -> dict[str, Any]:
     """One member's final word: its flow run, the worker that ran it, its state."""
     state = flow_run.state
     return {
@@ -170,7 +176,7 @@ def member_summary(experiment: str, flow_run: Any, timed_out: bool = False) -> d
     }
 
 
-def _submit(points: list[grid.Point], deployment: str, sweep: str) -> dict[str, Any]:
+def _submit(points: list[grid.Point], deployment: str, sweep: str) -> dict[str, FlowRun]:
     from prefect.deployments import run_deployment
     from prefect.runtime import flow_run
 
@@ -188,14 +194,14 @@ def _submit(points: list[grid.Point], deployment: str, sweep: str) -> dict[str, 
     return runs
 
 
-def _cancel(client: Any, flow_run: Any, timeout: float) -> None:
+def _cancel(client: SyncPrefectClient, flow_run: FlowRun, timeout: float) -> None:
     from prefect.states import Cancelling
 
     message = f"the sweep stopped waiting after {timeout:.0f} s"
     client.set_flow_run_state(flow_run.id, Cancelling(message=message), force=True)
 
 
-def _wait(runs: dict[str, Any], timeout: float, logger: Any) -> list[dict[str, Any]]:
+def _wait(runs: dict[str, FlowRun], timeout: float, logger: Logger) -> list[dict[str, Any]]:
     """Poll every member until all are final or `timeout` seconds have passed; cancel the
     late ones. Summaries in the order of `runs`."""
     from prefect import get_client
@@ -272,27 +278,29 @@ def unexpected_changes(repo: Path, baseline: str, rev: str) -> list[str]:
 def apply_checked_best(repo: Path, board: dict[str, Any], baseline: str) -> str | None:
     """`dvc exp apply` the best experiment, once it is seen to hang off the commit the sweep
     started from and to change nothing a pipeline run would not."""
-    logger = get_run_logger()
-    head = git_state(repo)["commit"]
-    if head != baseline:
-        raise StageError(
-            f"{repo}: HEAD moved from {baseline[:12]} to {str(head)[:12]} during the sweep; "
-            f"the leaderboard is written, apply an experiment yourself (`dvc exp apply NAME`)"
-        )
     best = next((r for r in board["rows"] if r["name"] == board["best"]), None)
-    if best is not None and (foreign := unexpected_changes(repo, baseline, best["rev"])):
-        raise StageError(
-            f"experiment {best['name']} changes {some_names(foreign)}, which no pipeline run "
-            "writes: not applied (the leaderboard is written)"
-        )
-    return local_sweep.apply_best(repo, board, logger)
+    if best is not None:
+        head = git_state(repo)["commit"]
+        if head != baseline:
+            raise StageError(
+                f"{repo}: HEAD moved from {baseline[:12]} to {str(head)[:12]} during the "
+                "sweep; the leaderboard is written, apply an experiment yourself "
+                "(`dvc exp apply NAME`)"
+            )
+        if foreign := unexpected_changes(repo, baseline, best["rev"]):
+            raise StageError(
+                f"experiment {best['name']} changes {some_names(foreign)}, which no pipeline "
+                "run writes: not applied (the leaderboard is written)"
+            )
+    return local_sweep.apply_best(repo, board, get_run_logger())
 
 
 @task(name="collect-leaderboard", cache_policy=NO_CACHE)
 def collect_leaderboard(
-    repo: Path, name: str, points: list[grid.Point], keys: list[str]
+    repo: Path, name: str, points: list[grid.Point], keys: list[str], members: list[dict]
 ) -> dict[str, Any]:
-    return local_sweep.collect(repo, name, points, keys, get_run_logger())
+    hints = {m["experiment"]: member_hint(m) for m in members}
+    return local_sweep.collect(repo, name, points, keys, get_run_logger(), hints)
 
 
 @task(name="promote", cache_policy=NO_CACHE)
@@ -300,22 +308,23 @@ def promote_applied(repo: Path, registry_dir: str | None) -> dict[str, Any]:
     return ws.promote_if_passed(repo, registry_dir, get_run_logger())
 
 
+def member_hint(member: dict) -> str:
+    """What became of a member's flow run, for its failed row."""
+    return f"flow run {member.get('flow_run', '?')} {member.get('state', 'not run')}"
+
+
 def table_rows(board: dict[str, Any]) -> list[dict[str, str]]:
     """The leaderboard's cells (qlora/report/sweep.py) with the flow run and worker of each
     member; a failed row says what became of its flow run."""
     members = {m["experiment"]: m for m in board.get("members") or []}
-    rows = []
-    for row in board["rows"]:
-        cells = sweep_report.cells(row)
-        member = members.get(row["name"]) or {}
-        if row["status"] != "done":
-            cells["gate"] = (
-                f"failed: flow run {member.get('flow_run', '?')} {member.get('state', 'not run')}"
-            )
-        rows.append(
-            cells | {"flow run": member.get("flow_run") or "", "worker": member.get("worker") or ""}
-        )
-    return rows
+    return [
+        sweep_report.cells(row)
+        | {
+            "flow run": (members.get(row["name"]) or {}).get("flow_run") or "",
+            "worker": (members.get(row["name"]) or {}).get("worker") or "",
+        }
+        for row in board["rows"]
+    ]
 
 
 def publish(board: dict[str, Any]) -> None:
@@ -372,7 +381,7 @@ def qlora_sweep(
     with ws.workspace_lock(repo, wait_for_workspace_seconds, logger, owner=f"sweep {name}"):
         if done:
             pipeline.with_retries(pull_experiments, retries, retry_backoff_seconds)(repo, done)
-        board = collect_leaderboard(repo, name, points, grid.swept_keys(list(sweep)))
+        board = collect_leaderboard(repo, name, points, grid.swept_keys(list(sweep)), members)
         board["members"] = members
         board["seconds"] = time.perf_counter() - start
         if board["failed"]:

@@ -5,6 +5,7 @@ qlora restore             put back the last good outputs after a failed `dvc rep
 qlora sweep -S k=a,b [-S k2=x,y] [--jobs N] [--promote]   a grid of experiments, ranked
 qlora validate PATH       check a dataset file before training on it
 qlora flow run [--set k=v]  run the pipeline as a Prefect flow
+qlora flow sweep -S k=a,b   a sweep as Prefect flow runs on a work pool (several machines)
 qlora promote             register the adapter; make it champion if it passes its gates
 qlora registry list|show VERSION|rollback [VERSION]|verify
 qlora export VERSION --merged DIR   a merged 16-bit model that plain transformers loads
@@ -218,6 +219,31 @@ def flow_run(
         "--push": push,
     }
     raise typer.Exit(flow_main(argv + [flag for flag, on in flags.items() if on]))
+
+
+@flow_app.command("sweep")
+def flow_sweep(
+    set_: list[str] = typer.Option(
+        ..., "--set", "-S", help="a params.yaml key and its values: key=v1,v2; repeat for a grid"
+    ),
+    name: str = typer.Option(None, "--name", "-n", help="sweep name (default: sweep-<time>)"),
+    promote_: bool = typer.Option(False, "--promote", help="register the best adapter"),
+    registry: Path = REGISTRY_OPTION,
+    deployment: str = typer.Option(
+        "qlora-pipeline/qlora-sweep-member", "--deployment", help="the deployment each runs"
+    ),
+    timeout: float = typer.Option(86400.0, "--timeout", help="seconds to wait for the members"),
+) -> None:
+    """Run a sweep as one Prefect flow run per experiment on the work pool's workers, then
+    collect, rank and apply the best here. Exit codes as `qlora sweep`."""
+    from flows.sweep_fanout import main as sweep_main
+
+    argv = [f"--set={spec}" for spec in set_]
+    argv += ["--deployment", deployment, "--timeout", str(timeout)]
+    argv += ["--name", name] if name else []
+    argv += ["--registry", str(registry)] if registry else []
+    argv += ["--promote"] if promote_ else []
+    raise typer.Exit(sweep_main(argv))
 
 
 def _fail(e: Exception) -> None:

@@ -37,7 +37,7 @@ def cells(row: dict) -> dict[str, str]:
             "rank": str(row["rank"]),
             "experiment": row["name"],
             "params": params,
-            "gate": f"failed (dvc queue logs {row['name']})",
+            "gate": f"failed ({row.get('hint') or 'no results'})",
         }
     p = row["primary"]
     return {

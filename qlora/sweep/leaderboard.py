@@ -37,14 +37,16 @@ def _file(data: dict, kind: str, path) -> dict:
     return entry if isinstance(entry, dict) else {}
 
 
-def row(point: Point, keys: list[str], rev: dict | None) -> dict[str, Any]:
-    """One experiment's line of the leaderboard ("failed" when it left no results)."""
+def row(point: Point, keys: list[str], rev: dict | None, hint: str | None = None) -> dict[str, Any]:
+    """One experiment's line of the leaderboard ("failed" when it left no results, with
+    `hint`: where to look, by default the log of DVC's queue)."""
     base = {"name": point.name, "params": {k: point.value(k) for k in keys}}
     data = (rev or {}).get("data") or {}
     gate = _file(data, "metrics", paths.GATE_REPORT)
     metrics = _file(data, "metrics", paths.EVAL_METRICS)
     if rev is None or not gate or not metrics:
-        return {**base, "status": "failed", "rev": (rev or {}).get("rev")}
+        why = hint or f"dvc queue logs {point.name}"
+        return {**base, "status": "failed", "rev": (rev or {}).get("rev"), "hint": why}
     primary = gate.get("primary") or {}
     task, metric = primary.get("task"), primary.get("metric")
     adapter = (
@@ -116,11 +118,21 @@ def noise(rows: list[dict], keys: list[str]) -> list[dict[str, Any]]:
     return summary
 
 
-def build(sweep: str, points: list[Point], keys: list[str], exp_show: list[dict]) -> dict:
+def build(
+    sweep: str,
+    points: list[Point],
+    keys: list[str],
+    exp_show: list[dict],
+    hints: dict[str, str] | None = None,
+) -> dict:
     """The leaderboard of a sweep: rows best first, the best experiment's name (None when
-    the gate promoted none), and the seeds' noise."""
+    the gate promoted none), and the seeds' noise. `hints`: per experiment, what to look at
+    when it failed (a distributed member's flow run)."""
     found = experiments_by_name(exp_show)
-    rows = sorted((row(p, keys, found.get(p.name)) for p in points), key=_sort_key)
+    hints = hints or {}
+    rows = sorted(
+        (row(p, keys, found.get(p.name), hints.get(p.name)) for p in points), key=_sort_key
+    )
     for rank, r in enumerate(rows, start=1):
         r["rank"] = rank
     best = next((r["name"] for r in rows if r["status"] == "done" and r["passed"]), None)

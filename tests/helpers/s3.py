@@ -8,6 +8,7 @@ committed in a test's repository holds more than the bucket's URL and endpoint.
 from __future__ import annotations
 
 import contextlib
+import logging
 import socket
 import subprocess
 import sys
@@ -96,6 +97,8 @@ def moto_s3(home: Path) -> Iterator[Remote]:
     stopped on the way out, however the block ends."""
     from moto.server import ThreadedMotoServer
 
+    # One line per request otherwise, in the output of every test that prints (`-s`).
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     try:

@@ -691,12 +691,11 @@ def test_prefect_yaml_deployments_load_and_register(prefect_server, tmp_path, mo
     from prefect.workers.process import ProcessWorker
 
     config = yaml.safe_load((REPO / "prefect.yaml").read_text())
-    # The process pool's deployments; the Docker one needs a daemon
-    # (tests/integration/test_deployments.py).
-    deployments = {
-        d["name"]: d for d in config["deployments"] if d["work_pool"]["name"] == "qlora-process"
-    }
-    assert set(deployments) == {"qlora-on-demand", "qlora-nightly"}
+    # The pipeline's deployments that run in the deploying checkout; the Docker one needs a
+    # daemon, the sweep's clone from `origin` (tests/integration/test_deployments.py).
+    wanted = ("qlora-on-demand", "qlora-nightly")
+    deployments = {d["name"]: d for d in config["deployments"] if d["name"] in wanted}
+    assert set(deployments) == set(wanted)
     monkeypatch.chdir(REPO)
     for d in deployments.values():
         flow = load_flow_from_entrypoint(d["entrypoint"], use_placeholder_flow=False)

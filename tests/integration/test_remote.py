@@ -3,7 +3,7 @@
 An S3-compatible server (moto's server mode) listens on the loopback address; the tiny DAG
 of test_pipeline_e2e is reproduced in a copy of the repository, whose committed .dvc/config
 names the bucket and the endpoint. `dvc push` uploads every DVC-cached output (data, base
-model, adapter, Data Docs); the outputs marked `cache: false` (the reports, metrics and
+model, adapter, Data Docs, the reports); the outputs marked `cache: false` (the metrics and
 plots) are git's to keep and never reach the bucket. With the local cache and the cached
 outputs deleted, `dvc pull` brings back the same bytes and `dvc repro` has nothing to run.
 Then the Prefect flow, `python -m flows.pipeline --pull --push` in a fresh clone (a
@@ -111,11 +111,12 @@ class Pushed:
 
 @pytest.fixture(scope="module")
 def pushed(tmp_path_factory, tiny_model_dir, s3) -> Pushed:
-    """The tiny DAG reproduced and committed (dvc.lock and the `cache: false` reports, as a
+    """The tiny DAG reproduced and committed (dvc.lock and the `cache: false` metrics, as a
     user commits them), an S3 remote added as the default and committed, then `dvc push`."""
     work = tmp_path_factory.mktemp("remote") / "repo"
     # The user's own small dataset (no link from the stdlib corpus to the splits): a changed
-    # corpus param then reruns only `extract`, a cheap stage with a DVC-cached output.
+    # corpus param then reruns `extract`, a cheap stage with a DVC-cached output, and
+    # `dataset`, which writes the same splits again.
     write_jsonl(work / "data/user/train.jsonl", alpaca_rows())
     done = repro_in_copy(work, tiny_params(tiny_model_dir, source="data/user/train.jsonl"))
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
@@ -193,8 +194,10 @@ STAGE_LINE = re.compile(r"^  (?P<stage>\S+)\s+(?P<result>\S.*?)\s+[\d.]+ s$", re
 
 def test_the_flow_pulls_unchanged_outputs_and_pushes_what_it_reran(pushed, s3, tmp_path):
     """A fresh clone (no cache, no outputs: a container) and a changed corpus param: the flow
-    with --pull --push reruns `extract` (and `sources`, always), fetches the rest from the
-    remote (the adapter is not retrained: same bytes) and uploads the new corpus."""
+    with --pull --push reruns `extract` (and `sources`, always) and `dataset`, which depends
+    on the default corpus file whatever dataset.source names (here the tiny rows: it writes
+    the same splits again), fetches the rest from the remote (the adapter is not retrained:
+    same bytes) and uploads the new corpus."""
     clone = tmp_path / "clone"
     git(tmp_path, "clone", "-q", str(pushed.work), str(clone))
     params = yaml.safe_load((clone / "params.yaml").read_text())
@@ -214,10 +217,11 @@ def test_the_flow_pulls_unchanged_outputs_and_pushes_what_it_reran(pushed, s3, t
 
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     results = {m["stage"]: m["result"] for m in STAGE_LINE.finditer(done.stdout)}
-    assert {s for s, r in results.items() if r == "ran"} == {"extract", "sources"}, results
+    ran = {"extract", "sources", "dataset"}
+    assert {s for s, r in results.items() if r == "ran"} == ran, results
     corpus_path = "data/raw/stdlib_functions.jsonl"
     for out in pushed.outputs.values():
-        if out.cached and out.path != corpus_path:
+        if out.cached and out.stage not in ran:
             assert results[out.stage] == "pulled from remote", (out.path, results)
     unchanged = [p for p in cached_paths(clone) if p != corpus_path]
     expected = {k: v for k, v in pushed.files.items() if k != corpus_path}

@@ -47,6 +47,39 @@ def test_flow_run_passes_its_options_to_the_flow(monkeypatch):
     assert seen == [["--set=finetune.lora.r=8", "--only-if-changed", "--pull", "--push"]]
 
 
+def test_flow_sweep_hands_its_options_to_the_sweep_flows_own_parser(monkeypatch):
+    import flows.sweep_fanout
+
+    seen: list[dict] = []
+
+    def fake_run(specs, **options):
+        seen.append({"specs": specs, **options})
+        raise flows.sweep_fanout.StageError("stopped by the test")
+
+    monkeypatch.setattr(flows.sweep_fanout, "run_sweep_flow", fake_run)
+    result = CliRunner().invoke(
+        app,
+        [
+            "flow",
+            "sweep",
+            "-S",
+            "finetune.seed=1,2",
+            "-S",
+            "finetune.lora.r=8,16",
+            "--name",
+            "grid",
+            "--promote",
+            "--timeout",
+            "60",
+        ],
+    )
+    assert result.exit_code == 1 and "stopped by the test" in result.output
+    (call,) = seen
+    assert call["specs"] == ["finetune.seed=1,2", "finetune.lora.r=8,16"]
+    assert (call["name"], call["promote"], call["member_timeout_seconds"]) == ("grid", True, 60.0)
+    assert call["deployment"] == "qlora-pipeline/qlora-sweep-member"
+
+
 def test_qlora_restore_in_a_project_whose_outputs_match_dvc_lock(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], check=True)

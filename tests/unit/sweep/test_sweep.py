@@ -124,6 +124,9 @@ def test_promoted_experiments_rank_first_then_by_the_primary_metrics_direction()
     assert [r["rank"] for r in board["rows"]] == [1, 2, 3, 4]
     assert board["best"] == "s-3"
     assert board["failed"] == ["s-4"] and board["rows"][-1]["status"] == "failed"
+    assert "failed (dvc queue logs s-4)" in sweep_report.text_table(board)
+    hinted = leaderboard.build("s", plan, KEYS, shown, {"s-4": "flow run s-4 Crashed"})
+    assert hinted["rows"][-1]["hint"] == "flow run s-4 Crashed"
     top = board["rows"][0]["primary"]
     assert top["interval"] == pytest.approx([1.10 - 1.959964 * 0.04, 1.10 + 1.959964 * 0.04])
     assert top["relative_change"] == pytest.approx((1.6 - 1.10) / 1.6)
