@@ -6,7 +6,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ import pytest
 from helpers.repo import REPO
 from qlora.core.io import StageError, TransientStageError
 from qlora.core.params import load_params
+from qlora.core.paths import DEFAULT_CORPUS
 from qlora.core.sources import HASH_CACHE, fingerprint, fingerprint_file
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -153,8 +153,14 @@ def test_a_failed_cache_write_keeps_the_previous_cache_and_the_fingerprint(tmp_p
 def test_the_sources_stage_runs_through_a_torn_cache(tmp_path, monkeypatch):
     from stages import sources as stage
 
-    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    # A user's own file: the default corpus is a stage's output, fingerprinted by no hash.
+    text = (REPO / "params.yaml").read_text()
+    mine = "data/raw/mine.jsonl"
+    (tmp_path / "params.yaml").write_text(
+        text.replace(f"source: {DEFAULT_CORPUS}", f"source: {mine}")
+    )
     raw = tmp_path / load_params(tmp_path / "params.yaml").dataset.source
+    assert raw == tmp_path / mine
     raw.parent.mkdir(parents=True)
     raw.write_text('{"prompt": "a", "completion": "b"}\n')
     (tmp_path / HASH_CACHE).parent.mkdir(parents=True)
@@ -165,3 +171,11 @@ def test_the_sources_stage_runs_through_a_torn_cache(tmp_path, monkeypatch):
     written = json.loads((tmp_path / fingerprint_file("dataset")).read_text())
     assert written["sha256"] == {raw.name: hashlib.sha256(raw.read_bytes()).hexdigest()}
     assert isinstance(json.loads((tmp_path / HASH_CACHE).read_text()), dict)
+
+
+def test_the_default_corpus_is_not_hashed_before_the_stage_that_writes_it(tmp_path):
+    """`sources` runs first, before extract: it records that a stage writes the file (the
+    dataset stage depends on the file itself) instead of hashing what may not exist yet."""
+    fp = fingerprint(str(DEFAULT_CORPUS), None, "dataset", "dataset.source", tmp_path)
+    assert fp == {"kind": "pipeline", "source": str(DEFAULT_CORPUS), "stage": "extract"}
+    assert not (tmp_path / DEFAULT_CORPUS).exists()
