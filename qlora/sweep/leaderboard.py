@@ -14,10 +14,10 @@ import statistics
 from typing import Any
 
 from qlora.core import paths
+from qlora.evaluation.gate import Z95, ci_half_width
 from qlora.sweep.grid import Point
 
 SEED_KEY = "finetune.seed"
-Z95 = 1.959964  # two-sided 95% normal quantile, the gate's interval
 
 
 def experiments_by_name(exp_show: list[dict]) -> dict[str, dict]:
@@ -49,9 +49,13 @@ def row(point: Point, keys: list[str], rev: dict | None, hint: str | None = None
         return {**base, "status": "failed", "rev": (rev or {}).get("rev"), "hint": why}
     primary = gate.get("primary") or {}
     task, metric = primary.get("task"), primary.get("metric")
-    adapter = (
-        ((metrics.get("variants") or {}).get(paths.CANDIDATE) or {}).get("metrics") or {}
-    ).get(task, {}).get(metric) or {}
+    adapter, base_entry = (
+        (((metrics.get("variants") or {}).get(v) or {}).get("metrics") or {})
+        .get(task, {})
+        .get(metric)
+        or {}
+        for v in (paths.CANDIDATE, paths.BASELINE)
+    )
     value, stderr = adapter.get("value", primary.get("adapter")), adapter.get("stderr")
     train = _file(data, "metrics", paths.TRAIN_METRICS).get("train") or {}
     evaluation = _file(data, "metrics", paths.TRAIN_METRICS).get("eval") or {}
@@ -70,7 +74,7 @@ def row(point: Point, keys: list[str], rev: dict | None, hint: str | None = None
             else None,
             "base": primary.get("base"),
             "relative_change": primary.get("relative_change"),
-            "change_ci95": primary.get("ci95"),
+            "change_ci95": change_interval(primary.get("change"), base_entry, adapter),
         },
         "decision": gate.get("decision"),
         "passed": bool(gate.get("passed")),
@@ -79,6 +83,18 @@ def row(point: Point, keys: list[str], rev: dict | None, hint: str | None = None
         "tokens_per_s": train.get("tokens_per_s"),
         "validation_loss": evaluation.get("loss"),
     }
+
+
+def change_interval(change: Any, base: dict, adapter: dict) -> list[float] | None:
+    """The gate's 95% interval of the adapter's change against the base, from both
+    results' standard errors (`dvc exp show` drops the lists of gate.json, so it is
+    rebuilt here with the gate's own rule)."""
+    if not isinstance(change, int | float):
+        return None
+    if not all(isinstance(e.get("stderr"), int | float) for e in (base, adapter)):
+        return None
+    half = ci_half_width(base, adapter)
+    return None if half is None else [change - half, change + half]
 
 
 def _sort_key(r: dict) -> tuple:

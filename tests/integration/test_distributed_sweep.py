@@ -391,8 +391,9 @@ def test_the_leaderboard_ranks_both_by_the_gate_then_the_metric(swept: Swept, pr
         assert (row["decision"], row["passed"]) == (gates[name]["decision"], gates[name]["passed"])
         assert row["primary"]["value"] == pytest.approx(value)
         assert stderr > 0, "no interval to rank by"
+        # The gate's 95% quantile, 1.96.
         assert row["primary"]["interval"] == pytest.approx(
-            [value - 1.959964 * stderr, value + 1.959964 * stderr]
+            [value - 1.96 * stderr, value + 1.96 * stderr]
         )
     # Known from test_pipeline_e2e: the committed rate trains an adapter the gate promotes.
     assert gates[MEMBER_NAMES[0]]["decision"] == "promoted"

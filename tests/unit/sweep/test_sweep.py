@@ -65,19 +65,24 @@ def experiment(name, bpb, se, decision, lr, seed=1, seconds=60.0, memory=2_000_0
                     "higher_is_better": False,
                     "base": 1.6,
                     "adapter": bpb,
+                    "change": bpb - 1.6,
                     "relative_change": (1.6 - bpb) / 1.6,
-                    "ci95": [-0.5, -0.1],
                 },
             }
         },
         "reports/eval/metrics.json": {
             "data": {
                 "variants": {
+                    "base_4bit": {
+                        "metrics": {
+                            "docstring_loss": {"bits_per_byte": {"value": 1.6, "stderr": 0.03}}
+                        }
+                    },
                     "adapter_4bit": {
                         "metrics": {
                             "docstring_loss": {"bits_per_byte": {"value": bpb, "stderr": se}}
                         }
-                    }
+                    },
                 }
             }
         },
@@ -128,8 +133,10 @@ def test_promoted_experiments_rank_first_then_by_the_primary_metrics_direction()
     hinted = leaderboard.build("s", plan, KEYS, shown, {"s-4": "flow run s-4 Crashed"})
     assert hinted["rows"][-1]["hint"] == "flow run s-4 Crashed"
     top = board["rows"][0]["primary"]
-    assert top["interval"] == pytest.approx([1.10 - 1.959964 * 0.04, 1.10 + 1.959964 * 0.04])
+    assert top["interval"] == pytest.approx([1.10 - 1.96 * 0.04, 1.10 + 1.96 * 0.04])
     assert top["relative_change"] == pytest.approx((1.6 - 1.10) / 1.6)
+    # The gate's interval of the change, from both standard errors (0.03 and 0.04: 0.05).
+    assert top["change_ci95"] == pytest.approx([-0.5 - 1.96 * 0.05, -0.5 + 1.96 * 0.05])
     assert board["rows"][0]["params"] == {"finetune.learning_rate": "0.0003", "finetune.seed": "1"}
     assert board["primary"] == "docstring_loss/bits_per_byte"
 
