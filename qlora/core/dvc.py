@@ -128,10 +128,9 @@ def parse_status(text: str) -> dict:
         raise StageError(f"`dvc status --json` printed no JSON ({e}): {text[:300]}") from None
 
 
-def status(root: Path | str = ".", target: str | None = None) -> dict:
-    """`dvc status --json` of `target` and every stage upstream of it (all stages without
-    one): {} when the workspace is exactly what dvc.lock records."""
-    args = ["status", "--json", *(["--with-deps", target] if target else [])]
+def _run(root: Path | str, *args: str) -> str:
+    """`dvc ARGS...` in `root` with the pipeline's environment: its stdout, or a StageError
+    with DVC's own message."""
     done = subprocess.run(
         command(*args),
         cwd=root,
@@ -141,8 +140,16 @@ def status(root: Path | str = ".", target: str | None = None) -> dict:
         timeout=STATUS_TIMEOUT_S,
     )
     if done.returncode != 0:
-        raise StageError(f"`dvc status` failed in {root}: {(done.stderr or done.stdout).strip()}")
-    return parse_status(done.stdout)
+        message = (done.stderr or done.stdout).strip()
+        raise StageError(f"`dvc {args[0]}` failed in {root}: {message}")
+    return done.stdout
+
+
+def status(root: Path | str = ".", target: str | None = None) -> dict:
+    """`dvc status --json` of `target` and every stage upstream of it (all stages without
+    one): {} when the workspace is exactly what dvc.lock records."""
+    upstream = ["--with-deps", target] if target else []
+    return parse_status(_run(root, "status", "--json", *upstream))
 
 
 def cached_outputs(root: Path | str = ".") -> dict[str, bool]:
@@ -194,16 +201,7 @@ def restore_outputs(root: Path | str = ".") -> list[str]:
         raise StageError(f"not stage outputs of {DAG}: {', '.join(unknown)}")
     cached = [p for p in lost if declared[p]]
     if cached:
-        done = subprocess.run(
-            command("checkout", "--force", *cached),
-            cwd=root,
-            capture_output=True,
-            text=True,
-            env=pipeline_env(),
-            timeout=STATUS_TIMEOUT_S,
-        )
-        if done.returncode != 0:
-            raise StageError(f"`dvc checkout` failed: {(done.stderr or done.stdout).strip()}")
+        _run(root, "checkout", "--force", *cached)
     caches = Repo(str(root)).cache
     missing = []
     for rel in (p for p in lost if not declared[p]):
