@@ -123,7 +123,7 @@ def run_converter(script: str, args: list[str], pre_tokenizer: str | None = None
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
         hint = (
             "; the converter does not know this tokenizer: set export.pre_tokenizer to the "
-            "llama.cpp pre-tokenizer it uses (gpt2, llama-bpe, qwen2, ...)"
+            "llama.cpp pre-tokenizer it uses (gpt-2, llama-bpe, qwen2, smollm, ...)"
             if "pre-tokenizer was not recognized" in tail
             else ""
         )

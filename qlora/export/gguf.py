@@ -85,9 +85,7 @@ def quantize(source: Path | str, out: Path | str, gguf_type: str, threads: int =
     params.ftype = QUANT_TYPES[gguf_type]
     params.nthread = threads  # 0: all cores
     with _atomic_file(out) as tmp:
-        status = llama_cpp.llama_model_quantize(
-            str(source).encode(), str(tmp).encode(), params
-        )
+        status = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), params)
         if status != 0:
             raise StageError(f"llama.cpp could not quantize {source} to {gguf_type} ({status})")
     return out

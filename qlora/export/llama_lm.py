@@ -73,7 +73,13 @@ class LlamaCppLM(LM):
             verbose=False,
         )
         self.n_ctx = n_ctx
+        self.threads = self.llm.n_threads
         self._cached: list[int] = []  # the tokens whose logits self.llm holds, in order
+
+    def close(self) -> None:
+        """Free the model now (at interpreter exit llama-cpp-python's own finaliser can run
+        after the library it calls is gone, and prints an error)."""
+        self.llm.close()
 
     # -------------------------------------------------------------- tokens and logits
     def encode(self, text: str) -> list[int]:
