@@ -2,9 +2,10 @@
 
 Memory saved (claim 70-80 %), generation speed of the 4-bit base against the full-precision
 one (claim up to 2.5x) and the share of each benchmark metric the 4-bit base keeps (claim
-98 %), each with the measured value, pass or fail, and why where it fails
+98 %), each with the measured value, pass or fail, and why where it fails; the same three
+for each deployed 4-bit GGUF file against the 16-bit one under llama.cpp
 (qlora/evaluation/claims.py).
-Inputs: reports/quantize.json, reports/eval/metrics.json
+Inputs: reports/quantize.json, reports/eval/metrics.json, reports/export/gguf_eval.json
 Output: reports/claims.json (a DVC metric)
 """
 
@@ -15,6 +16,7 @@ from qlora.core.io import read_json, run_stage, write_json
 from qlora.evaluation.claims import claims_report
 from qlora.schemas.base import validated
 from qlora.schemas.claims import ClaimsReport
+from qlora.schemas.export import GgufEval
 from qlora.schemas.metrics import EvalMetrics
 from qlora.schemas.quantize import QuantizeReport
 
@@ -23,11 +25,12 @@ def main() -> None:
     inputs = {
         paths.QUANTIZE_REPORT: QuantizeReport,
         paths.EVAL_METRICS: EvalMetrics,
+        paths.GGUF_EVAL: GgufEval,
     }
-    quantize, metrics = (read_json(path) for path in inputs)
-    for (path, schema), data in zip(inputs.items(), (quantize, metrics), strict=True):
+    quantize, metrics, gguf_eval = (read_json(path) for path in inputs)
+    for (path, schema), data in zip(inputs.items(), (quantize, metrics, gguf_eval), strict=True):
         validated(schema, data, path)  # a malformed file is named, field by field
-    report = claims_report(quantize, metrics)
+    report = claims_report(quantize, metrics, gguf_eval)
     # Checked against the schema the report reads it with, before anything is written.
     validated(ClaimsReport, report, paths.CLAIMS_REPORT)
     write_json(paths.CLAIMS_REPORT, report)

@@ -15,13 +15,17 @@ Inputs, as the pipeline writes them:
   variant was timed at, or lm-eval's seconds where a file has none (older revisions).
 - eval_metrics: reports/eval/metrics.json (qlora/evaluation.benchmark): {"settings",
   "variants": {variant: {"metrics": {task: {metric: {value, stderr, higher_is_better}}}}}}.
+- gguf_eval: reports/export/gguf_eval.json (qlora/export/measure.py): the deployed GGUF
+  artifacts under llama.cpp, each with "weights_bytes", "file_bytes", "speed" and
+  "metrics". Their claims compare each 4-bit llama.cpp type with the 16-bit merged model in
+  the same engine: where users deploy, the method's promises are checked there too.
 """
 
 from __future__ import annotations
 
 import math
 
-from qlora.core.paths import BASELINE, LEGACY_VARIANTS, REFERENCE
+from qlora.core.paths import BASELINE, LEGACY_VARIANTS, MERGED_F16, REFERENCE
 from qlora.schemas.metrics import higher_is_better
 
 MEMORY_CLAIM = "4-bit quantization saves 70-80 % of the model's memory"
@@ -244,6 +248,94 @@ def accuracy_claims(eval_metrics: dict, parameters: int | None = None) -> list[d
     return rows
 
 
+# ---------------------------------------------------------------- deployed artifacts
+
+
+def four_bit_artifacts(gguf_eval: dict) -> dict[str, dict]:
+    """The 4-bit llama.cpp artifacts (q4_0, q4_1, q4_k_m, ...) the claims are about."""
+    return {
+        name: a
+        for name, a in gguf_eval["artifacts"].items()
+        if a["gguf_type"].startswith("q4") and not a.get("lora")
+    }
+
+
+def mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def deployed_claims(gguf_eval: dict, eval_metrics: dict | None = None) -> list[dict]:
+    """Memory, decode speed and kept score of each 4-bit GGUF artifact against the 16-bit
+    merged model under llama.cpp (and its speed against the PyTorch paths' beside)."""
+    artifacts = gguf_eval["artifacts"]
+    if MERGED_F16 not in artifacts:
+        return []
+    f16 = artifacts[MERGED_F16]
+    torch_speeds = {}
+    if eval_metrics is not None:
+        for n in (REFERENCE, BASELINE):
+            entry = variant(eval_metrics["variants"], n)
+            if entry.get("speed"):
+                torch_speeds[n] = entry["speed"]["tokens_per_s"]
+    rows = []
+    for a in four_bit_artifacts(gguf_eval).values():
+        saved = 1 - a["weights_bytes"] / f16["weights_bytes"]
+        rows.append(
+            row(
+                MEMORY_CLAIM,
+                f"memory (llama.cpp {a['gguf_type']}, loaded weights)",
+                saved,
+                f"{saved:.1%} saved: {mib(a['weights_bytes'])} against {mib(f16['weights_bytes'])}"
+                f" (files {mib(a['file_bytes'])} against {mib(f16['file_bytes'])})",
+                f"passes when at least {MIN_SAVED:.0%} is saved",
+                saved >= MIN_SAVED,
+                "llama.cpp's 4-bit types keep some tensors at 6 or 8 bits (q4_k_m: half the "
+                "attention values and feed-forward outputs, and the embeddings and output at "
+                "6 bits); in a small model those are a large share of the bytes",
+            )
+        )
+        if a.get("speed") and f16.get("speed"):
+            rate, f16_rate = a["speed"]["tokens_per_s"], f16["speed"]["tokens_per_s"]
+            ratio = rate / f16_rate
+            beside = ", ".join(f"{rate / r:.1f}x the PyTorch {n}" for n, r in torch_speeds.items())
+            notes = [x["speed"]["note"] for x in (a, f16) if x["speed"].get("note")]
+            rows.append(
+                row(
+                    SPEED_CLAIM,
+                    f"decode speed (llama.cpp {a['gguf_type']} vs f16, {a['threads']} threads)",
+                    ratio,
+                    f"{ratio:.2f}x: {rate:.1f} against {f16_rate:.1f} tokens/s"
+                    + (f"; {beside}" if beside else "")
+                    + (f" (note: {'; '.join(notes)})" if notes else ""),
+                    "passes when the 4-bit file decodes at least as fast as the 16-bit one",
+                    ratio >= 1.0,
+                    "decoding is bound by reading the weights only when they do not fit in "
+                    "the CPU's caches; a small model's 16-bit weights nearly do",
+                )
+            )
+        for task, metrics in f16["metrics"].items():
+            for metric, full in metrics.items():
+                four = a["metrics"].get(task, {}).get(metric)
+                if four is None:
+                    continue
+                higher = higher_is_better(full, four)
+                share = None if higher is None else kept_share(full["value"], four["value"], higher)
+                rows.append(
+                    row(
+                        ACCURACY_CLAIM,
+                        f"{task}/{metric} (llama.cpp {a['gguf_type']} vs f16)",
+                        share,
+                        "n/a" if share is None else f"{share:.1%} kept",
+                        f"passes when the 4-bit file keeps at least {MIN_KEPT:.0%}",
+                        None if share is None else share >= MIN_KEPT,
+                        "lm-eval gives no direction for this metric, or the 16-bit score is 0"
+                        if share is None
+                        else accuracy_why(metric, full, four, None),
+                    )
+                )
+    return rows
+
+
 # ---------------------------------------------------------------- all claims
 
 
@@ -267,10 +359,12 @@ def check_claims(
     return rows
 
 
-def claims_report(quantize_report: dict, eval_metrics: dict) -> dict:
+def claims_report(quantize_report: dict, eval_metrics: dict, gguf_eval: dict | None = None) -> dict:
     """reports/claims.json: every row, and how many passed, failed and stayed undecided
     (flat numbers: `dvc metrics show` and `dvc exp show` list them as columns)."""
     rows = check_claims(quantize_report, None, eval_metrics)
+    if gguf_eval is not None:
+        rows += deployed_claims(gguf_eval, eval_metrics)
     outcomes = [r["passed"] for r in rows]
     return {
         "summary": {

@@ -32,6 +32,7 @@ import jinja2
 
 from qlora.core import paths
 from qlora.core.io import StageError, atomic_write_text, read_json
+from qlora.report.deploy import deploy_section
 from qlora.report.lineage import lineage, load_compare, run_differences
 from qlora.report.quantization import (
     claims_section,
@@ -63,6 +64,7 @@ from qlora.report.text import (
 )
 from qlora.schemas.base import validated
 from qlora.schemas.claims import ClaimsReport
+from qlora.schemas.export import GgufEval, ParityReport
 from qlora.schemas.gate import GateDecision
 from qlora.schemas.metrics import DIRECTIONS, EvalMetrics
 from qlora.schemas.quantize import QuantizeLayers, QuantizeReport
@@ -85,6 +87,8 @@ INPUTS: dict[str, tuple[Path, tuple[str, ...]]] = {
     "gate": (paths.GATE_REPORT, ()),
     "quantize_layers": (paths.QUANTIZE_LAYERS, ()),
     "claims": (paths.CLAIMS_REPORT, ()),
+    "gguf_eval": (paths.GGUF_EVAL, ()),
+    "parity": (paths.PARITY_REPORT, ()),
 }
 
 
@@ -94,6 +98,8 @@ SCHEMAS = {
     "gate": GateDecision,
     "quantize_layers": QuantizeLayers,
     "claims": ClaimsReport,
+    "gguf_eval": GgufEval,
+    "parity": ParityReport,
 }
 
 
@@ -102,7 +108,7 @@ LIST_INPUTS = {"examples"}
 
 # Written by stages older runs lack (`--compare`, a report of an old checkout): without
 # one, its part of the report is left out, never an error.
-OPTIONAL_INPUTS = {"quantize_layers", "claims"}
+OPTIONAL_INPUTS = {"quantize_layers", "claims", "gguf_eval", "parity"}
 
 
 # the gate judges the adapter against the base it was trained on
@@ -200,6 +206,7 @@ def build_context(inputs: dict, root: Path, out_html: Path, compare: dict | None
             inputs["train"],
         ),
         "method": claims_section(inputs["claims"], inputs["speeds"], inputs["eval"]),
+        "deploy": deploy_section(inputs["gguf_eval"], inputs["parity"]),
         **inputs,
     }
     ctx["cards"] = summary_cards(ctx, inputs)

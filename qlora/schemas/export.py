@@ -72,6 +72,7 @@ class ParityReport(OpenSchema):
 
     primary: dict[str, str]
     reference: str
+    rules: dict
     artifacts: dict[str, ParityVerdict]
     deployable: list[str]
     summary: ParitySummary

@@ -20,7 +20,7 @@ import yaml
 from helpers.dag import SECRET, dvc, files_under, repro_in_copy
 from helpers.repo import git
 from helpers.tiny import alpaca_rows, make_tiny_model_dir, tiny_params
-from qlora.core.io import pipeline_env, write_jsonl
+from qlora.core.io import pipeline_env, sha256_of, write_jsonl
 from qlora.core.sources import settle_always_changed
 from qlora.registry.store import Registry
 from qlora.train.log_layout import training_view
@@ -40,6 +40,9 @@ STAGES = [
     "eval_adapter_4bit",
     "evaluate",
     "gate",
+    "export",
+    "eval_gguf",
+    "parity",
     "claims",
     "report",
 ]
@@ -77,7 +80,26 @@ def test_every_stage_runs_and_writes_its_outputs(pipeline_run):
     assert gate["primary"]["relative_change"] > 0, "training did not lower bits per byte"
     for name in ("metrics.json", "run.json", "plots/metrics/train/loss.tsv"):
         assert (work / "reports/train" / name).stat().st_size > 0
-    assert "<html" in (work / "reports/report.html").read_text().lower()
+    html = (work / "reports/report.html").read_text()
+    assert "<html" in html.lower()
+
+    # The deployable files: every one the manifest lists is there with its recorded hash,
+    # every artifact was scored under llama.cpp and judged against the NF4 + adapter.
+    manifest = json.loads((work / "data/prepared/gguf/manifest.json").read_text())
+    for name, entry in manifest["files"].items():
+        assert sha256_of(work / "data/prepared/gguf" / name) == entry["sha256"]
+    artifacts = {"merged-f16", "merged-q8_0", "merged-q4_k_m", "base-f16+lora"}
+    assert set(manifest["artifacts"]) == artifacts
+    parity = json.loads((work / "reports/export/parity.json").read_text())
+    assert set(parity["artifacts"]) == artifacts
+    assert parity["deployable"] == [n for n, v in parity["artifacts"].items() if v["passed"]]
+    measured = json.loads((work / "reports/export/gguf_eval.json").read_text())
+    for name in artifacts:
+        got = measured["artifacts"][name]["metrics"]["docstring_loss"]["bits_per_byte"]
+        assert math.isfinite(got["value"]) and got["stderr"] > 0
+    assert 'id="deploy"' in html and 'id="parity-table"' in html
+    claims = json.loads((work / "reports/claims.json").read_text())
+    assert any("llama.cpp q4_k_m" in r["subject"] for r in claims["rows"])
 
 
 def test_adapter_loads_with_plain_peft(pipeline_run, tiny_model_dir):

@@ -193,11 +193,59 @@ def test_the_claims_stage_reads_the_pipelines_files(tmp_path, monkeypatch):
     write_json(tmp_path / "reports/quantize.json", {**SMALL_REPORT, "double_quant": True,
                "full_dtype": "bfloat16", "quant_error": {}})  # fmt: skip
     write_json(tmp_path / "reports/eval/metrics.json", with_speed(eval_metrics(FULL, FOUR), 40, 20))
+    write_json(tmp_path / "reports/export/gguf_eval.json", GGUF_EVAL)
     stage.main()
     written = json.loads((tmp_path / "reports/claims.json").read_text())
     assert written["rows"][0]["claim"] == claims.MEMORY_CLAIM
     assert written["rows"][1]["measured"] == 0.5
+    assert [r for r in written["rows"] if "llama.cpp" in r["subject"]] == claims.deployed_claims(
+        GGUF_EVAL, with_speed(eval_metrics(FULL, FOUR), 40, 20)
+    )
     write_json(tmp_path / "reports/eval/metrics.json", {"variants": {"base_full": {}}})
     with pytest.raises(StageError, match=r"reports/eval/metrics.json"):
         stage.main()
     assert json.loads((tmp_path / "reports/claims.json").read_text()) == written
+
+
+def gguf_artifact(gguf_type: str, weights: int, rate: float, metrics: dict, lora=None) -> dict:
+    return {
+        "model": f"merged-{gguf_type}.gguf",
+        "lora": lora,
+        "gguf_type": gguf_type,
+        "file_bytes": weights + 1000,
+        "weights_bytes": weights,
+        "threads": 2,
+        "metrics": metrics,
+        "speed": {"prompts": 4, "new_tokens": 32, "repeats": 3, "tokens_per_s": rate,
+                  "tokens_per_s_each": [rate] * 3, "spread": 1.0, "note": None},
+    }  # fmt: skip
+
+
+GGUF_EVAL = {
+    "settings": {"engine": "llama-cpp-python 0.3.36"},
+    "artifacts": {
+        "merged-f16": gguf_artifact("f16", 270_000_000, 40.0, FULL),
+        "merged-q8_0": gguf_artifact("q8_0", 145_000_000, 60.0, FULL),
+        "merged-q4_k_m": gguf_artifact("q4_k_m", 81_000_000, 100.0, FOUR),
+        "base-f16+lora": gguf_artifact("f16", 270_000_000, 30.0, FULL, lora="adapter-f16.gguf"),
+    },
+}
+
+
+def test_deployed_4bit_files_are_held_to_the_claims_against_the_16bit_file_in_the_same_engine():
+    rows = claims.deployed_claims(GGUF_EVAL, with_speed(eval_metrics(FULL, FOUR), 40, 20))
+    # Only the 4-bit llama.cpp type is judged: q8_0 and the LoRA route are not 4-bit files.
+    assert {r["subject"].split("(")[-1] for r in rows} >= {"llama.cpp q4_k_m, loaded weights)"}
+    assert all("q4_k_m" in r["subject"] for r in rows)
+    memory, speed, *accuracy = rows
+    assert memory["measured"] == pytest.approx(1 - 81 / 270)  # 70.0 % saved
+    assert memory["passed"] is True
+    assert speed["measured"] == pytest.approx(100 / 40) and speed["passed"] is True
+    # Beside it, the PyTorch paths' own rates (40 and 20 tokens/s in with_speed).
+    assert "2.5x the PyTorch base_full" in speed["display"]
+    assert "5.0x the PyTorch base_4bit" in speed["display"]
+    by_subject = {r["subject"].split(" (")[0]: r for r in accuracy}
+    assert by_subject["docstring_loss/bits_per_byte"]["measured"] == pytest.approx(1.00 / 1.05)
+    assert by_subject["docstring_choice/acc"]["measured"] == pytest.approx(0.595 / 0.60)
+    assert by_subject["docstring_choice/acc"]["passed"] is True
+    assert by_subject["custom/score"]["passed"] is None

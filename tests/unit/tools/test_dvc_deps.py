@@ -19,8 +19,8 @@ DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
 # Stages whose results no third-party library shapes beyond the standard library,
 # pydantic and jinja2: the sources fingerprints, the stdlib corpus (it depends on the
 # Python version, recorded by extract), the merge of the evaluation variants, the gate's
-# arithmetic and the report's rendering.
-NO_LIBRARY_STAGES = {"claims", "sources", "extract", "evaluate", "gate", "report"}
+# arithmetic, the parity verdicts and the report's rendering.
+NO_LIBRARY_STAGES = {"claims", "sources", "extract", "evaluate", "gate", "parity", "report"}
 VARIANT_STAGES = {paths.variant_stage(v): v for v in paths.VARIANTS}
 
 
