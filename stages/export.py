@@ -12,20 +12,22 @@ from __future__ import annotations
 from qlora.core import paths
 from qlora.core.io import StageError, run_stage
 from qlora.core.params import load_params
-from qlora.export.build import build_gguf
+from qlora.export.build import build_gguf, gguf_folder
 
 
 def main() -> None:
     params = load_params()
     if not (paths.ADAPTER_DIR / "adapter_config.json").is_file():
         raise StageError(f"{paths.ADAPTER_DIR}: no adapter_config.json (run the finetune stage)")
-    manifest = build_gguf(
-        params.export,
-        paths.ADAPTER_DIR,
-        paths.BASE_MODEL_DIR,
-        paths.GGUF_DIR,
-        params.base.trust_remote_code,
-    )
+    # Its own output: replaced, unless something else was put there since.
+    with gguf_folder(paths.GGUF_DIR, replace=True) as tmp:
+        manifest = build_gguf(
+            params.export,
+            paths.ADAPTER_DIR,
+            paths.BASE_MODEL_DIR,
+            tmp,
+            params.base.trust_remote_code,
+        )
     for name, entry in manifest["files"].items():
         print(f"  {name}: {entry['bytes'] / 2**20:.1f} MiB  ({entry['what']})")
     print("  " + ", ".join(f"{k} {v:.1f} s" for k, v in manifest["seconds"].items()))

@@ -20,6 +20,7 @@ from qlora.core.sources import settle_always_changed
 from qlora.evaluation.gate import decide_vs_champion
 from qlora.registry.store import (
     CARD,
+    DEPLOY_DIR,
     LINEAGE,
     Registry,
     current_user,
@@ -61,6 +62,50 @@ def check_lock_chain(stages: dict) -> None:
                 f"dvc.lock: {reader} read {path} at md5 {read}, but {writer} wrote {wrote}: "
                 "the stages come from different runs; run `qlora run` to bring them together"
             )
+
+
+# The deployable files' chain, where the run has the export stages: the export read the
+# adapter finetune wrote, eval_gguf the files export wrote, parity the scores eval_gguf wrote.
+DEPLOY_LINKS = [
+    ("finetune", paths.ADAPTER_DIR, "export"),
+    ("export", paths.GGUF_DIR, "eval_gguf"),
+    ("eval_gguf", paths.GGUF_EVAL, "parity"),
+]
+
+
+def check_deploy_chain(stages: dict) -> None:
+    """As check_lock_chain, for the GGUF artifacts registered beside the adapter."""
+    for writer, path, reader in DEPLOY_LINKS:
+        wrote = dvc.lock_out(stages, writer, path)["md5"]
+        read = (dvc.lock_entry(stages, reader, path, "deps") or {}).get("md5")
+        if read != wrote:
+            raise StageError(
+                f"dvc.lock: {reader} read {path} at md5 {read}, but {writer} wrote {wrote}: "
+                "the export comes from another run than the adapter; run `qlora run`"
+            )
+
+
+def deployable(root: Path, stages: dict) -> tuple[dict, dict[str, tuple[Path, str]]]:
+    """({artifact: its files and parity verdict} for each artifact parity passed,
+    {registry file name: (source, sha256)} of their files). Empty where dvc.lock has no
+    parity stage (a run from before the export existed): the adapter alone is registered."""
+    if "parity" not in stages:
+        return {}, {}
+    check_deploy_chain(stages)
+    parity = _recorded_json(root, paths.PARITY_REPORT, stages, "parity")
+    manifest = read_json(root / paths.GGUF_MANIFEST)
+    artifacts, files = {}, {}
+    for name in parity["deployable"]:
+        entry = manifest["artifacts"][name]
+        names = [entry["model"], *([entry["lora"]] if entry.get("lora") else [])]
+        artifacts[name] = {
+            "files": [f"{DEPLOY_DIR}/{n}" for n in names],
+            "gguf_type": entry["gguf_type"],
+            "parity": parity["artifacts"][name]["reason"],
+        }
+        for n in names:
+            files[f"{DEPLOY_DIR}/{n}"] = (root / paths.GGUF_DIR / n, manifest["files"][n]["sha256"])
+    return artifacts, files
 
 
 def _lock_stages(root: Path) -> dict:
@@ -209,6 +254,8 @@ def promote(
     root = Path(root)
     reg = registry or Registry(root / default_dir())
     stale = stale_stages(root)
+    if "parity" in dvc.read_lock(root):
+        stale |= stale_stages(root, "parity")
     if stale:
         raise StageError(
             "the workspace differs from dvc.lock (stale: "
@@ -225,6 +272,7 @@ def promote(
     gate = _recorded_json(root, paths.GATE_REPORT, stages, "gate")
     metrics = _recorded_json(root, paths.EVAL_METRICS, stages, "evaluate")
     manifest = adapter_manifest(root, stages)
+    artifacts, artifact_files = deployable(root, stages)
     with reg.writing():
         vs = _vs_champion(reg, metrics, lineage, params.gate, ignore_champion)
         before = reg.champion()
@@ -250,6 +298,9 @@ def promote(
             **lineage,
             "metrics": metrics,
             "decision": decision,
+            # The GGUF files that passed the parity check, copied only for a champion: a
+            # rejected version is never served.
+            "deployable": artifacts if passed else {},
         }
         texts = {
             LINEAGE: json.dumps(record, indent=2, ensure_ascii=False, default=str) + "\n",
@@ -275,8 +326,11 @@ def promote(
                 "gain_over_base": primary["relative_change"],
             },
             "adapter_dvc_md5": lineage["adapter"]["dvc_md5"],
+            "deployable": sorted(record["deployable"]),
         }
-        return reg.add(version, adapter_dir, texts, event, manifest)
+        return reg.add(
+            version, adapter_dir, texts, event, manifest, artifact_files if passed else {}
+        )
 
 
 def rollback(reg: Registry, version: str | None = None, reason: str = "") -> dict:

@@ -50,6 +50,10 @@ DEFAULT_DIR = Path("registry")
 INDEX, LOCK, LINEAGE, CARD = "index.jsonl", ".lock", "lineage.json", "README.md"
 
 
+# A champion's deployable GGUF files (the ones that passed the parity check), in its folder.
+DEPLOY_DIR = "gguf"
+
+
 ORPHANED = ".orphaned"
 
 
@@ -363,11 +367,13 @@ class Registry:
         texts: dict[str, str],
         event: dict,
         expected_md5: dict[str, str],
+        artifacts: dict[str, tuple[Path, str]] | None = None,
     ) -> dict:
         """Copy the adapter and write `texts` (name -> content) as `version`, then append
         `event` (completed with the files' hashes). The copies must be exactly the files of
-        `expected_md5` (DVC's record of the adapter), with those md5s. Call inside
-        `writing()`."""
+        `expected_md5` (DVC's record of the adapter), with those md5s. `artifacts`: more
+        files, {name under the version folder: (source, its sha256)}, each checked after
+        it is copied (the deployable GGUF files). Call inside `writing()`."""
         target = self.path(version)
         if target.exists():
             raise StageError(f"{target} exists but is registered: refusing to overwrite it")
@@ -381,10 +387,22 @@ class Registry:
                     shutil.copy2(f, stage / f.name)
                     (stage / f.name).chmod(0o644)  # finetune writes private files
             _check_copies(adapter_dir, stage, expected_md5, texts)
+            for name, (source, digest) in (artifacts or {}).items():
+                (stage / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source, stage / name)
+                (stage / name).chmod(0o644)
+                if sha256_of(stage / name) != digest:
+                    raise StageError(
+                        f"{source}: not the file its manifest records (sha256): nothing "
+                        "registered; run `qlora run` to rebuild the export"
+                    )
             for name, text in texts.items():
                 (stage / name).write_text(text, encoding="utf-8")
-            files = {f.name: sha256_of(f) for f in sorted(stage.iterdir()) if f.name != LINEAGE}
-            for f in stage.iterdir():
+            every = sorted(f for f in stage.rglob("*") if f.is_file())
+            files = {
+                f.relative_to(stage).as_posix(): sha256_of(f) for f in every if f.name != LINEAGE
+            }
+            for f in every:
                 with f.open("rb") as fh:
                     os.fsync(fh.fileno())
         except BaseException:

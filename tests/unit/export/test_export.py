@@ -139,10 +139,11 @@ def test_every_artifact_is_built_with_its_manifest_and_a_failure_writes_nothing(
     from qlora.core import paths
     from qlora.core.io import read_json, sha256_of
     from qlora.core.params import load_params
-    from qlora.export.build import build_gguf
+    from qlora.export.build import build_gguf, gguf_folder
 
     p = load_params().export
-    manifest = build_gguf(p, tiny_adapter, paths.BASE_MODEL_DIR, paths.GGUF_DIR)
+    with gguf_folder(paths.GGUF_DIR, replace=False) as tmp:
+        manifest = build_gguf(p, tiny_adapter, paths.BASE_MODEL_DIR, tmp)
     assert manifest == read_json(paths.GGUF_MANIFEST)
     on_disk = sorted(f.name for f in paths.GGUF_DIR.iterdir())
     assert on_disk == sorted([*manifest["files"], "manifest.json"])
@@ -154,11 +155,18 @@ def test_every_artifact_is_built_with_its_manifest_and_a_failure_writes_nothing(
     assert manifest["artifacts"]["base-f16+lora"]["lora"] == "adapter-f16.gguf"
     before = {f.name: sha256_of(f) for f in paths.GGUF_DIR.iterdir()}
     with pytest.raises(StageError, match="export.pre_tokenizer"):
-        build_gguf(p.model_copy(update={"pre_tokenizer": None}), tiny_adapter,
-                   paths.BASE_MODEL_DIR, paths.GGUF_DIR)  # fmt: skip
+        with gguf_folder(paths.GGUF_DIR, replace=True) as tmp:
+            build_gguf(p.model_copy(update={"pre_tokenizer": None}), tiny_adapter,
+                       paths.BASE_MODEL_DIR, tmp)  # fmt: skip
     # The good files are untouched and no temporary folder is left beside them.
     assert {f.name: sha256_of(f) for f in paths.GGUF_DIR.iterdir()} == before
     assert [f.name for f in paths.GGUF_DIR.parent.iterdir() if f.name.startswith(".gguf")] == []
+    # A folder holding anything but a previous export's unchanged files is not replaced.
+    (paths.GGUF_DIR / "notes.txt").write_text("mine")
+    with pytest.raises(StageError, match="notes.txt"):
+        with gguf_folder(paths.GGUF_DIR, replace=True):
+            pass
+    assert (paths.GGUF_DIR / "notes.txt").read_text() == "mine"
 
 
 @pytest.mark.parametrize(
