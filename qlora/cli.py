@@ -9,6 +9,7 @@ qlora flow sweep -S k=a,b   a sweep as Prefect flow runs on a work pool (several
 qlora promote             register the adapter; make it champion if it passes its gates
 qlora registry list|show VERSION|rollback [VERSION]|verify
 qlora export VERSION --merged DIR   a merged 16-bit model that plain transformers loads
+qlora export VERSION --gguf DIR     GGUF files for llama.cpp, parity-checked against the adapter
 qlora chat [VERSION]      talk to an adapter (default: the one just trained; champion, v3)
 qlora generate FILE.jsonl [VERSION]   answer a file of prompts, written as JSONL
 """
@@ -454,6 +455,9 @@ def export(
     version: str = typer.Argument(..., help="a version (v3) or champion"),
     merged: Path = typer.Option(None, "--merged", help="write the merged 16-bit model here"),
     adapter: Path = typer.Option(None, "--adapter", help="copy the adapter folder here"),
+    gguf: Path = typer.Option(
+        None, "--gguf", help="write GGUF files here (export.* params), with their parity check"
+    ),
     dtype: str = typer.Option(
         None, "--dtype", help="bfloat16 | float16 | float32 (default: base.save_dtype)"
     ),
@@ -474,11 +478,17 @@ def export(
     from qlora.core.io import StageError
     from qlora.registry.store import export_adapter
 
-    if merged is None and adapter is None:
-        _fail(ValueError("say what to export: --merged DIR and/or --adapter DIR"))
+    if merged is None and adapter is None and gguf is None:
+        _fail(ValueError("say what to export: --merged DIR, --adapter DIR and/or --gguf DIR"))
     reg = _registry(registry)
     try:
         version = reg.resolve(version)
+        if gguf is not None:
+            from qlora.export.registered import export_gguf
+
+            outcome = export_gguf(reg, version, gguf, base, replace, (merged, adapter))
+            for line in outcome["lines"]:
+                typer.echo(line)
         # Each export checks its own folder before it writes; with both, the merged one is
         # checked before the adapter is written too.
         if merged is not None and adapter is not None:

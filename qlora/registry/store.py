@@ -494,8 +494,9 @@ def check_adapter_target(reg: Registry, out_dir: Path, replace: bool = False) ->
 
 
 def export_adapter(reg: Registry, version: str, out_dir: Path, replace: bool = False) -> Path:
-    """Copy a registered version (adapter + card + lineage) to out_dir, checked first. A
-    non-empty out_dir is refused unless `replace` and it holds a previous adapter export."""
+    """Copy a registered version (adapter + card + lineage, not its GGUF files: `qlora export
+    --gguf` writes those) to out_dir, checked first. A non-empty out_dir is refused unless
+    `replace` and it holds a previous adapter export."""
     from qlora.core.io import atomic_dir
 
     check_adapter_target(reg, out_dir, replace)
@@ -503,5 +504,7 @@ def export_adapter(reg: Registry, version: str, out_dir: Path, replace: bool = F
     if broken:
         raise StageError(f"{reg.path(version)}: {'; '.join(broken)}")
     with atomic_dir(out_dir, replace=replace) as tmp:
-        shutil.copytree(reg.path(version), tmp, dirs_exist_ok=True)
+        shutil.copytree(
+            reg.path(version), tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(DEPLOY_DIR)
+        )
     return out_dir
