@@ -75,3 +75,50 @@ def export_gguf(
             "workspace's (or it has not run its evaluation): the parity compares across inputs"
         )
     return {"manifest": manifest, "lines": lines}
+
+
+# What `qlora serve` picks when no artifact is named: the smallest file that passed.
+SERVE_PREFERENCE = ("merged-q4_k_m", "merged-q8_0", "merged-f16", "base-f16+lora")
+
+
+def _pick(deployable: dict[str, dict], artifact: str | None, where: str) -> str:
+    if not deployable:
+        raise StageError(f"{where}: no GGUF artifact passed the parity check: none to serve")
+    if artifact is not None:
+        if artifact not in deployable:
+            raise StageError(
+                f"{where}: {artifact!r} is not deployable; deployable: {sorted(deployable)}"
+            )
+        return artifact
+    ranked = [a for a in SERVE_PREFERENCE if a in deployable] + sorted(deployable)
+    return ranked[0]
+
+
+def deployable_gguf(
+    version: str | None, artifact: str | None = None, registry=None
+) -> tuple[str, Path, Path | None]:
+    """(artifact name, model file, LoRA file or None) of a deployable GGUF artifact: of a
+    registered version (champion, v3: the files registered with it), or with version None
+    of this workspace's last run (data/prepared/gguf, judged by reports/export/parity.json)."""
+    from qlora.core import paths
+    from qlora.core.io import read_json
+
+    if version is None:
+        if not paths.PARITY_REPORT.is_file() or not paths.GGUF_MANIFEST.is_file():
+            raise StageError(
+                f"{paths.PARITY_REPORT}: not found: run the pipeline (`qlora run`) first"
+            )
+        parity, manifest = read_json(paths.PARITY_REPORT), read_json(paths.GGUF_MANIFEST)
+        deployable = {n: manifest["artifacts"][n] for n in parity["deployable"]}
+        name = _pick(deployable, artifact, str(paths.PARITY_REPORT))
+        entry = deployable[name]
+        lora = entry.get("lora")
+        return name, paths.GGUF_DIR / entry["model"], paths.GGUF_DIR / lora if lora else None
+    resolved = registry.resolve(version)
+    broken = registry.check_version(resolved)
+    if broken:
+        raise StageError("; ".join(broken))
+    deployable = registry.lineage(resolved).get("deployable") or {}
+    name = _pick(deployable, artifact, f"{resolved} in {registry.root}")
+    files = [registry.path(resolved) / f for f in deployable[name]["files"]]
+    return name, files[0], files[1] if len(files) > 1 else None

@@ -1087,6 +1087,13 @@ def test_a_champion_carries_the_gguf_files_parity_passed_and_only_those(repo):
     assert "gguf/merged-f16.gguf" in reg.record("v1")["files"]  # hashed, so verify checks it
     assert reg.lineage("v1")["deployable"]["merged-f16"]["files"] == ["gguf/merged-f16.gguf"]
     assert_valid(reg)
+    # What `qlora serve` picks: the registered file, never one parity failed.
+    from qlora.export.registered import deployable_gguf
+
+    assert deployable_gguf("champion", registry=reg) == ("merged-f16", copied, None)
+    assert deployable_gguf(None) == ("merged-f16", Path("data/prepared/gguf/merged-f16.gguf"), None)
+    with pytest.raises(StageError, match="merged-q4_k_m.*not deployable"):
+        deployable_gguf("v1", "merged-q4_k_m", reg)
     copied.write_bytes(b"changed")
     assert reg.verify() == ["v1: gguf/merged-f16.gguf changed since it was registered"]
     # The adapter export stays the adapter: the GGUF files are `export --gguf`'s.
