@@ -55,7 +55,13 @@ RUN pip install ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} \
         --constraint /tmp/qlora/requirements.lock torch
 
 # Everything else at exactly the locked versions (run time only, not the dev tools).
-RUN pip install --requirement /tmp/qlora/requirements.lock
+# llama-cpp-python (the GGUF export's engine) exists only as source: it is compiled here with
+# cmake and the C++ compiler, which leave the image in the same layer.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends build-essential cmake \
+    && pip install --requirement /tmp/qlora/requirements.lock \
+    && apt-get purge -y --auto-remove build-essential cmake \
+    && rm -rf /var/lib/apt/lists/*
 
 # The DVC remote's plugin, which requirements.lock leaves out (pyproject's `remote` extra,
 # locked in requirements-dev.lock so that upgrading it makes no stage stale). A container
@@ -79,7 +85,9 @@ COPY pyproject.toml README.md /tmp/qlora/src/
 COPY qlora /tmp/qlora/src/qlora
 COPY stages /tmp/qlora/src/stages
 COPY flows /tmp/qlora/src/flows
+# llama.cpp's converters, from the same source release as the engine (see the Makefile).
 RUN pip install --no-deps --no-build-isolation /tmp/qlora/src \
+    && PIP_NO_CACHE_DIR=1 python -m qlora.export.converters install \
     && rm -rf /tmp/qlora
 
 USER 1000:1000

@@ -190,3 +190,18 @@ def test_parity_limits_the_relative_loss_of_the_primary_metric_beyond_the_noise(
     assert ("within the noise" in verdict["reason"]) is within_noise
     strict = judge("merged-q4_k_m", got, ref, max_loss=0.05, significance=False)
     assert strict["passed"] is (value - 1.0 <= 0.05)
+
+
+def test_missing_converters_say_how_to_install_them(tmp_path, monkeypatch, tiny_model_dir):
+    monkeypatch.setenv("QLORA_LLAMA_CPP_DIR", str(tmp_path / "nowhere"))
+    with pytest.raises(StageError, match="make install.*QLORA_LLAMA_CPP_DIR"):
+        gguf.convert_model(tiny_model_dir, tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_the_installed_converters_are_the_engines_own_release():
+    from qlora.core.io import read_json
+    from qlora.export import converters
+
+    marker = read_json(converters.converter_dir() / converters.VERSION_FILE)
+    assert marker["llama_cpp_python"] == converters.installed_version()
