@@ -300,12 +300,16 @@ def test_a_finetune_change_reruns_only_the_adapter_side_and_going_back_runs_noth
     set_params(work, lambda p: p["finetune"].update(learning_rate=lr / 2))
     changed = dvc(work, "repro")
     assert changed.returncode == 0, changed.stdout[-3000:] + changed.stderr[-3000:]
+    # A new adapter also means new GGUF files, scored and judged again.
     assert stages_ran(changed) == {
         "sources",
         "finetune",
         "eval_adapter_4bit",
         "evaluate",
         "gate",
+        "export",
+        "eval_gguf",
+        "parity",
         "claims",
         "report",
     }
@@ -317,7 +321,8 @@ def test_a_finetune_change_reruns_only_the_adapter_side_and_going_back_runs_noth
     back = dvc(work, "repro")
     assert back.returncode == 0, back.stdout[-3000:] + back.stderr[-3000:]
     assert stages_ran(back) == {"sources"}, "stages ran instead of coming from the run cache"
-    for stage in ("finetune", "eval_adapter_4bit", "evaluate", "gate", "claims", "report"):
+    for stage in ("finetune", "eval_adapter_4bit", "evaluate", "gate", "export", "parity",
+                  "claims", "report"):  # fmt: skip
         assert f"Stage '{stage}' is cached - skipping run" in back.stdout, stage
     after = files_under(work, *OUTPUTS)
     differ = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
