@@ -10,6 +10,9 @@ STAMP  := $(VENV)/.installed
 
 install: $(STAMP)
 
+# llama-cpp-python (the GGUF export's engine) has no wheel on the registry: the first install
+# builds it from source (~6-10 min on 2 cores), pip's wheel cache makes later ones seconds.
+# Its converters come from the same source release, into .venv/share/llama.cpp.
 # torch first, pinned: on these machines 2.13.0 is a CPU wheel on disk; an unpinned torch
 # (or one pulled in by another package) would download a multi-GB CUDA build.
 $(STAMP): pyproject.toml requirements.lock requirements-dev.lock
@@ -19,6 +22,7 @@ $(STAMP): pyproject.toml requirements.lock requirements-dev.lock
 	$(PY) -m pip install --quiet -r requirements.lock -r requirements-dev.lock
 	$(PY) -m pip install --quiet --no-deps -e .
 	$(PY) -m pip check
+	$(PY) -m qlora.export.converters install
 	touch $@
 
 run: install

@@ -33,6 +33,12 @@ QUANT_FORMATS: tuple[str, ...] = get_args(QuantFormat)
 # The dataset record layouts dataset.format names (qlora.data.records reads each).
 RecordFormat = Literal["alpaca", "chat", "prompt_completion"]
 RECORD_FORMATS: tuple[str, ...] = get_args(RecordFormat)
+# llama.cpp's quantization types the export stage offers (qlora/export/gguf.py maps them to
+# llama.cpp's own numbers); the 16-bit merged model is always written, as their source.
+GgufType = Literal[
+    "q8_0", "q6_k", "q5_k_m", "q5_k_s", "q5_0", "q5_1", "q4_k_m", "q4_k_s", "q4_0", "q4_1",
+    "q3_k_m", "q2_k",
+]  # fmt: skip
 
 
 class _Section(BaseModel):
@@ -271,6 +277,30 @@ class GateParams(_Section):
         return self
 
 
+class ParityRules(_Section):
+    """How far an exported artifact may fall behind the NF4 + adapter it came from."""
+
+    max_loss: float = Field(ge=0)
+    significance: bool
+
+
+class ExportParams(_Section):
+    gguf_types: list[GgufType]
+    lora: bool
+    pre_tokenizer: str | None = Field(min_length=1)
+    n_ctx: int = Field(ge=64)
+    threads: int | None = Field(ge=1)
+    speed_repeats: int = Field(ge=1)
+    parity: ParityRules
+
+    @model_validator(mode="after")
+    def _distinct_types(self) -> ExportParams:
+        repeated = sorted({t for t in self.gguf_types if self.gguf_types.count(t) > 1})
+        if repeated:
+            raise ValueError(f"gguf_types: {repeated} listed more than once")
+        return self
+
+
 class Params(_Section):
     base: BaseParams
     corpus: CorpusParams
@@ -280,6 +310,7 @@ class Params(_Section):
     finetune: FinetuneParams
     evaluate: EvaluateParams
     gate: GateParams
+    export: ExportParams
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 

@@ -123,6 +123,49 @@ REPORT_HTML = REPORTS_DIR / "report.html"
 REPORT_MD = REPORTS_DIR / "report.md"
 
 
+# ---------------------------------------------------------------- deployable artifacts
+# The export stage's GGUF files (llama.cpp): the adapter merged into the base, at 16 bits
+# and at each export.gguf_types type, and the base plus the adapter as a GGUF LoRA applied
+# at load time. manifest.json lists each with its size and sha256.
+GGUF_DIR = PREPARED / "gguf"
+
+
+GGUF_MANIFEST = GGUF_DIR / "manifest.json"
+
+
+# The in-engine reference: the merged model at 16 bits (what every llama.cpp type is
+# quantized from), and the LoRA route: the base at 16 bits with the adapter as a file.
+MERGED_F16 = "merged-f16"
+
+
+LORA_ARTIFACT = "base-f16+lora"
+
+
+def merged_artifact(gguf_type: str) -> str:
+    return f"merged-{gguf_type}"
+
+
+def gguf_file(name: str) -> Path:
+    return GGUF_DIR / f"{name}.gguf"
+
+
+BASE_GGUF = gguf_file("base-f16")
+
+
+LORA_GGUF = gguf_file("adapter-f16")
+
+
+EXPORT_DIR = REPORTS_DIR / "export"
+
+
+# Every artifact run through the evaluation tasks under llama.cpp, with its speed and memory.
+GGUF_EVAL = EXPORT_DIR / "gguf_eval.json"
+
+
+# Each artifact against the NF4 + adapter it came from: pass or fail (a DVC metric).
+PARITY_REPORT = EXPORT_DIR / "parity.json"
+
+
 # The last sweep's leaderboard (`qlora sweep`): not a DVC stage's output, it compares
 # experiments. .json for tools, .md and .html for people.
 SWEEP_DIR = REPORTS_DIR / "sweep"

@@ -312,6 +312,11 @@ def _test_rows(p: EvaluateParams) -> list[dict]:
     return rows
 
 
+def speed_prompts_of(p: EvaluateParams) -> list[str]:
+    """The prompts every engine's decode speed is timed on: the first speed_prompts test rows."""
+    return [r["prompt"] for r in _test_rows(p)[: p.speed_prompts]]
+
+
 def benchmark_variant(params: Params, name: str) -> dict:
     """One variant on the configured tasks: the content of its reports/eval/variants file
     (its settings, its results, its answers to the example prompts)."""
@@ -323,7 +328,7 @@ def benchmark_variant(params: Params, name: str) -> dict:
         raise StageError(f"{paths.ADAPTER_DIR}: no adapter_config.json (run the finetune stage)")
     test_rows = _test_rows(p)
     rows = test_rows[: p.examples]
-    speed_prompts = [r["prompt"] for r in test_rows[: p.speed_prompts]]
+    speed_prompts = speed_prompts_of(p)
     tasks = build_tasks(manager, p.tasks)
     aggregations = {t.config.task: t.aggregation() for t in tasks if hasattr(t, "aggregation")}
     tokenizer = load_tokenizer(paths.BASE_MODEL_DIR, params.base.trust_remote_code)

@@ -86,6 +86,33 @@ def make_tiny_model_dir(
     return path
 
 
+def make_adapter(base_dir: Path, out: Path, scale: float = 1.0) -> Path:
+    """A real LoRA adapter on the tiny Llama, randomly initialised on both sides so that it
+    changes the outputs (a fresh one, B = 0, would be invisible to the export check); B
+    times `scale` (< 1: a weaker adapter)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from qlora.core.io import weights_identity, write_json
+
+    model = AutoModelForCausalLM.from_pretrained(str(base_dir))
+    config = LoraConfig(
+        r=4,
+        lora_alpha=16,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        init_lora_weights=False,
+    )
+    model = get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(scale)
+    model.save_pretrained(str(out))
+    write_json(out / "base_identity.json", {"weights_sha256": weights_identity(base_dir)})
+    return out
+
+
 def alpaca_rows(n: int = 40, groups: int = 8) -> list[dict]:
     """Small but real-looking Alpaca records: functions and their docstring summaries."""
     verbs = ["Return", "Compute", "Parse", "Format", "Check", "Build", "Read", "Write"]
@@ -129,6 +156,9 @@ def tiny_params(model_dir: Path | None = None, source: str = "data/raw/train.jso
     params["evaluate"].update(
         limit=8, examples=2, max_new_tokens=8, batch_size=4, speed_prompts=2, speed_new_tokens=6
     )
+    # The tiny tokenizer is byte-level BPE with GPT-2's pre-tokenizer, a tokenizer llama.cpp's
+    # converter cannot recognise by its hash (its table knows released models' only).
+    params["export"].update(pre_tokenizer="gpt-2", n_ctx=512, speed_repeats=1)
     return params
 
 

@@ -28,7 +28,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from helpers.tiny import tiny_params
+from helpers.tiny import make_adapter, tiny_params
 from qlora.cli import EXIT_REJECTED, app
 from qlora.core.io import StageError, pipeline_env, weights_identity, write_json
 from qlora.registry import promotion
@@ -111,31 +111,6 @@ def repro(repo: Path, **score_args) -> None:
     them."""
     write_json(repo / "toy_scores.json", scores(**score_args))
     run([sys.executable, "-m", "dvc", "repro", "-q"], repo)
-
-
-def make_adapter(base_dir: Path, out: Path, scale: float = 1.0) -> Path:
-    """A real LoRA adapter on the tiny Llama, randomly initialised on both sides so that it
-    changes the outputs (a fresh one, B = 0, would be invisible to the export check); B
-    times `scale` (< 1: a weaker adapter)."""
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(base_dir))
-    config = LoraConfig(
-        r=4,
-        lora_alpha=16,
-        target_modules=["q_proj", "v_proj", "down_proj"],
-        init_lora_weights=False,
-    )
-    model = get_peft_model(model, config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.mul_(scale)
-    model.save_pretrained(str(out))
-    write_json(out / "base_identity.json", {"weights_sha256": weights_identity(base_dir)})
-    return out
 
 
 @pytest.fixture(scope="module")
