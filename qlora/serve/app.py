@@ -149,8 +149,13 @@ class _Server:
 
         start = time.perf_counter()
         producer = loop.run_in_executor(None, produce)
+        stopped = False
 
         async def stop() -> None:
+            nonlocal stopped
+            if stopped:
+                return
+            stopped = True
             cancel.set()
             await producer  # the slot is free only once the engine is
             log.info("%s: streamed in %.2f s", rid, time.perf_counter() - start)
@@ -170,17 +175,19 @@ class _Server:
                 item = await queue.get()
 
         async def body() -> AsyncIterator[str]:
+            end = "data: [DONE]\n\n"
             try:
                 async for line in stream_body(rid, pieces()):
                     yield line
-                yield "data: [DONE]\n\n"
             except RequestError as e:
-                yield _sse(error_body(e.message, e.type, e.param, e.code))
+                end = _sse(error_body(e.message, e.type, e.param, e.code))
             except Exception:
                 log.exception("%s: the stream failed", rid)
-                yield _sse(error_body("the engine failed mid-stream", "server_error", None, None))
+                end = _sse(error_body("the engine failed mid-stream", "server_error", None, None))
             finally:
                 await stop()
+            # After the slot is free: a client that saw the end can send its next request.
+            yield end
 
         return StreamingResponse(
             body(),
@@ -194,6 +201,7 @@ def create_app(engine: Engine, admission: Admission, max_tokens_limit: int) -> F
     server = _Server(engine, admission, max_tokens_limit)
     # No interactive docs: the API is OpenAI's, documented there; less to expose.
     app = FastAPI(title="qlora serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.admission = admission  # /health reads it; so can a test
 
     @app.exception_handler(RequestError)
     async def _refused(request: Request, e: RequestError) -> JSONResponse:
@@ -208,9 +216,9 @@ def create_app(engine: Engine, admission: Admission, max_tokens_limit: int) -> F
         code = "not_found" if e.status_code == 404 else None
         return _error(RequestError(str(e.detail), status=e.status_code, code=code))
 
+    # Starlette re-raises the exception after this answer, and uvicorn logs its traceback.
     @app.exception_handler(Exception)
     async def _crashed(request: Request, e: Exception) -> JSONResponse:
-        log.error("%s %s failed", request.method, request.url.path, exc_info=e)
         return _error(RequestError("internal error", status=500, type_="server_error"))
 
     model_card = {

@@ -114,6 +114,10 @@ class TransformersEngine:
         worker.start()
         stop = StopText(sampling.stop)
         try:
+            # The streamer gives out whole words only (a word's text can change with the
+            # next token), so the first text can be far off: this says at once that the
+            # generation has started, and the response begins.
+            yield Piece("")
             for text in streamer:
                 piece = stop.feed(text)
                 if piece:
