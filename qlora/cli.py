@@ -12,6 +12,7 @@ qlora export VERSION --merged DIR   a merged 16-bit model that plain transformer
 qlora export VERSION --gguf DIR     GGUF files for llama.cpp, parity-checked against the adapter
 qlora chat [VERSION]      talk to an adapter (default: the one just trained; champion, v3)
 qlora generate FILE.jsonl [VERSION]   answer a file of prompts, written as JSONL
+qlora serve [VERSION] [--gguf FILE]   an OpenAI-compatible HTTP API (llama.cpp, transformers, vLLM)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import typer
 
 from qlora.core import dvc, paths
 from qlora.core.io import pipeline_env
+from qlora.serve.cli import serve
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
 flow_app = typer.Typer(help="Prefect flows that drive the DVC pipeline.", no_args_is_help=True)
@@ -36,6 +38,7 @@ registry_app = typer.Typer(
     help="The adapter registry: versions, their decisions, the champion.", no_args_is_help=True
 )
 app.add_typer(registry_app, name="registry")
+app.command()(serve)
 
 # Exit status of `qlora promote` when the adapter was registered but did not become champion.
 EXIT_REJECTED = 3

@@ -65,10 +65,11 @@ class Prompt:
     messages: list[dict]  # the conversation it asks to answer
 
 
-def _adapter(
+def resolve_adapter(
     version: str, registry: Path | None, params: Params
 ) -> tuple[Path, QuantizeParams, str]:
-    """The adapter folder a VERSION names, and the quantization it was trained under."""
+    """The adapter folder a VERSION names (current, champion, v3), the quantization it was
+    trained under, and a label saying which it is."""
     if version == CURRENT:
         folder = paths.ADAPTER_DIR
         if not (folder / "adapter_config.json").is_file():
@@ -107,7 +108,7 @@ def load_speaker(
         loader = partial(load_quantized, params.quantize, base_dir, trust)
         label = "base alone (4-bit)"
     else:
-        folder, quantize, label = _adapter(version or CURRENT, registry, params)
+        folder, quantize, label = resolve_adapter(version or CURRENT, registry, params)
         loader = partial(load_adapted, quantize, folder, base_dir, trust)
     tokenizer = load_tokenizer(base_dir, trust)
     return Speaker(tokenizer, label, params.dataset.system_prompt, loader)
