@@ -11,13 +11,19 @@ quantized variants.) Each variant's generation speed is timed on the same prompt
 Models are built by qlora/models/loading.py and handed to lm-eval as objects: lm-eval's own
 `load_in_4bit` model argument no longer works with transformers 5.
 
-The local tasks live in data/eval_tasks (docstring_loss, docstring_choice, prose_guard);
-any standard lm-eval task name works too where the datasets hub is reachable.
+The local tasks live in data/eval_tasks (docstring_loss, docstring_choice, prose_guard,
+docstring_generate); any standard lm-eval task name works too where the datasets hub is
+reachable. A generation task (docstring_generate: each variant's greedy answer to every
+test prompt, scored with ROUGE-L and chrF, qlora/evaluation/generation.py) runs in its own
+lm-eval call, timed apart, and keeps every row's answer in the variant file; the first
+`evaluate.examples` of them are the report's examples (without a generation task they are
+generated here).
 Each variant is its own DVC stage (`eval_<variant>`, reports/eval/variants/<variant>.json),
 so a change to the adapter reruns only the adapter's evaluation: the bases' results come
 from their unchanged stages (or DVC's run cache). The `evaluate` stage merges the three
 (qlora/evaluation/variants.py) into reports/eval/metrics.json (a DVC metric) and
-reports/eval/examples.json (greedy answers of each variant to the first test prompts).
+reports/eval/examples.json (greedy answers of each variant to the first test prompts) and
+reports/eval/generations.json (every generated row, for the report's row browser).
 """
 
 from __future__ import annotations
