@@ -320,6 +320,45 @@ def test_the_merge_refuses_variants_measured_with_other_settings():
         merge_variants(results)
 
 
+def with_rows(result: dict, name: str, ids=(0, 1)) -> dict:
+    result["generations"] = {
+        "docstring_generate": [
+            {
+                "id": i,
+                "prompt": f"p{i}",
+                "reference": f"r{i}",
+                "output": f"{name} {i}",
+                "scores": {"rouge_l": 0.1 * i, "chrf": 10.0 * i},
+            }
+            for i in ids
+        ]
+    }
+    return result
+
+
+def test_the_merge_puts_every_row_with_each_variants_answer_and_scores():
+    from qlora.evaluation.variants import merge_generations
+
+    merged = merge_generations({n: with_rows(variant_result(n), n) for n in paths.VARIANTS})
+    rows = merged["tasks"]["docstring_generate"]
+    assert [r["id"] for r in rows] == [0, 1]
+    assert rows[1]["outputs"] == {n: f"{n} 1" for n in paths.VARIANTS}
+    assert rows[1]["scores"]["adapter_4bit"] == {"rouge_l": 0.1, "chrf": 10.0}
+    assert merge_generations({n: variant_result(n) for n in paths.VARIANTS}) == {"tasks": {}}
+
+
+def test_the_merge_refuses_variants_that_answered_other_rows():
+    from qlora.evaluation.variants import merge_generations
+
+    results = {n: with_rows(variant_result(n), n) for n in paths.VARIANTS}
+    results[paths.BASELINE] = with_rows(variant_result(paths.BASELINE), paths.BASELINE, (0, 2))
+    with pytest.raises(StageError, match="base_4bit answered other rows of docstring_generate"):
+        merge_generations(results)
+    del results[paths.REFERENCE]["generations"]
+    with pytest.raises(StageError, match="base_full has no answers of generation task"):
+        merge_generations(results)
+
+
 def test_the_merge_records_the_devices_when_a_cached_variant_came_from_another():
     from qlora.evaluation.variants import merge_variants
 
