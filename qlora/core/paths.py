@@ -98,6 +98,10 @@ EVAL_METRICS = EVAL_DIR / "metrics.json"
 EVAL_EXAMPLES = EVAL_DIR / "examples.json"
 
 
+# Every test row of each generation task: prompt, reference, each variant's answer, scores.
+EVAL_GENERATIONS = EVAL_DIR / "generations.json"
+
+
 # One file per evaluation variant, each written by its own stage (`eval_<variant>`).
 EVAL_VARIANTS_DIR = EVAL_DIR / "variants"
 

@@ -11,13 +11,19 @@ quantized variants.) Each variant's generation speed is timed on the same prompt
 Models are built by qlora/models/loading.py and handed to lm-eval as objects: lm-eval's own
 `load_in_4bit` model argument no longer works with transformers 5.
 
-The local tasks live in data/eval_tasks (docstring_loss, docstring_choice, prose_guard);
-any standard lm-eval task name works too where the datasets hub is reachable.
+The local tasks live in data/eval_tasks (docstring_loss, docstring_choice, prose_guard,
+docstring_generate); any standard lm-eval task name works too where the datasets hub is
+reachable. A generation task (docstring_generate: each variant's greedy answer to every
+test prompt, scored with ROUGE-L and chrF, qlora/evaluation/generation.py) runs in its own
+lm-eval call, timed apart, and keeps every row's answer in the variant file; the first
+`evaluate.examples` of them are the report's examples (without a generation task they are
+generated here).
 Each variant is its own DVC stage (`eval_<variant>`, reports/eval/variants/<variant>.json),
 so a change to the adapter reruns only the adapter's evaluation: the bases' results come
 from their unchanged stages (or DVC's run cache). The `evaluate` stage merges the three
 (qlora/evaluation/variants.py) into reports/eval/metrics.json (a DVC metric) and
-reports/eval/examples.json (greedy answers of each variant to the first test prompts).
+reports/eval/examples.json (greedy answers of each variant to the first test prompts) and
+reports/eval/generations.json (every generated row, for the report's row browser).
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import torch
 from qlora.core import paths
 from qlora.core.io import StageError, read_jsonl
 from qlora.core.params import EvaluateParams, Params
+from qlora.evaluation.generation import answered_rows, is_generation_task
 from qlora.models.loading import (
     compute_dtype,
     device,
@@ -203,6 +210,47 @@ def generation_speed(model, tokenizer, prompts: list[str], new_tokens: int) -> d
     }
 
 
+def _simple_evaluate(lm, tasks: list, manager, p: EvaluateParams, **kwargs) -> dict:
+    import lm_eval
+
+    return lm_eval.simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        task_manager=manager,
+        num_fewshot=p.num_fewshot,
+        limit=p.limit,
+        batch_size=p.batch_size,
+        log_samples=True,  # per-example values: bootstrap errors, every generated answer
+        **kwargs,
+    )
+
+
+def _merge_results(parts: list[dict]) -> dict:
+    """The results of several simple_evaluate calls as one (their tasks are disjoint)."""
+    merged: dict = {"results": {}, "higher_is_better": {}, "samples": {}}
+    for part in parts:
+        for key in merged:
+            merged[key].update(part.get(key) or {})
+    return merged
+
+
+def run_tasks(lm, tasks: list, manager, p: EvaluateParams) -> tuple[dict, float]:
+    """lm-eval on `tasks` for any lm-eval model (transformers, llama.cpp): the scoring tasks
+    in one call, the generation tasks in another (greedy, evaluate.max_new_tokens new
+    tokens at most), merged. Returns the results and the generation tasks' seconds."""
+    generating = [t for t in tasks if is_generation_task(t)]
+    scoring = [t for t in tasks if not is_generation_task(t)]
+    parts = [_simple_evaluate(lm, scoring, manager, p)] if scoring else []
+    start = time.perf_counter()
+    if generating:
+        parts.append(
+            _simple_evaluate(
+                lm, generating, manager, p, gen_kwargs={"max_gen_toks": p.max_new_tokens}
+            )
+        )
+    return _merge_results(parts), time.perf_counter() - start
+
+
 def evaluate_variant(
     name: str,
     load: Callable[[], torch.nn.Module],
@@ -213,10 +261,14 @@ def evaluate_variant(
     prompts: list[str],
     aggregations: dict | None = None,
     speed_prompts: list[str] | None = None,
-) -> tuple[dict, list[str]]:
-    """Load one variant, run lm-eval, the example generations and the timed generations
-    (speed_prompts) on it, free it."""
-    import lm_eval
+) -> tuple[dict, list[str] | None, dict[str, list[dict]]]:
+    """Load one variant, run lm-eval and the timed generations (speed_prompts) on it, free it.
+
+    Returns (entry, example answers, generations). The generation tasks run in their own
+    lm-eval call (batched greedy decoding, evaluate.max_new_tokens new tokens at most), so
+    their time is measured apart: `generation_task_seconds`. Their answers to every test
+    row are the generations; the example answers are generated here only when no
+    generation task is configured (None otherwise: the first rows' answers serve)."""
     from lm_eval.models.huggingface import HFLM
 
     tag = f"[{paths.variant_stage(name)}]"
@@ -230,22 +282,22 @@ def evaluate_variant(
     memory = footprint_bytes(model)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=p.batch_size)
     print(f"{tag} loaded in {loaded - start:.1f} s, running lm-eval", flush=True)
-    results = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=tasks,
-        task_manager=manager,
-        num_fewshot=p.num_fewshot,
-        limit=p.limit,
-        batch_size=p.batch_size,
-        log_samples=True,  # per-example values, for the bootstrap standard errors
-    )
+    generating = [t for t in tasks if is_generation_task(t)]
+    results, generation_seconds = run_tasks(lm, tasks, manager, p)
     evaluated = time.perf_counter()
-    outputs = generate(model, tokenizer, prompts, p.max_new_tokens)
+    scored = evaluated - generation_seconds
+    samples = results["samples"]
+    generations = {
+        t.config.task: answered_rows(samples[t.config.task], t.config.task) for t in generating
+    }
+    outputs = None if generations else generate(model, tokenizer, prompts, p.max_new_tokens)
     done = time.perf_counter()
     speed = generation_speed(model, tokenizer, speed_prompts or [], p.speed_new_tokens)
+    rows = sum(len(r) for r in generations.values())
     print(
-        f"{tag} lm-eval {evaluated - loaded:.1f} s, "
-        f"{len(prompts)} examples {done - evaluated:.1f} s"
+        f"{tag} lm-eval {evaluated - loaded:.1f} s"
+        + (f" (generation tasks {evaluated - scored:.1f} s, {rows} answers)" if generating else "")
+        + (f", {len(prompts)} examples {done - evaluated:.1f} s" if outputs is not None else "")
         + (f", generation {speed['tokens_per_s']:.1f} tokens/s" if speed else ""),
         flush=True,
     )
@@ -253,17 +305,20 @@ def evaluate_variant(
         "memory_bytes": memory,
         "seconds": evaluated - loaded,
         "load_seconds": loaded - start,
-        "generate_seconds": done - evaluated,
         "metrics": task_metrics(results, name),
     }
+    if generating:
+        entry["generation_task_seconds"] = evaluated - scored
+    if outputs is not None:
+        entry["generate_seconds"] = done - evaluated
     if speed is not None:
         entry["speed"] = speed
-    fill_missing_stderr(entry["metrics"], results.get("samples") or {}, aggregations or {})
-    del lm, model, results
+    fill_missing_stderr(entry["metrics"], samples, aggregations or {})
+    del lm, model, results, samples
     gc.collect()  # the next variant must not load while this one is still in memory
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return entry, outputs
+    return entry, outputs, generations
 
 
 def quantization_name(params: Params) -> str:
@@ -333,7 +388,7 @@ def benchmark_variant(params: Params, name: str) -> dict:
     aggregations = {t.config.task: t.aggregation() for t in tasks if hasattr(t, "aggregation")}
     tokenizer = load_tokenizer(paths.BASE_MODEL_DIR, params.base.trust_remote_code)
     label, quantization, load = variant_plan(params)[name]
-    entry, outputs = evaluate_variant(
+    entry, outputs, generations = evaluate_variant(
         name,
         load,
         tokenizer,
@@ -349,20 +404,28 @@ def benchmark_variant(params: Params, name: str) -> dict:
         "num_fewshot": p.num_fewshot,
         "limit": p.limit,
         "batch_size": p.batch_size,
+        "max_new_tokens": p.max_new_tokens,
         "device": device(),
         "lm_eval_version": importlib.metadata.version("lm_eval"),
     }
-    examples = [
-        {
-            "id": row.get("id", i),
-            "prompt": row["prompt"],
-            "reference": row.get("response", row.get("completion")),
-            "output": output,
-        }
-        for i, (row, output) in enumerate(zip(rows, outputs, strict=True))
-    ]
+    if generations:  # the first generation task's answers to the first rows are the examples
+        examples = [
+            {k: row[k] for k in ("id", "prompt", "reference", "output")}
+            for row in next(iter(generations.values()))[: p.examples]
+        ]
+    else:
+        examples = [
+            {
+                "id": row.get("id", i),
+                "prompt": row["prompt"],
+                "reference": row.get("response", row.get("completion")),
+                "output": output,
+            }
+            for i, (row, output) in enumerate(zip(rows, outputs or [], strict=True))
+        ]
     return {
         "settings": settings,
         "variant": {"label": label, "quantization": quantization, **entry},
         "examples": examples,
+        "generations": generations,
     }

@@ -12,7 +12,14 @@ from qlora.core.io import StageError
 
 # Settings every variant must share for their scores to compare (the DAG makes them equal;
 # a hand-edited or foreign file could not).
-SHARED_SETTINGS = ("tasks", "num_fewshot", "limit", "batch_size", "lm_eval_version")
+SHARED_SETTINGS = (
+    "tasks",
+    "num_fewshot",
+    "limit",
+    "batch_size",
+    "max_new_tokens",
+    "lm_eval_version",
+)
 
 
 def merge_variants(results: dict[str, dict]) -> tuple[dict, list[dict]]:
@@ -50,3 +57,34 @@ def merge_variants(results: dict[str, dict]) -> tuple[dict, list[dict]]:
         for i, e in enumerate(first["examples"])
     ]
     return {"settings": settings, "variants": variants}, examples
+
+
+def merge_generations(results: dict[str, dict]) -> dict:
+    """Every variant's answers to each generation task's rows, side by side: the content of
+    reports/eval/generations.json. The variants must have answered the same rows (same ids
+    and prompts, in the same order); merge_variants has checked their settings."""
+    first = results[paths.CANDIDATE].get("generations") or {}
+    tasks = {}
+    for task, rows in first.items():
+        per_variant = {}
+        for name in paths.VARIANTS:
+            theirs = (results[name].get("generations") or {}).get(task)
+            if theirs is None:
+                raise StageError(f"{name} has no answers of generation task {task!r}")
+            if [(r["id"], r["prompt"]) for r in theirs] != [(r["id"], r["prompt"]) for r in rows]:
+                raise StageError(
+                    f"{name} answered other rows of {task} than {paths.CANDIDATE}: rerun "
+                    "`dvc repro` so that they compare"
+                )
+            per_variant[name] = theirs
+        tasks[task] = [
+            {
+                "id": row["id"],
+                "prompt": row["prompt"],
+                "reference": row.get("reference"),
+                "outputs": {n: per_variant[n][i]["output"] for n in paths.VARIANTS},
+                "scores": {n: per_variant[n][i]["scores"] for n in paths.VARIANTS},
+            }
+            for i, row in enumerate(rows)
+        ]
+    return {"tasks": tasks}

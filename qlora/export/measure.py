@@ -25,6 +25,7 @@ from qlora.core.params import Params
 from qlora.evaluation.benchmark import (
     build_tasks,
     fill_missing_stderr,
+    run_tasks,
     speed_prompts_of,
     task_manager,
     task_metrics,
@@ -86,7 +87,6 @@ def measure_artifact(
 ) -> dict:
     """One artifact: load, lm-eval tasks, decode speed, memory; freed before the next."""
     import llama_cpp
-    import lm_eval
 
     p = params.evaluate
     model = folder / artifact["model"]
@@ -98,14 +98,7 @@ def measure_artifact(
     lm = LlamaCppLM(model, lora, params.export.n_ctx, n_threads)
     loaded = time.perf_counter()
     try:
-        results = lm_eval.simple_evaluate(
-            model=lm,
-            tasks=tasks,
-            task_manager=manager,
-            num_fewshot=p.num_fewshot,
-            limit=p.limit,
-            log_samples=True,
-        )
+        results, _ = run_tasks(lm, tasks, manager, p)
         evaluated = time.perf_counter()
         prompts = speed_prompts_of(p)
         speed = (

@@ -6,7 +6,9 @@ qlora/report/templates/:
   that prints well: the gate decision first, then what quantization costs (formats, the
   layers it damages most, skip_modules, LoftQ), how training went, every metric for the
   three variants, the method's claims against them, the gate's checks, example outputs,
-  the data, and the lineage (git revision, params, hashes from dvc.lock, package versions);
+  every test row's generated answers (qlora/report/rows.py: sorted and filtered by what the
+  adapter changed, with CSS alone), the data, and the lineage (git revision, params,
+  hashes from dvc.lock, package versions);
 - reports/report.md: the same story in Markdown (for Prefect artifacts and pull requests).
 Every JSON report is read through its schema (qlora/schemas/), the one its writer checked
 it against; qlora/report/quantization.py builds the quantization and claims parts of the
@@ -40,6 +42,7 @@ from qlora.report.quantization import (
     generation_speeds,
     quantization_section,
 )
+from qlora.report.rows import rows_section
 from qlora.report.sections import (
     data_section,
     headline,
@@ -66,7 +69,7 @@ from qlora.schemas.base import validated
 from qlora.schemas.claims import ClaimsReport
 from qlora.schemas.export import GgufEval, ParityReport
 from qlora.schemas.gate import GateDecision
-from qlora.schemas.metrics import DIRECTIONS, EvalMetrics
+from qlora.schemas.metrics import DIRECTIONS, EvalGenerations, EvalMetrics
 from qlora.schemas.quantize import QuantizeLayers, QuantizeReport
 from qlora.train import log_layout
 
@@ -84,6 +87,7 @@ INPUTS: dict[str, tuple[Path, tuple[str, ...]]] = {
     "train": (paths.TRAIN_RUN, ()),
     "eval": (paths.EVAL_METRICS, ()),
     "examples": (paths.EVAL_EXAMPLES, ()),
+    "generations": (paths.EVAL_GENERATIONS, ()),
     "gate": (paths.GATE_REPORT, ()),
     "quantize_layers": (paths.QUANTIZE_LAYERS, ()),
     "claims": (paths.CLAIMS_REPORT, ()),
@@ -100,6 +104,7 @@ SCHEMAS = {
     "claims": ClaimsReport,
     "gguf_eval": GgufEval,
     "parity": ParityReport,
+    "generations": EvalGenerations,
 }
 
 
@@ -108,7 +113,7 @@ LIST_INPUTS = {"examples"}
 
 # Written by stages older runs lack (`--compare`, a report of an old checkout): without
 # one, its part of the report is left out, never an error.
-OPTIONAL_INPUTS = {"quantize_layers", "claims", "gguf_eval", "parity"}
+OPTIONAL_INPUTS = {"quantize_layers", "claims", "gguf_eval", "parity", "generations"}
 
 
 # the gate judges the adapter against the base it was trained on
@@ -180,12 +185,13 @@ def load_inputs(reports_dir: Path) -> dict[str, Any]:
 
 
 def build_context(inputs: dict, root: Path, out_html: Path, compare: dict | None) -> dict:
-    variants = inputs["eval"].variants
+    variants, generations = inputs["eval"].variants, inputs["generations"]
     lin = lineage(root)
     ctx = {
         "title": f"QLoRA report: {inputs['base'].get('source', 'model')}",
         "generated": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "head": headline(inputs["gate"], variants),
+        "head": headline(inputs["gate"], variants, tuple(generations.tasks) if generations else ()),
+        "answers": rows_section(generations, variants),
         "labels": [variants[v].label or v for v in paths.VARIANTS],
         "variants": variants,
         "variant_keys": paths.VARIANTS,

@@ -9,6 +9,7 @@ from pathlib import Path
 from markupsafe import Markup
 
 from qlora.core.paths import BASELINE, CANDIDATE, SPLITS, VARIANTS
+from qlora.evaluation.generation import METRICS
 from qlora.report.plots import Series, histogram, line_chart
 from qlora.report.text import ARROWS, fmt, fmt_bytes, fmt_duration, fmt_gain, fmt_pct, num
 from qlora.schemas.gate import GateDecision
@@ -27,10 +28,19 @@ def metric_entry(variant: VariantResult, task: str, metric: str) -> MetricResult
     return variant.metrics.get(task, {}).get(metric)
 
 
-def headline(gate: GateDecision, variants: dict[str, VariantResult]) -> dict:
+def headline(
+    gate: GateDecision, variants: dict[str, VariantResult], generation_tasks: tuple[str, ...] = ()
+) -> dict:
     """The decision and the primary metric's gain with its 95% interval, as the gate
-    computed them (gate.json): the report shows the numbers the decision was made on."""
+    computed them (gate.json): the report shows the numbers the decision was made on.
+    Beside it, the gate's checks of the generated answers' scores (of `generation_tasks`),
+    unless one of them is the primary itself."""
     p = gate.primary
+    generation = [
+        c
+        for c in gate.checks
+        if c.task in generation_tasks and c.kind == "guard" and c.metric in METRICS
+    ]
     if p.ci95 is None:
         ci_note = "n/a: lm-eval reports no standard error for this metric"
     elif p.beyond_noise:
@@ -52,6 +62,7 @@ def headline(gate: GateDecision, variants: dict[str, VariantResult]) -> dict:
         "improved": None if not p.relative_change else p.relative_change > 0,
         "baseline_label": variants[BASELINE].label or BASELINE,
         "adapter_label": variants[CANDIDATE].label or CANDIDATE,
+        "generation": generation,
     }
 
 

@@ -58,6 +58,12 @@ class VariantExample(OpenSchema):
     output: str
 
 
+class GeneratedRow(VariantExample):
+    """One test row of a generation task: the variant's greedy answer and its scores."""
+
+    scores: dict[str, float]
+
+
 class VariantFile(BaseModel):
     """reports/eval/variants/<variant>.json: one variant's benchmark, written by its own
     stage and merged with the others' by the evaluate stage."""
@@ -65,6 +71,24 @@ class VariantFile(BaseModel):
     settings: EvalSettings
     variant: VariantResult
     examples: list[VariantExample] = []
+    # {generation task: every test row answered}; absent in files of older revisions.
+    generations: dict[str, list[GeneratedRow]] = {}
+
+
+class MergedRow(OpenSchema):
+    """One row of reports/eval/generations.json: every variant's answer and scores."""
+
+    id: int | str
+    prompt: str
+    reference: str | None = None
+    outputs: dict[str, str]
+    scores: dict[str, dict[str, float]]  # {variant: {metric: value}}
+
+
+class EvalGenerations(BaseModel):
+    """reports/eval/generations.json: {generation task: its rows, in test-split order}."""
+
+    tasks: dict[str, list[MergedRow]] = {}
 
 
 class EvalMetrics(BaseModel):

@@ -102,6 +102,34 @@ def test_every_stage_runs_and_writes_its_outputs(pipeline_run):
     assert any("llama.cpp q4_k_m" in r["subject"] for r in claims["rows"])
 
 
+def test_every_test_row_is_answered_scored_gated_and_browsable(pipeline_run):
+    """The generation task through the DAG: every evaluated test row answered by each
+    variant, scored with intervals, a gate check of its own, a row in the report."""
+    work, done = pipeline_run
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    test_rows = [json.loads(line) for line in (work / "data/prepared/splits/test.jsonl").open()]
+    rows = json.loads((work / "reports/eval/generations.json").read_text())["tasks"]
+    generated = rows["docstring_generate"]
+    assert [r["id"] for r in generated] == [r["id"] for r in test_rows[:8]]  # evaluate.limit
+    variants = json.loads((work / "reports/eval/metrics.json").read_text())["variants"]
+    for name, variant in variants.items():
+        assert all(isinstance(r["outputs"][name], str) for r in generated), name
+        for metric in ("rouge_l", "chrf"):
+            entry = variant["metrics"]["docstring_generate"][metric]
+            values = [r["scores"][name][metric] for r in generated]
+            assert entry["value"] == pytest.approx(sum(values) / len(values)), (name, metric)
+            assert entry["stderr"] is not None and entry["higher_is_better"] is True
+        assert variant["generation_task_seconds"] > 0
+    gate = json.loads((work / "reports/gate.json").read_text())
+    checks = {(c["task"], c["metric"]): c for c in gate["checks"]}
+    assert checks["docstring_generate", "rouge_l"]["kind"] == "guard"
+    assert checks["docstring_generate", "chrf"]["ci95"] is not None
+    html = (work / "reports/report.html").read_text()
+    assert html.count('<div class="gen-row ') == len(generated)
+    assert "Generated answers" in html.split('id="headline"')[1].split("</section>")[0]
+    assert "<script" not in html.lower()
+
+
 def test_adapter_loads_with_plain_peft(pipeline_run, tiny_model_dir):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -19,6 +19,7 @@ import yaml
 
 from helpers import avx512bf16
 from helpers.repo import REPO
+from helpers.text_scores import reference_chrf, reference_rouge_l
 from helpers.tiny import alpaca_rows, tiny_params
 from qlora.core import paths
 from qlora.core.io import StageError, read_jsonl, write_jsonl
@@ -98,7 +99,13 @@ def evaluated(tmp_path_factory, tiny_model_dir, bnb_cpu_path) -> Iterator[Path]:
 def test_three_variants_benchmarked_with_the_same_settings(evaluated):
     metrics = json.loads((evaluated / "reports/eval/metrics.json").read_text())
     settings = metrics["settings"]
-    assert settings["tasks"] == ["docstring_loss", "docstring_choice", "prose_guard"]
+    assert settings["tasks"] == [
+        "docstring_loss",
+        "docstring_choice",
+        "prose_guard",
+        "docstring_generate",
+    ]
+    assert settings["max_new_tokens"] == 8
     assert settings["limit"] == 8 and settings["batch_size"] == 4
     assert settings["lm_eval_version"] == "0.4.13" and settings["device"] == "cpu"
 
@@ -114,6 +121,7 @@ def test_three_variants_benchmarked_with_the_same_settings(evaluated):
         "docstring_loss": {"bits_per_byte": False, "byte_perplexity": False},
         "docstring_choice": {"acc": True, "acc_norm": True},
         "prose_guard": {"word_perplexity": False, "byte_perplexity": False, "bits_per_byte": False},
+        "docstring_generate": {"rouge_l": True, "chrf": True},
     }
     for name, v in variants.items():
         assert v["seconds"] > 0
@@ -200,6 +208,49 @@ def test_the_adapter_changes_the_scores_and_the_answers(evaluated):
     assert any(e["outputs"]["adapter_4bit"] != e["outputs"]["base_4bit"] for e in examples)
 
 
+def test_every_test_row_is_answered_by_every_variant_and_scored_independently(evaluated):
+    rows = read_jsonl(evaluated / "data/prepared/splits/test.jsonl")[:8]  # evaluate.limit
+    merged = json.loads((evaluated / paths.EVAL_GENERATIONS).read_text())["tasks"]
+    generated = merged["docstring_generate"]
+    assert [g["id"] for g in generated] == [r["id"] for r in rows]
+    variants = json.loads((evaluated / paths.EVAL_METRICS).read_text())["variants"]
+    for name in paths.VARIANTS:
+        answers = [g["outputs"][name] for g in generated]
+        # The tiny random model seldom ends its turn: at most 8 new tokens, no markers.
+        assert all(a and "<|im_end|>" not in a for a in answers), name
+        for g, row in zip(generated, rows, strict=True):
+            assert g["prompt"] == row["prompt"] and g["reference"] == row["response"]
+            assert g["scores"][name]["rouge_l"] == pytest.approx(
+                reference_rouge_l(g["outputs"][name], row["response"]), abs=1e-9
+            )
+            assert g["scores"][name]["chrf"] == pytest.approx(
+                reference_chrf(g["outputs"][name], row["response"]), abs=1e-9
+            )
+        task = variants[name]["metrics"]["docstring_generate"]
+        for metric in ("rouge_l", "chrf"):
+            values = [g["scores"][name][metric] for g in generated]
+            assert task[metric]["value"] == pytest.approx(sum(values) / len(values))
+            assert task[metric]["stderr"] is not None  # lm-eval's, for the gate's interval
+        # Timed apart; the examples are its first answers, not a second generation.
+        assert variants[name]["generation_task_seconds"] > 0
+        assert "generate_seconds" not in variants[name]
+    assert any(g["outputs"]["adapter_4bit"] != g["outputs"]["base_4bit"] for g in generated)
+    examples = json.loads((evaluated / "reports/eval/examples.json").read_text())
+    assert [e["outputs"] for e in examples] == [g["outputs"] for g in generated[:2]]
+
+
+def test_without_a_generation_task_the_examples_are_generated_apart(workspace):
+    params = (workspace / "params.yaml").read_text()
+    (workspace / "params.yaml").write_text(params.replace("  - docstring_generate\n", ""))
+    save_random_adapter(workspace / "data/prepared/base_model", workspace / ADAPTER)
+    eval_variant.main(paths.CANDIDATE)
+    written = json.loads((workspace / paths.variant_file(paths.CANDIDATE)).read_text())
+    assert (
+        written["generations"] == {} and "docstring_generate" not in written["variant"]["metrics"]
+    )
+    assert len(written["examples"]) == 2 and written["variant"]["generate_seconds"] > 0
+
+
 def test_unknown_task_is_named_before_any_model_loads(workspace):
     params = (workspace / "params.yaml").read_text()
     (workspace / "params.yaml").write_text(
@@ -267,6 +318,45 @@ def test_the_merge_refuses_variants_measured_with_other_settings():
     results[paths.BASELINE]["examples"][0]["prompt"] = "another"
     with pytest.raises(StageError, match="base_4bit answered other example prompts"):
         merge_variants(results)
+
+
+def with_rows(result: dict, name: str, ids=(0, 1)) -> dict:
+    result["generations"] = {
+        "docstring_generate": [
+            {
+                "id": i,
+                "prompt": f"p{i}",
+                "reference": f"r{i}",
+                "output": f"{name} {i}",
+                "scores": {"rouge_l": 0.1 * i, "chrf": 10.0 * i},
+            }
+            for i in ids
+        ]
+    }
+    return result
+
+
+def test_the_merge_puts_every_row_with_each_variants_answer_and_scores():
+    from qlora.evaluation.variants import merge_generations
+
+    merged = merge_generations({n: with_rows(variant_result(n), n) for n in paths.VARIANTS})
+    rows = merged["tasks"]["docstring_generate"]
+    assert [r["id"] for r in rows] == [0, 1]
+    assert rows[1]["outputs"] == {n: f"{n} 1" for n in paths.VARIANTS}
+    assert rows[1]["scores"]["adapter_4bit"] == {"rouge_l": 0.1, "chrf": 10.0}
+    assert merge_generations({n: variant_result(n) for n in paths.VARIANTS}) == {"tasks": {}}
+
+
+def test_the_merge_refuses_variants_that_answered_other_rows():
+    from qlora.evaluation.variants import merge_generations
+
+    results = {n: with_rows(variant_result(n), n) for n in paths.VARIANTS}
+    results[paths.BASELINE] = with_rows(variant_result(paths.BASELINE), paths.BASELINE, (0, 2))
+    with pytest.raises(StageError, match="base_4bit answered other rows of docstring_generate"):
+        merge_generations(results)
+    del results[paths.REFERENCE]["generations"]
+    with pytest.raises(StageError, match="base_full has no answers of generation task"):
+        merge_generations(results)
 
 
 def test_the_merge_records_the_devices_when_a_cached_variant_came_from_another():

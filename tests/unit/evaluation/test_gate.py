@@ -224,3 +224,83 @@ def test_the_decision_carries_the_primary_gain_and_interval_the_report_shows():
     assert d["primary"]["ci95"] == pytest.approx((-0.2 - half, -0.2 + half))
     assert d["primary"]["beyond_noise"] is True
     assert d["primary"]["relative_change"] == pytest.approx(0.2)
+
+
+# ---------------------------------------------------------------- generated answers
+
+
+def with_generation(metrics: dict, base_rouge: float, adapter_rouge: float, stderr: float) -> dict:
+    """`metrics` plus the generation task's scores (ROUGE-L 0-1, chrF 0-100, higher better)."""
+    out = copy.deepcopy(metrics)
+    for name, rouge in (
+        ("base_full", base_rouge),
+        ("base_4bit", base_rouge),
+        ("adapter_4bit", adapter_rouge),
+    ):
+        out["variants"][name]["metrics"]["docstring_generate"] = {
+            "rouge_l": metric(rouge, True, stderr),
+            "chrf": metric(100 * rouge, True, 100 * stderr),
+        }
+    return out
+
+
+def generation_check(decision: dict, metric_name: str = "rouge_l") -> dict:
+    return next(
+        c
+        for c in decision["checks"]
+        if (c["task"], c["metric"]) == ("docstring_generate", metric_name)
+    )
+
+
+def test_the_generation_score_is_a_guard_by_default():
+    d = decide(with_generation(results(), 0.30, 0.45, 0.02), RULES)
+    assert d["decision"] == "promoted"
+    check = generation_check(d)
+    assert check["kind"] == "guard" and check["higher_is_better"] is True
+    assert check["change"] == pytest.approx(0.15) and check["relative_change"] == pytest.approx(0.5)
+    assert check["ci95_half_width"] == pytest.approx(1.96 * (2 * 0.02**2) ** 0.5)
+    assert check["passed"] and check["beyond_noise"]
+
+
+def test_worse_answers_beyond_the_limit_and_the_noise_reject_the_adapter():
+    # ROUGE-L 0.40 -> 0.30: -25% (limit 10%), 95% interval ±0.028: beyond the noise.
+    d = decide(with_generation(results(), 0.40, 0.30, 0.01), RULES)
+    assert d["decision"] == "rejected"
+    failed = {(c["task"], c["metric"]) for c in d["checks"] if c["passed"] is False}
+    assert failed == {("docstring_generate", "rouge_l"), ("docstring_generate", "chrf")}
+    assert any(
+        r.startswith("FAIL: docstring_generate/rouge_l (higher is better)") for r in d["reasons"]
+    )
+
+
+def test_worse_answers_within_the_noise_do_not_reject():
+    # The same -25% with a standard error of 0.06 (interval ±0.17): could be noise.
+    d = decide(with_generation(results(), 0.40, 0.30, 0.06), RULES)
+    check = generation_check(d)
+    assert d["decision"] == "promoted" and check["passed"] and check["beyond_noise"] is False
+    assert "exceeded but within the noise" in check["reason"]
+
+
+def test_the_generation_score_can_be_the_primary_metric():
+    rules = gate_params(primary={"task": "docstring_generate", "metric": "rouge_l"}, min_gain=0.05)
+    d = decide(with_generation(results(), 0.30, 0.45, 0.02), rules)
+    assert d["decision"] == "promoted"
+    assert (d["primary"]["task"], d["primary"]["metric"]) == ("docstring_generate", "rouge_l")
+    assert d["primary"]["relative_change"] == pytest.approx(0.5)
+    assert generation_check(d)["kind"] == "primary"
+    assert next(c for c in d["checks"] if c["task"] == "docstring_loss")["kind"] == "guard"
+    # As the primary it must gain, and beyond the noise: +10% but the interval is ±0.055.
+    d = decide(with_generation(results(), 0.30, 0.33, 0.02), rules)
+    assert d["decision"] == "rejected" and "within the noise" in d["reasons"][0]
+
+
+def test_the_shipped_params_evaluate_the_generation_task_and_accept_it_as_primary():
+    import yaml
+
+    from helpers.repo import REPO
+    from qlora.core.params import Params
+
+    shipped = yaml.safe_load((REPO / "params.yaml").read_text())
+    assert "docstring_generate" in shipped["evaluate"]["tasks"]
+    shipped["gate"]["primary"] = {"task": "docstring_generate", "metric": "rouge_l"}
+    assert Params.model_validate(shipped).gate.primary.task == "docstring_generate"

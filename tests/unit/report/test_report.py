@@ -1069,3 +1069,169 @@ if __name__ == "__main__":
         json.dumps(fixture_claims(reports), indent=2, ensure_ascii=False) + "\n"
     )
     print(f"wrote {reports / 'claims.json'}")
+
+
+# ---------------------------------------------------------------- generated answers, row by row
+
+
+def browser(html: str) -> str:
+    return re.search(r'<section class="panel" id="rows">(.*?)</section>', html, re.S).group(1)
+
+
+def browser_rows(html: str) -> list[tuple[str, str, str]]:
+    """(status, rank, id) of each row, in page order."""
+    return re.findall(
+        r'<div class="gen-row (\w+)" style="--rank: (\d+)">\s*'
+        r'<div class="gen-head"><span class="id">([^<]*)</span>',
+        browser(html),
+    )
+
+
+def test_the_fixture_rows_carry_the_scores_the_task_gives():
+    from qlora.evaluation.generation import score_answer
+
+    rows = json.loads((FIXTURES / "reports/eval/generations.json").read_text())["tasks"]
+    for row in rows["docstring_generate"]:
+        for variant, output in row["outputs"].items():
+            assert row["scores"][variant] == score_answer(output, row["reference"])
+
+
+def test_every_test_row_is_in_the_row_browser_with_each_answer_and_score(root: Path):
+    html, _ = render(root)
+    rows = load(root, "eval/generations.json")["tasks"]["docstring_generate"]
+    assert [r[2] for r in browser_rows(html)] == [r["id"] for r in rows]  # test order
+    section = browser(html)
+    for row in rows:
+        for name, output in row["outputs"].items():
+            assert f"<pre>{markup_escape(output)}</pre>" in section  # as Jinja escapes
+            assert f"ROUGE-L {fmt(row['scores'][name]['rouge_l'])}" in section
+            assert f"chrF {fmt(row['scores'][name]['chrf'])}" in section
+    assert "1 worse, 3 better, 1 unchanged of 5" in section
+
+
+def test_the_rows_the_adapter_made_worse_come_first_in_its_view(root: Path):
+    html, md = render(root)
+    rows = load(root, "eval/generations.json")["tasks"]["docstring_generate"]
+
+    def change(row):  # adapter vs the 4-bit base it was trained on, ROUGE-L then chrF
+        return tuple(
+            row["scores"]["adapter_4bit"][m] - row["scores"]["base_4bit"][m]
+            for m in ("rouge_l", "chrf")
+        )
+
+    worst_first = [r["id"] for r in sorted(rows, key=change)]
+    ranks = {row_id: int(rank) for _, rank, row_id in browser_rows(html)}
+    assert sorted(ranks, key=ranks.get) == worst_first
+    status = {row_id: s for s, _, row_id in browser_rows(html)}
+    assert status == {
+        "posixpath.join": "worse",
+        "operator.add": "same",
+        "shutil.disk_usage": "better",
+        "html.escape": "better",
+        "textwrap.dedent": "better",
+    }
+    assert 'href="#rows-worse-first"' in html and 'href="#rows-worse"' in html
+    # report.md names the worse rows with both answers.
+    assert "### posixpath\\.join: ROUGE-L \u22120.75, chrF \u221254.42" in md
+    assert "```text\nReturn the path.\n```" in md
+
+
+def test_answers_in_the_row_browser_are_escaped(root: Path):
+    html, _ = render(root)
+    section = browser(html)
+    assert section.count("&lt;script&gt;alert(1)&lt;/script&gt;") == 2
+    assert "<script" not in html.lower()
+
+
+def test_the_headline_shows_the_generation_guard_next_to_the_primary(root: Path):
+    def with_generation(m):
+        for name, (rouge, se) in {
+            "base_full": (0.30, 0.04),
+            "base_4bit": (0.25, 0.04),
+            "adapter_4bit": (0.55, 0.05),
+        }.items():
+            m["variants"][name]["metrics"]["docstring_generate"] = {
+                "rouge_l": {"value": rouge, "stderr": se, "higher_is_better": True},
+                "chrf": {"value": 100 * rouge, "stderr": 100 * se, "higher_is_better": True},
+            }
+
+    edit_json(root / "reports" / "eval" / "metrics.json", with_generation)
+    gate = regate(root)
+    check = next(c for c in gate["checks"] if c["metric"] == "rouge_l")
+    assert check["kind"] == "guard" and check["passed"] and check["beyond_noise"]
+    html, md = render(root)
+    headline = re.search(r'id="headline">(.*?)</section>', html, re.S).group(1)
+    lo, hi = check["ci95"]
+    assert (
+        "<code>docstring_generate</code> &middot; <code>rouge_l</code> 0.25 &rarr; 0.55" in headline
+    )
+    assert f"95% CI of the change [{fmt(lo)}, {fmt(hi)}]; guard passed" in headline
+    assert "Generated answers `docstring_generate / chrf` (↑ better): 25 → 55" in md
+
+
+def test_a_run_without_generated_rows_has_no_row_browser(root: Path):
+    (root / "reports" / "eval" / "generations.json").unlink()
+    html, md = render(root)
+    assert 'id="rows"' not in html and "row by row" not in md
+
+
+def test_a_very_large_test_set_shows_the_worst_rows_and_says_so(root: Path, monkeypatch):
+    from qlora.report import rows
+
+    monkeypatch.setattr(rows, "ROW_CAP", 2)
+    html, _ = render(root)
+    # The two worst (posixpath.join, then operator.add), in test order.
+    assert [r[2] for r in browser_rows(html)] == ["posixpath.join", "operator.add"]
+    assert "5 rows: the 2 the adapter changed for the worse first are shown (3 left out" in html
+
+
+def count_colour(png: Path, rgb: tuple[int, int, int]) -> tuple[int, int | None]:
+    """(pixels near `rgb`, the first row that has one)."""
+    _, _, rows = read_png(png)
+    counts = [count_near([row], rgb, 0, 1, tol=12) for row in rows]
+    first = next((y for y, n in enumerate(counts) if n), None)
+    return sum(counts), first
+
+
+def test_the_row_browser_views_sort_and_filter_in_headless_chromium(root: Path, tmp_path: Path):
+    """The views are CSS alone: each link's fragment, loaded, must hide or reorder rows in a
+    real browser. The browser section alone, with the report's style, on one short page:
+    worse rows have a red edge (--bad), better rows a green one (--good)."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium not installed: apt-get install chromium")
+    html, _ = render(root)
+    style = re.search(r"<style>.*?</style>", html, re.S).group(0)
+    page = tmp_path / "rows.html"
+    page.write_text(
+        f'<!doctype html><html><head><meta charset="utf-8">{style}</head><body><main>'
+        f'<section class="panel" id="rows">{browser(html)}</section></main></body></html>',
+        encoding="utf-8",
+    )
+    base = [
+        chromium,
+        *CHROMIUM_FLAGS,
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--window-size=1280,2400",
+    ]
+    red, green = (0xB4, 0x23, 0x18), (0x13, 0x7A, 0x3F)
+    seen = {}
+    for view in ("", "#rows-worse-first", "#rows-worse", "#rows-better"):
+        png = tmp_path / f"view{view.replace('#', '-')}.png"
+        shot = subprocess.run(
+            [*base, f"--screenshot={png}", page.as_uri() + view],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert shot.returncode == 0 and png.exists(), shot.stderr[-2000:]
+        seen[view] = (count_colour(png, red), count_colour(png, green))
+    (red_all, red_top), (green_all, green_top) = seen[""]
+    assert red_all > 200 and green_all > 200
+    assert green_top < red_top  # test order: the worse row is 4th
+    (_, red_top), (_, green_top) = seen["#rows-worse-first"]
+    assert red_top < green_top  # worse first
+    (red_n, _), (green_n, _) = seen["#rows-worse"]
+    assert red_n > 200 and green_n == 0
+    (red_n, _), (green_n, _) = seen["#rows-better"]
+    assert red_n == 0 and green_n > 200
