@@ -99,7 +99,7 @@ class _Server:
         req: ChatRequest | CompletionRequest,
         make_prompt: Callable[[], Prompt],
         what: str,
-        respond: Callable[[str, str, int, Prompt, Sampling], object],
+        respond: Callable[[str, str, str, dict], dict],  # (id, text, finish, usage) -> body
         stream_body: Callable[[str, AsyncIterator[Piece]], AsyncIterator[str]],
         prefix: str,
     ):
@@ -123,7 +123,13 @@ class _Server:
         use = usage(done.prompt_tokens, done.completion_tokens)
         return JSONResponse(respond(rid, done.text, done.finish_reason, use))
 
-    async def stream(self, rid, prompt, sampling, stream_body) -> StreamingResponse:
+    async def stream(
+        self,
+        rid: str,
+        prompt: Prompt,
+        sampling: Sampling,
+        stream_body: Callable[[str, AsyncIterator[Piece]], AsyncIterator[str]],
+    ) -> StreamingResponse:
         """Take a slot, start generating in a thread, and return the SSE response once the
         first piece is there: a failure before it is still an HTTP error, not a stream."""
         stack = contextlib.AsyncExitStack()
