@@ -36,15 +36,31 @@ def _fail(e: Exception) -> None:
 
 
 def _engine(
-    engine: str, version, gguf, lora, model_name, context_length, threads, contexts, registry
+    engine: str,
+    version,
+    gguf,
+    lora,
+    model_name,
+    context_length,
+    threads,
+    contexts,
+    registry,
+    artifact=None,
 ):
     if engine == "llama.cpp":
         from qlora.serve.llama_engine import LlamaCppEngine
 
         if gguf is None:
-            raise ValueError("the llama.cpp engine serves a GGUF file: give --gguf FILE")
-        if version is not None:
-            raise ValueError("the llama.cpp engine serves --gguf FILE: give no VERSION")
+            # A deployable artifact (one the parity check passed): a registered version's,
+            # or with no VERSION the last run's (data/prepared/gguf).
+            from qlora.export.registered import deployable_gguf
+            from qlora.registry.store import Registry
+
+            reg = Registry(registry) if version is not None else None
+            name, gguf, lora = deployable_gguf(version, artifact, reg)
+            typer.echo(f"serving {name}: {gguf}" + (f" + {lora}" if lora else ""), err=True)
+        elif version is not None or artifact is not None:
+            raise ValueError("--gguf FILE names the file itself: give no VERSION or --artifact")
         return LlamaCppEngine(gguf, lora, model_name, context_length, threads, contexts)
     from qlora.core.params import load_params
     from qlora.serve.transformers_engine import TransformersEngine
@@ -95,6 +111,12 @@ def serve(
     ),
     gguf: Path = typer.Option(None, "--gguf", help="llama.cpp: the GGUF model file"),
     lora: Path = typer.Option(None, "--lora", help="llama.cpp: a GGUF LoRA applied on load"),
+    artifact: str = typer.Option(
+        None,
+        "--artifact",
+        help="llama.cpp without --gguf: the deployable artifact of VERSION (or of the last "
+        "run) to serve, e.g. merged-q8_0 (default: the smallest that passed parity)",
+    ),
     host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (no auth!)"),
     port: int = typer.Option(8000, "--port", min=1, max=65535),
     model_name: str = typer.Option(
@@ -177,6 +199,7 @@ def serve(
             threads,
             max_concurrent,
             registry,
+            artifact,
         )
     except (StageError, ValueError, OSError) as e:
         _fail(e)

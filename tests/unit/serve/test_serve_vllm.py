@@ -128,7 +128,10 @@ def test_bad_engine_choices_are_refused_before_anything_loads(tmp_path, monkeypa
     runner = CliRunner()
     done = runner.invoke(app, ["serve", "--engine", "onnx"])
     assert done.exit_code == 1 and "one of llama.cpp, transformers, vllm" in done.output
+    # Without --gguf: the last run's deployable artifact, and there has been no run here.
     done = runner.invoke(app, ["serve", "--engine", "llama.cpp"])
-    assert done.exit_code == 1 and "give --gguf FILE" in done.output
+    assert done.exit_code == 1 and "parity.json: not found" in done.output
+    done = runner.invoke(app, ["serve", "v1", "--gguf", "model.gguf"])
+    assert done.exit_code == 1 and "give no VERSION" in done.output
     done = runner.invoke(app, ["serve", "--gguf", "missing.gguf"])
     assert done.exit_code == 1 and "missing.gguf: no such GGUF file" in done.output
