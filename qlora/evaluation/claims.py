@@ -224,6 +224,13 @@ def accuracy_claims(eval_metrics: dict, parameters: int | None = None) -> list[d
     variants = eval_metrics["variants"]
     full_metrics = variant(variants, REFERENCE)["metrics"]
     four_metrics = variant(variants, BASELINE)["metrics"]
+    return kept_rows(full_metrics, four_metrics, "", "the 4-bit base", parameters)
+
+
+def kept_rows(
+    full_metrics: dict, four_metrics: dict, suffix: str, who: str, parameters: int | None
+) -> list[dict]:
+    """One accuracy row per metric both have: passes when `who` keeps at least 98 %."""
     rows = []
     for task, metrics in full_metrics.items():
         for metric, full in metrics.items():
@@ -235,10 +242,10 @@ def accuracy_claims(eval_metrics: dict, parameters: int | None = None) -> list[d
             rows.append(
                 row(
                     ACCURACY_CLAIM,
-                    f"{task}/{metric}",
+                    f"{task}/{metric}{suffix}",
                     share,
                     "n/a" if share is None else f"{share:.1%} kept",
-                    f"passes when the 4-bit base keeps at least {MIN_KEPT:.0%}",
+                    f"passes when {who} keeps at least {MIN_KEPT:.0%}",
                     None if share is None else share >= MIN_KEPT,
                     "lm-eval gives no direction for this metric, or the 16-bit score is 0"
                     if share is None
@@ -313,26 +320,13 @@ def deployed_claims(gguf_eval: dict, eval_metrics: dict | None = None) -> list[d
                     "the CPU's caches; a small model's 16-bit weights nearly do",
                 )
             )
-        for task, metrics in f16["metrics"].items():
-            for metric, full in metrics.items():
-                four = a["metrics"].get(task, {}).get(metric)
-                if four is None:
-                    continue
-                higher = higher_is_better(full, four)
-                share = None if higher is None else kept_share(full["value"], four["value"], higher)
-                rows.append(
-                    row(
-                        ACCURACY_CLAIM,
-                        f"{task}/{metric} (llama.cpp {a['gguf_type']} vs f16)",
-                        share,
-                        "n/a" if share is None else f"{share:.1%} kept",
-                        f"passes when the 4-bit file keeps at least {MIN_KEPT:.0%}",
-                        None if share is None else share >= MIN_KEPT,
-                        "lm-eval gives no direction for this metric, or the 16-bit score is 0"
-                        if share is None
-                        else accuracy_why(metric, full, four, None),
-                    )
-                )
+        rows += kept_rows(
+            f16["metrics"],
+            a["metrics"],
+            f" (llama.cpp {a['gguf_type']} vs f16)",
+            "the 4-bit file",
+            None,
+        )
     return rows
 
 
