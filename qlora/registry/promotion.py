@@ -49,18 +49,26 @@ def check_lock_chain(stages: dict) -> None:
     evaluation wrote, and gate the metrics evaluate wrote. Each is checked against
     its own stage's record elsewhere; this ties the records together, so what is registered
     is one run's adapter, metrics and decision, not pieces of two."""
-    links = [
-        ("finetune", paths.ADAPTER_DIR, ADAPTER_EVAL),
-        (ADAPTER_EVAL, paths.variant_file(paths.CANDIDATE), "evaluate"),
-        ("evaluate", paths.EVAL_METRICS, "gate"),
-    ]
+    _check_links(
+        stages,
+        [
+            ("finetune", paths.ADAPTER_DIR, ADAPTER_EVAL),
+            (ADAPTER_EVAL, paths.variant_file(paths.CANDIDATE), "evaluate"),
+            ("evaluate", paths.EVAL_METRICS, "gate"),
+        ],
+        "the stages come from different runs; run `qlora run` to bring them together",
+    )
+
+
+def _check_links(stages: dict, links: list[tuple[str, Path, str]], advice: str) -> None:
+    """Each (writer, path, reader): the reader's dep on path has the md5 the writer wrote."""
     for writer, path, reader in links:
         wrote = dvc.lock_out(stages, writer, path)["md5"]
         read = (dvc.lock_entry(stages, reader, path, "deps") or {}).get("md5")
         if read != wrote:
             raise StageError(
                 f"dvc.lock: {reader} read {path} at md5 {read}, but {writer} wrote {wrote}: "
-                "the stages come from different runs; run `qlora run` to bring them together"
+                + advice
             )
 
 
@@ -75,14 +83,11 @@ DEPLOY_LINKS = [
 
 def check_deploy_chain(stages: dict) -> None:
     """As check_lock_chain, for the GGUF artifacts registered beside the adapter."""
-    for writer, path, reader in DEPLOY_LINKS:
-        wrote = dvc.lock_out(stages, writer, path)["md5"]
-        read = (dvc.lock_entry(stages, reader, path, "deps") or {}).get("md5")
-        if read != wrote:
-            raise StageError(
-                f"dvc.lock: {reader} read {path} at md5 {read}, but {writer} wrote {wrote}: "
-                "the export comes from another run than the adapter; run `qlora run`"
-            )
+    _check_links(
+        stages,
+        DEPLOY_LINKS,
+        "the export comes from another run than the adapter; run `qlora run`",
+    )
 
 
 def deployable(root: Path, stages: dict) -> tuple[dict, dict[str, tuple[Path, str]]]:
