@@ -11,6 +11,11 @@ place whole: the `export` stage's and `qlora export --gguf`'s one code path.
 manifest.json lists every file with its size, sha256 and what it is, and each artifact
 (what a user loads) with the files it needs; `qlora export --gguf` adds the parity check
 it ran, and `--replace` replaces only a folder holding such a manifest's unchanged files.
+
+A merge that fails its check is a result, not a crash: an adapter too weak for the check to
+tell from the base (a learning rate that barely moved it) is one the gate rejects, and the
+pipeline must still finish and report. The merged artifacts are then listed under `failed`
+with the check's reason, not built; the LoRA route, which merges nothing, still is.
 """
 
 from __future__ import annotations
@@ -22,7 +27,14 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from qlora.core import paths
-from qlora.core.io import atomic_dir, check_output_dir, read_json, sha256_of, write_json
+from qlora.core.io import (
+    StageError,
+    atomic_dir,
+    check_output_dir,
+    read_json,
+    sha256_of,
+    write_json,
+)
 from qlora.core.params import ExportParams
 from qlora.export.gguf import convert_lora, convert_model, quantize
 from qlora.schemas.base import validated
@@ -79,26 +91,36 @@ def build_gguf(
     from qlora.models.merge import export_merged
 
     timings: dict[str, float] = {}
-    start = time.perf_counter()
-    merged_dir = tmp / ".merged-hf"
-    check = export_merged(adapter_dir, merged_dir, base_dir, "float16", trust_remote_code)
-    timings["merge"] = time.perf_counter() - start
     files: dict[str, dict] = {}
     artifacts: dict[str, dict] = {}
-
+    failed: dict[str, str] = {}
     start = time.perf_counter()
-    f16 = convert_model(merged_dir, tmp / paths.gguf_file(paths.MERGED_F16).name, "f16",
-                        p.pre_tokenizer)  # fmt: skip
-    timings["convert"] = time.perf_counter() - start
-    files[f16.name] = _entry(f16, "base + adapter merged, 16-bit (llama.cpp f16)")
-    artifacts[paths.MERGED_F16] = {"model": f16.name, "lora": None, "gguf_type": "f16"}
-    for gguf_type in p.gguf_types:
+    merged_dir = tmp / ".merged-hf"
+    try:
+        check = export_merged(adapter_dir, merged_dir, base_dir, "float16", trust_remote_code)
+        merge_check = {k: check[k] for k in ("dtype", "end_to_end", "kl", "limits")}
+        merge_check["passed"] = True
+    except StageError as e:
+        merge_check = {"dtype": "float16", "passed": False, "reason": str(e)}
+        merged = [paths.MERGED_F16, *map(paths.merged_artifact, p.gguf_types)]
+        failed = dict.fromkeys(merged, f"not exported: {e}")
+    timings["merge"] = time.perf_counter() - start
+
+    if merge_check["passed"]:
         start = time.perf_counter()
-        name = paths.merged_artifact(gguf_type)
-        out = quantize(f16, tmp / paths.gguf_file(name).name, gguf_type)
-        timings[f"quantize {gguf_type}"] = time.perf_counter() - start
-        files[out.name] = _entry(out, f"base + adapter merged, llama.cpp {gguf_type}")
-        artifacts[name] = {"model": out.name, "lora": None, "gguf_type": gguf_type}
+        f16 = convert_model(merged_dir, tmp / paths.gguf_file(paths.MERGED_F16).name, "f16",
+                            p.pre_tokenizer)  # fmt: skip
+        timings["convert"] = time.perf_counter() - start
+        files[f16.name] = _entry(f16, "base + adapter merged, 16-bit (llama.cpp f16)")
+        artifacts[paths.MERGED_F16] = {"model": f16.name, "lora": None, "gguf_type": "f16"}
+        for gguf_type in p.gguf_types:
+            start = time.perf_counter()
+            name = paths.merged_artifact(gguf_type)
+            out = quantize(f16, tmp / paths.gguf_file(name).name, gguf_type)
+            timings[f"quantize {gguf_type}"] = time.perf_counter() - start
+            files[out.name] = _entry(out, f"base + adapter merged, llama.cpp {gguf_type}")
+            artifacts[name] = {"model": out.name, "lora": None, "gguf_type": gguf_type}
+        shutil.rmtree(merged_dir)  # the merged transformers folder was the converter's input
     if p.lora:
         start = time.perf_counter()
         base = convert_model(base_dir, tmp / paths.BASE_GGUF.name, "f16", p.pre_tokenizer)
@@ -109,11 +131,11 @@ def build_gguf(
         artifacts[paths.LORA_ARTIFACT] = {
             "model": base.name, "lora": lora.name, "gguf_type": "f16",
         }  # fmt: skip
-    shutil.rmtree(merged_dir)  # the merged transformers folder was the converter's input
     manifest = {
         "files": files,
         "artifacts": artifacts,
-        "merge_check": {k: check[k] for k in ("dtype", "end_to_end", "kl", "limits")},
+        "failed": failed,
+        "merge_check": merge_check,
         "seconds": timings,
     }
     write_manifest(tmp, manifest)

@@ -26,6 +26,7 @@ from lm_eval import utils as lm_utils
 from lm_eval.api.model import LM
 
 from qlora.core.io import StageError
+from qlora.export.llama_open import open_llama
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -56,14 +57,12 @@ class LlamaCppLM(LM):
         threads: int | None = None,
     ) -> None:
         super().__init__()
-        import llama_cpp
-
         for f in (model_path, lora_path):
             if f is not None and not Path(f).is_file():
                 raise StageError(f"{f}: no such GGUF file")
-        self.llm = llama_cpp.Llama(
-            model_path=str(model_path),
-            lora_path=None if lora_path is None else str(lora_path),
+        self.llm = open_llama(
+            model_path,
+            lora_path,
             n_ctx=n_ctx,
             n_batch=min(n_ctx, 512),
             n_threads=threads,

@@ -157,4 +157,5 @@ def measure_all(params: Params, folder: Path = paths.GGUF_DIR) -> dict:
             "lm_eval_version": importlib.metadata.version("lm_eval"),
         },
         "artifacts": artifacts,
+        "failed": manifest.get("failed", {}),
     }

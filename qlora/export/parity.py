@@ -61,6 +61,22 @@ def judge(name: str, got: dict, ref: dict, max_loss: float, significance: bool) 
     }
 
 
+def unbuilt(ref: dict, why: str) -> dict:
+    """The verdict on an artifact the export could not build: failed, with the export's
+    reason, and no score."""
+    return {
+        "value": None,
+        "stderr": None,
+        "reference": ref["value"],
+        "reference_stderr": ref.get("stderr"),
+        "relative_loss": None,
+        "ci95_relative_half_width": None,
+        "beyond_noise": None,
+        "passed": False,
+        "reason": f"FAIL: {why}",
+    }
+
+
 def table(references: dict[str, dict], artifacts: dict[str, dict]) -> list[dict]:
     """Every task/metric the NF4 + adapter has, with each model's value and stderr."""
     adapter = references[REFERENCE]
@@ -99,6 +115,8 @@ def parity_report(gguf_eval: dict, eval_metrics: dict, params: Params) -> dict:
         if got is None:
             raise StageError(f"{paths.GGUF_EVAL}: {name} has no {task}/{metric}")
         verdicts[name] = judge(name, got, ref, rules.max_loss, rules.significance)
+    for name, why in gguf_eval.get("failed", {}).items():
+        verdicts[name] = unbuilt(ref, why)
     references = {n: variants[n]["metrics"] for n in (paths.REFERENCE, REFERENCE) if n in variants}
     deployable = [n for n, v in verdicts.items() if v["passed"]]
     return {

@@ -15,6 +15,13 @@ REFERENCE_LABELS = {
 }
 
 
+# The measured columns of an artifact's row: n/a for one the export could not build.
+UNMEASURED = (
+    "file_bytes", "weights_bytes", "vs_f16_bytes", "tokens_per_s", "vs_f16_speed", "spread",
+    "note",
+)  # fmt: skip
+
+
 def deploy_section(gguf_eval: GgufEval | None, parity: ParityReport | None) -> dict | None:
     """None where the run has no export (older revisions)."""
     if gguf_eval is None or parity is None:
@@ -40,6 +47,19 @@ def deploy_section(gguf_eval: GgufEval | None, parity: ParityReport | None) -> d
                 "passed": None if verdict is None else verdict.passed,
                 "reason": None if verdict is None else verdict.reason,
                 "deployable": name in parity.deployable,
+            }
+        )
+    for name in gguf_eval.failed:
+        # Not built (its merge failed the check): listed, with the reason, but unmeasured.
+        verdict = parity.artifacts.get(name)
+        artifacts.append(
+            dict.fromkeys(UNMEASURED)
+            | {
+                "name": name,
+                "files": [],
+                "passed": False,
+                "reason": verdict.reason if verdict else gguf_eval.failed[name],
+                "deployable": False,
             }
         )
     columns = [n for n in REFERENCE_LABELS if any(n in r["values"] for r in parity.table)]

@@ -25,6 +25,8 @@ class GgufArtifact(OpenSchema):
 class GgufManifest(OpenSchema):
     files: dict[str, GgufFile]
     artifacts: dict[str, GgufArtifact]
+    # Artifacts the export could not build, with why (a merge that failed its check).
+    failed: dict[str, str] = {}
 
 
 class DecodeSpeed(OpenSchema):
@@ -50,12 +52,14 @@ class GgufEval(OpenSchema):
 
     settings: dict
     artifacts: dict[str, MeasuredArtifact]
+    failed: dict[str, str] = {}  # the manifest's: not built, so not measured
 
 
 class ParityVerdict(OpenSchema):
-    value: float
+    # None for an artifact the export could not build: it has no score.
+    value: float | None
     reference: float
-    relative_loss: float
+    relative_loss: float | None
     ci95_relative_half_width: float | None
     beyond_noise: bool | None
     passed: bool

@@ -62,8 +62,9 @@ class LlamaCppEngine:
         contexts: int = 1,
     ):
         try:
-            import llama_cpp
             from llama_cpp import llama_chat_format
+
+            from qlora.export.llama_open import open_llama
         except ImportError:
             raise StageError(
                 "the llama.cpp engine needs llama-cpp-python: pip install llama-cpp-python "
@@ -76,9 +77,9 @@ class LlamaCppEngine:
         pool: queue.SimpleQueue = queue.SimpleQueue()
         first = None
         for _ in range(contexts):
-            llama = llama_cpp.Llama(
-                model_path=str(gguf),
-                lora_path=str(lora) if lora else None,
+            llama = open_llama(
+                gguf,
+                lora,
                 n_ctx=context_length or 0,  # 0: the context the model was trained with
                 n_threads=threads,
                 verbose=False,

@@ -175,11 +175,10 @@ def truth(server, request):
 
 class LlamaTruth:
     def __init__(self, model: Path, lora: Path):
-        import llama_cpp
+        from qlora.export.llama_open import open_llama
 
-        self.llama = llama_cpp.Llama(
-            model_path=str(model), lora_path=str(lora), n_ctx=512, n_threads=2, verbose=False
-        )
+        # The engine's load options (the AMX kernels off where built), the library's answer.
+        self.llama = open_llama(model, lora, n_ctx=512, n_threads=2, verbose=False)
 
     def chat(self, messages: list[dict], max_tokens: int) -> tuple[str, int]:
         r = self.llama.create_chat_completion(messages, temperature=0, max_tokens=max_tokens)
@@ -281,7 +280,11 @@ def test_a_greedy_completion_is_what_the_engine_library_answers(server, truth):
             model=server.model, prompt=PROMPT, temperature=0, max_tokens=TOKENS, stream=True
         )
     )
-    assert len(streamed) > 3  # it came in pieces (the answer has several words)
+    # It came in pieces: transformers' streamer gives out whole words, llama.cpp tokens, so
+    # an answer of several words comes in several chunks (the tiny model's answer can have
+    # fewer words on another CPU: its greedy choice follows float rounding).
+    pieces = [c.choices[0].text for c in streamed if c.choices[0].text]
+    assert len(pieces) >= min(3, len(answer.split())), pieces
     assert "".join(c.choices[0].text for c in streamed) == answer
 
 

@@ -122,6 +122,25 @@ def test_quantized_files_are_smaller_and_score_close_to_full_precision(gguf_file
     assert scores["q8_0"] != scores["f32"]
 
 
+@pytest.mark.parametrize("amx", [True, False])
+def test_on_an_amx_build_llama_cpp_loads_without_its_extra_buffer_types(gguf_files, amx):
+    """ggml's AMX kernels crash on the 8-bit tiny model (a segmentation fault on a Xeon
+    with AMX): an AMX build loads with the extra buffer types off, any other keeps them."""
+    import llama_cpp
+
+    from qlora.export import llama_open
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(llama_open, "amx_build", lambda: amx)
+        llm = llama_open.open_llama(gguf_files["f32"], n_ctx=64, verbose=False)
+    try:
+        assert llm.model_params.use_extra_bufts is (not amx)
+    finally:
+        llm.close()
+    # Only that load: the library's defaults are its own again.
+    assert llama_cpp.llama_cpp.llama_model_default_params().use_extra_bufts is True
+
+
 def test_unknown_types_and_a_tokenizer_the_converter_does_not_know_are_named(
     tiny_model_dir, tmp_path, gguf_files
 ):
@@ -167,6 +186,53 @@ def test_every_artifact_is_built_with_its_manifest_and_a_failure_writes_nothing(
         with gguf_folder(paths.GGUF_DIR, replace=True):
             pass
     assert (paths.GGUF_DIR / "notes.txt").read_text() == "mine"
+
+
+def test_a_merge_its_check_refuses_is_reported_unbuilt_and_the_lora_route_still_built(
+    workspace, tiny_model_dir, tmp_path
+):
+    """An adapter a learning rate barely moved: float16 rounding of the merged weights
+    swamps its effect, so the merge check cannot confirm it. The export stage must still
+    succeed (the gate rejects such an adapter; the run goes on to its report), with the
+    merged artifacts failed for that reason and never deployable."""
+    from qlora.core import paths
+    from qlora.core.params import load_params
+    from qlora.export.build import build_gguf, gguf_folder
+    from qlora.export.parity import parity_report
+    from qlora.report.deploy import deploy_section
+    from qlora.schemas.base import validated
+    from qlora.schemas.export import GgufEval, GgufManifest, ParityReport
+
+    weak = make_adapter(tiny_model_dir, tmp_path / "weak", scale=1e-9)
+    params = load_params()
+    with gguf_folder(paths.GGUF_DIR, replace=False) as tmp:
+        manifest = build_gguf(params.export, weak, paths.BASE_MODEL_DIR, tmp)
+    validated(GgufManifest, manifest, paths.GGUF_MANIFEST)
+    merged = {"merged-f16", "merged-q8_0", "merged-q4_k_m"}
+    assert set(manifest["failed"]) == merged
+    assert all("failed its check" in why for why in manifest["failed"].values())
+    assert manifest["merge_check"]["passed"] is False
+    assert set(manifest["artifacts"]) == {"base-f16+lora"}
+    assert sorted(f.name for f in paths.GGUF_DIR.iterdir()) == [
+        "adapter-f16.gguf", "base-f16.gguf", "manifest.json",
+    ]  # fmt: skip
+
+    primary = {"value": 1.2, "stderr": 0.01, "higher_is_better": False}
+    metrics = {"variants": {paths.CANDIDATE: {"metrics": {"docstring_loss": {
+        "bits_per_byte": primary}}}}}  # fmt: skip
+    gguf_eval = {"settings": {}, "artifacts": {}, "failed": manifest["failed"]}
+    report = parity_report(gguf_eval, metrics, params)
+    validated(ParityReport, report, paths.PARITY_REPORT)
+    assert report["deployable"] == [] and report["summary"] == {"passed": 0, "failed": 3}
+    for name in merged:
+        assert report["artifacts"][name]["passed"] is False
+        assert report["artifacts"][name]["reason"].startswith("FAIL: not exported: ")
+    section = deploy_section(
+        validated(GgufEval, gguf_eval, paths.GGUF_EVAL), validated(ParityReport, report, "p")
+    )
+    rows = {a["name"]: a for a in section["artifacts"]}
+    assert set(rows) == merged
+    assert all(r["passed"] is False and r["file_bytes"] is None for r in rows.values())
 
 
 @pytest.mark.parametrize(
