@@ -58,20 +58,24 @@ def _atomic_file(out: Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
+def _convert(
+    script: str, what: str, args: list[str], out: Path | str, outtype: str,
+    pre_tokenizer: str | None,
+) -> Path:  # fmt: skip
+    """One of llama.cpp's converters, writing `out` whole or not at all."""
+    if outtype not in CONVERTER_TYPES:
+        raise StageError(f"{what} type {outtype!r}: the converter writes {CONVERTER_TYPES}")
+    out = Path(out)
+    with _atomic_file(out) as tmp:
+        run_converter(script, [*args, "--outfile", str(tmp), "--outtype", outtype], pre_tokenizer)
+    return out
+
+
 def convert_model(
     model_dir: Path | str, out: Path | str, outtype: str = "f16", pre_tokenizer: str | None = None
 ) -> Path:
     """A transformers model folder (safetensors, config, tokenizer) as one GGUF file."""
-    if outtype not in CONVERTER_TYPES:
-        raise StageError(f"GGUF type {outtype!r}: the converter writes {CONVERTER_TYPES}")
-    out = Path(out)
-    with _atomic_file(out) as tmp:
-        run_converter(
-            HF_CONVERTER,
-            [str(model_dir), "--outfile", str(tmp), "--outtype", outtype],
-            pre_tokenizer,
-        )
-    return out
+    return _convert(HF_CONVERTER, "GGUF", [str(model_dir)], out, outtype, pre_tokenizer)
 
 
 def quantize(source: Path | str, out: Path | str, gguf_type: str, threads: int = 0) -> Path:
@@ -99,14 +103,5 @@ def convert_lora(
     pre_tokenizer: str | None = None,
 ) -> Path:
     """A peft LoRA adapter as a GGUF adapter for llama.cpp, against its base's config."""
-    if outtype not in CONVERTER_TYPES:
-        raise StageError(f"GGUF LoRA type {outtype!r}: the converter writes {CONVERTER_TYPES}")
-    out = Path(out)
-    with _atomic_file(out) as tmp:
-        run_converter(
-            LORA_CONVERTER,
-            [str(adapter_dir), "--base", str(base_dir), "--outfile", str(tmp),
-             "--outtype", outtype],
-            pre_tokenizer,
-        )  # fmt: skip
-    return out
+    args = [str(adapter_dir), "--base", str(base_dir)]
+    return _convert(LORA_CONVERTER, "GGUF LoRA", args, out, outtype, pre_tokenizer)

@@ -158,7 +158,12 @@ def tiny_params(model_dir: Path | None = None, source: str = "data/raw/train.jso
     )
     # The tiny tokenizer is byte-level BPE with GPT-2's pre-tokenizer, a tokenizer llama.cpp's
     # converter cannot recognise by its hash (its table knows released models' only).
-    params["export"].update(pre_tokenizer="gpt-2", n_ctx=512, speed_repeats=1)
+    # One quantized type and no LoRA route: every converter run is a Python process that
+    # imports torch, and the DAG runs many times in the suite. The Qwen2 DAG test exports
+    # every kind the shipped params.yaml does.
+    params["export"].update(
+        pre_tokenizer="gpt-2", n_ctx=512, speed_repeats=1, gguf_types=["q4_k_m"], lora=False
+    )
     return params
 
 
