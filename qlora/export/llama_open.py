@@ -4,12 +4,13 @@ set, for the eval_gguf stage's lm-eval model and `qlora serve --engine llama.cpp
 llama-cpp-python compiles llama.cpp for the machine it is installed on. On a CPU with AMX
 (Intel Xeon since Sapphire Rapids) that build holds ggml's AMX kernels, which take over the
 matrix products of 4- and 8-bit weights (q4_0 ... q8_0, q4_k ...) through an "extra buffer
-type". Those kernels crash: on such a Xeon, scoring the test suite's tiny Llama in q8_0
-or q4_k_m ended in a segmentation fault at the first evaluation, while the same file ran
-with the extra buffer types off (and llama.cpp's own tracker has reports of AMX segfaults
-and wrong numbers on other models). So on an AMX build the extra buffer types are turned
-off: llama.cpp then computes with its AVX-512 code, as on any other x86 CPU. Elsewhere they
-stay on: there they are llama.cpp's weight repacking, a speed-up that works.
+type". Those kernels crash: on such a Xeon, the first evaluation of a q8_0 or q4_k_m
+file ended in a segmentation fault, for the default run's SmolLM2-135M and for the test
+suite's tiny Llama alike, while the same files ran with the extra buffer types off (and
+llama.cpp's own tracker has reports of AMX segfaults and wrong numbers on other models).
+So on an AMX build the extra buffer types are turned off: llama.cpp then computes with its
+AVX-512 code, as on any other x86 CPU. Elsewhere they stay on: there they are llama.cpp's
+weight repacking, a speed-up that works.
 """
 
 from __future__ import annotations
