@@ -27,14 +27,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from qlora.core import paths
-from qlora.core.io import (
-    StageError,
-    atomic_dir,
-    check_output_dir,
-    read_json,
-    sha256_of,
-    write_json,
-)
+from qlora.core.io import atomic_dir, check_output_dir, read_json, sha256_of, write_json
 from qlora.core.params import ExportParams
 from qlora.export.gguf import convert_lora, convert_model, quantize
 from qlora.schemas.base import validated
@@ -88,7 +81,7 @@ def build_gguf(
 ) -> dict:
     """Write every artifact into the empty folder `tmp` (from gguf_folder) and return the
     manifest, also written there."""
-    from qlora.models.merge import export_merged
+    from qlora.models.merge import MergeCheckFailed, export_merged
 
     timings: dict[str, float] = {}
     files: dict[str, dict] = {}
@@ -100,7 +93,7 @@ def build_gguf(
         check = export_merged(adapter_dir, merged_dir, base_dir, "float16", trust_remote_code)
         merge_check = {k: check[k] for k in ("dtype", "end_to_end", "kl", "limits")}
         merge_check["passed"] = True
-    except StageError as e:
+    except MergeCheckFailed as e:
         merge_check = {"dtype": "float16", "passed": False, "reason": str(e)}
         merged = [paths.MERGED_F16, *map(paths.merged_artifact, p.gguf_types)]
         failed = dict.fromkeys(merged, f"not exported: {e}")

@@ -65,6 +65,11 @@ PROMPTS = [
 ]
 
 
+class MergeCheckFailed(StageError):
+    """The merged model was built but failed a check (a result to report, where a caller
+    can go on without it); any other StageError of export_merged is bad input."""
+
+
 def _encodings(tokenizer) -> list[dict]:
     out = []
     for p in PROMPTS:
@@ -254,7 +259,7 @@ def export_merged(
                 f"{adapter_effect['max_kl']:.3g} between base and base + adapter"
             )
         if failures:
-            raise StageError(
+            raise MergeCheckFailed(
                 "merged export failed its check, nothing written: " + "; ".join(failures)
             )
         result["passed"] = True

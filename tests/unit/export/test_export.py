@@ -4,6 +4,7 @@ weights in transformers / peft (the ground truth), plus the parity rule on known
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -227,6 +228,13 @@ def test_a_merge_its_check_refuses_is_reported_unbuilt_and_the_lora_route_still_
     assert sorted(f.name for f in paths.GGUF_DIR.iterdir()) == [
         "adapter-f16.gguf", "base-f16.gguf", "manifest.json",
     ]  # fmt: skip
+
+    # Bad input is still an error, not a failed artifact: an adapter of another base.
+    (weak / "base_identity.json").write_text('{"weights_sha256": "%s"}' % ("0" * 64))
+    with pytest.raises(StageError, match="trained on a base with weights 0000"):
+        with gguf_folder(paths.GGUF_DIR, replace=True) as tmp:
+            build_gguf(every_kind(params.export), weak, paths.BASE_MODEL_DIR, tmp)
+    assert json.loads(paths.GGUF_MANIFEST.read_text()) == manifest  # the last good one
 
     primary = {"value": 1.2, "stderr": 0.01, "higher_is_better": False}
     metrics = {"variants": {paths.CANDIDATE: {"metrics": {"docstring_loss": {
