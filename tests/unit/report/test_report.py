@@ -48,7 +48,7 @@ from qlora.evaluation.gate import decide
 from qlora.report.build import render_report
 from qlora.report.lineage import load_compare
 from qlora.report.plots import nice_ticks
-from qlora.report.text import fmt, fmt_bytes, fmt_duration, fmt_pct
+from qlora.report.text import fmt, fmt_bytes, fmt_duration, fmt_pct, md_text
 from qlora.train import log_layout
 
 FIXTURES = FIXTURES_DIR / "report"
@@ -1235,3 +1235,96 @@ def test_the_row_browser_views_sort_and_filter_in_headless_chromium(root: Path, 
     assert red_n > 200 and green_n == 0
     (red_n, _), (green_n, _) = seen["#rows-better"]
     assert red_n == 0 and green_n > 200
+
+
+# ---------------------------------------------------------------- the deployment section
+
+
+def with_export(root: Path, refused: str | None = None) -> None:
+    """The default run's eval_gguf and parity files (tests/fixtures/report/export, from a
+    `make run`) in `root`; with `refused`, that artifact as the export reports a merge its
+    check refused: not built, so unmeasured and failed."""
+    from qlora.export.parity import unbuilt
+
+    out = root / "reports" / "export"
+    shutil.copytree(FIXTURES / "export", out)
+    if refused is None:
+        return
+    why = "not exported: merged export failed its check, nothing written: a KL of 1e-6"
+
+    def not_built(e: dict) -> None:
+        del e["artifacts"][refused]
+        e["failed"] = {refused: why}
+
+    edit_json(out / "gguf_eval.json", not_built)
+
+    def judge_unbuilt(p: dict) -> None:
+        p["artifacts"][refused] = unbuilt({"value": p["artifacts"][refused]["reference"]}, why)
+        p["deployable"].remove(refused)
+        p["summary"] = {"passed": len(p["deployable"]), "failed": 1}
+        for row in p["table"]:
+            row["values"].pop(refused, None)
+
+    edit_json(out / "parity.json", judge_unbuilt)
+
+
+def deploy_html(html: str) -> str:
+    return re.search(r'<section class="panel" id="deploy">(.*?)</section>', html, re.S).group(1)
+
+
+def test_the_deployment_section_shows_each_artifact_its_numbers_and_its_verdict(root: Path):
+    with_export(root)
+    html, md = render(root)
+    section = deploy_html(html)
+    measured = json.loads((FIXTURES / "export/gguf_eval.json").read_text())["artifacts"]
+    parity = json.loads((FIXTURES / "export/parity.json").read_text())
+    rows = re.findall(r"<tr><td class=\"nowrap\">([^<]+)</td>(.*?)</tr>", section, re.S)
+    assert [name for name, _ in rows] == list(measured)
+    for name, cells in rows:
+        speed = measured[name]["speed"]["tokens_per_s"]
+        assert f'<td class="n">{fmt(speed, 3)}' in cells, name
+        assert "deployable" in cells and parity["artifacts"][name]["reason"] in html_unescape(cells)
+    header = re.search(r'<table id="parity-table">.*?</thead>', section, re.S).group(0)
+    assert [html_unescape(c) for c in re.findall(r'<th class="n v">([^<]+)</th>', header)] == [
+        "PyTorch base (full precision)", "PyTorch NF4 + adapter", *measured,
+    ]  # fmt: skip
+    assert "## Deployable artifacts" in md and all(f"| {md_text(n)} |" in md for n in measured)
+
+
+def test_an_artifact_the_export_refused_is_listed_failed_with_its_reason(root: Path):
+    with_export(root, refused="merged-q8_0")
+    html, md = render(root)
+    section = deploy_html(html)
+    (row,) = re.findall(r'<tr class="failed"><td class="nowrap">merged-q8_0</td>(.*?)</tr>',
+                        section, re.S)  # fmt: skip
+    assert ">FAIL<" in row and "not exported: merged export failed its check" in row
+    assert row.count("n/a") >= 5  # sizes, ratios and speed: nothing was measured
+    lede = re.search(r"only the ones that pass.*?</p>", section, re.S | re.I)[0]
+    assert "merged-q8_0" not in lede and "merged-q4_k_m" in lede
+    assert f"| {md_text('merged-q8_0')} | n/a |" in md and "**FAIL**" in md
+
+
+def test_no_panel_of_the_report_is_wider_than_its_box_in_headless_chromium(root: Path, tmp_path):
+    """The widest tables (the parity table: a column per model) must fit, or scroll inside
+    their panel: measured by the browser on the rendered page."""
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("chromium not installed: apt-get install chromium")
+    with_export(root)
+    html, _ = render(root)
+    probe = (
+        "<script>addEventListener('load', () => { document.body.dataset.overflow = "
+        "[...document.querySelectorAll('section.panel')].filter(p => p.scrollWidth > "
+        "p.clientWidth + 1).map(p => p.id).join(' ') || 'none'; });</script>"
+    )
+    page = tmp_path / "probe.html"
+    page.write_text(html.replace("</body>", probe + "</body>"), encoding="utf-8")
+    base = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run(
+        [*base, "--window-size=1280,2000", "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    overflow = re.search(r'data-overflow="([^"]*)"', dom.stdout)
+    assert overflow is not None, "the probe did not run"
+    assert overflow.group(1) == "none"
