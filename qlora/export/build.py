@@ -34,6 +34,7 @@ from qlora.schemas.base import validated
 from qlora.schemas.export import GgufManifest
 
 MANIFEST = paths.GGUF_MANIFEST.name
+MERGE_DTYPE = "float16"  # the merged model the converter reads: llama.cpp's f16 is its copy
 
 
 def _entry(path: Path, what: str) -> dict:
@@ -90,11 +91,11 @@ def build_gguf(
     start = time.perf_counter()
     merged_dir = tmp / ".merged-hf"
     try:
-        check = export_merged(adapter_dir, merged_dir, base_dir, "float16", trust_remote_code)
+        check = export_merged(adapter_dir, merged_dir, base_dir, MERGE_DTYPE, trust_remote_code)
         merge_check = {k: check[k] for k in ("dtype", "end_to_end", "kl", "limits")}
         merge_check["passed"] = True
     except MergeCheckFailed as e:
-        merge_check = {"dtype": "float16", "passed": False, "reason": str(e)}
+        merge_check = {"dtype": MERGE_DTYPE, "passed": False, "reason": str(e)}
         merged = [paths.MERGED_F16, *map(paths.merged_artifact, p.gguf_types)]
         failed = dict.fromkeys(merged, f"not exported: {e}")
     timings["merge"] = time.perf_counter() - start

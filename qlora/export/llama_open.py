@@ -33,14 +33,11 @@ def amx_build() -> bool:
 
 
 @contextlib.contextmanager
-def _extra_buffer_types(enabled: bool) -> Iterator[None]:
+def _without_extra_buffer_types() -> Iterator[None]:
     """llama-cpp-python's Llama takes no option for them: the model defaults it starts from
     are changed for the duration of one load."""
     import llama_cpp.llama_cpp as lib
 
-    if enabled:
-        yield
-        return
     with _PATCH:
         default = lib.llama_model_default_params
 
@@ -61,7 +58,7 @@ def open_llama(model_path: Path | str, lora_path: Path | str | None = None, **op
     time), its extra buffer types off on an AMX build; `options` are Llama's own."""
     import llama_cpp
 
-    with _extra_buffer_types(not amx_build()):
+    with _without_extra_buffer_types() if amx_build() else contextlib.nullcontext():
         return llama_cpp.Llama(
             model_path=str(model_path),
             lora_path=None if lora_path is None else str(lora_path),
